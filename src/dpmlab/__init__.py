@@ -1,0 +1,15 @@
+"""dpmlab: fast, training-free sampling for diffusion probabilistic models.
+
+    import dpmlab
+    x = dpmlab.sample("gmm2d", n=1000, solver="ddim", nfe=10, seed=0)
+"""
+
+from . import models as models
+from . import schedules as schedules
+from . import solvers as solvers
+from . import timesteps as timesteps
+from .api import sample as sample
+from .models.hub import load as load
+
+__version__ = "0.1.0"
+__all__ = ["load", "sample", "models", "schedules", "solvers", "timesteps", "__version__"]

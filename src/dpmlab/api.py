@@ -1,0 +1,121 @@
+"""The one-line API: ``dpmlab.sample(model, n=64, solver="ddim", nfe=10, seed=0)``.
+
+``nfe`` is the honest number of network evaluations per sample (warm-up, corrector and Heun's
+second evaluations included); a budget the solver cannot meet exactly raises ``ValueError``.
+Sample ``i``'s starting noise (and any step noise) depends only on ``(seed, i)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._utils import counter_normal, f64
+from .models.hub import load
+from .schedules import NoiseSchedule
+from .solvers.base import Problem, SeededNoise, Solver, StepInfo, get, sample as run
+from .timesteps import GRIDS, check_grid, get_grid
+from .typing import DenoiserFn
+
+__all__ = ["sample", "make_grid", "DISCRETE_GRIDS"]
+
+DISCRETE_GRIDS = ("linspace", "leading", "trailing")
+
+
+def make_grid(
+    schedule: NoiseSchedule,
+    grid: str,
+    steps: int,
+    *,
+    to_zero: bool = False,
+    t_start: float | None = None,
+    t_end: float | None = None,
+) -> Tensor:
+    """A named grid of ``steps`` steps; ``to_zero`` ends it at ``sigma = 0``."""
+    fn = get_grid(grid)
+    if grid in DISCRETE_GRIDS:
+        if t_start is not None or t_end is not None:
+            raise ValueError(f"grid {grid!r} is fixed by the training indices; t_start/t_end are not allowed")
+        return fn(schedule, steps, final=0.0 if to_zero else schedule.t_min)
+    if to_zero:
+        if schedule.t_zero is None:
+            raise ValueError(f"{schedule!r} never reaches sigma = 0; to_zero=True is impossible")
+        if t_end is not None:
+            raise ValueError("give either t_end or to_zero=True, not both")
+        if grid == "karras":
+            return fn(schedule, steps, t_start=t_start, to_zero=True)
+        return fn(schedule, steps, t_start=t_start, t_end=schedule.t_zero)
+    return fn(schedule, steps, t_start=t_start, t_end=t_end)
+
+
+def sample(
+    model: DenoiserFn | str,
+    n: int = 64,
+    *,
+    solver: str | Solver[Any] = "ddim",
+    nfe: int | None = 10,
+    seed: int = 0,
+    grid: str | Tensor = "uniform_lambda",
+    schedule: NoiseSchedule | None = None,
+    shape: tuple[int, ...] | None = None,
+    t_start: float | None = None,
+    t_end: float | None = None,
+    to_zero: bool | None = None,
+    cond: Mapping[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    batch_size: int | None = None,
+    callback: Callable[[StepInfo], None] | None = None,
+    **solver_options: Any,
+) -> Tensor:
+    """Draw ``n`` samples with ``solver`` at exactly ``nfe`` network evaluations each.
+
+    ``model``: a ``DenoiserFn`` carrying ``.schedule`` (and ``.data_shape``), or a model name for
+    ``dpmlab.load``. ``grid``: a name in ``dpmlab.timesteps.GRIDS`` or an explicit decreasing tensor
+    of times (then ``nfe`` may be ``None``). ``to_zero`` ends the grid at ``sigma = 0`` (default: only
+    the discrete spacings do). Returns ``(n, *shape)`` in ``dtype`` promoted to >= float32.
+    """
+    if isinstance(model, str):
+        model = load(model)
+    sch = schedule if schedule is not None else getattr(model, "schedule", None)
+    if not isinstance(sch, NoiseSchedule):
+        raise ValueError("the model carries no .schedule; pass schedule=")
+    shp = shape if shape is not None else getattr(model, "data_shape", None)
+    if shp is None:
+        raise ValueError("the model carries no .data_shape; pass shape=")
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    slv = get(solver, **solver_options) if isinstance(solver, str) else solver
+    if solver_options and not isinstance(solver, str):
+        raise ValueError("solver options are only accepted with a solver name; configure the instance instead")
+
+    if isinstance(grid, str):
+        if grid not in GRIDS:
+            raise ValueError(f"unknown grid {grid!r}; allowed: {', '.join(GRIDS)}")
+        zero = (grid in DISCRETE_GRIDS) if to_zero is None else bool(to_zero)
+        if nfe is None:
+            raise ValueError("nfe is required with a named grid")
+        steps = slv.steps_for_nfe(nfe, zero)
+        ts = make_grid(sch, grid, steps, to_zero=zero, t_start=t_start, t_end=t_end)
+    else:
+        ts = check_grid(f64(grid), sch)
+        if nfe is not None and slv.nfe(ts, sch) != nfe:
+            raise ValueError(f"grid of {len(ts) - 1} steps costs {slv.nfe(ts, sch)} evaluations with "
+                             f"{slv.name!r}, not nfe={nfe}")
+
+    bs = batch_size or n
+    sigma0 = float(sch.sigma(ts[:1]))
+    outs = []
+    for lo in range(0, n, bs):
+        idx = torch.arange(lo, min(n, lo + bs), dtype=torch.int64)
+        x = sigma0 * counter_normal(seed, idx, 0, shp, dtype=dtype, device=device)
+        problem = Problem(model, sch, noise=SeededNoise(seed, idx), cond=dict(cond or {}))
+        out = run(problem, x, ts, slv, callback=callback)
+        expected = slv.nfe(ts, sch)
+        if problem.nfe != expected:  # honesty check: a solver's declared cost must be its real cost
+            raise RuntimeError(f"solver {slv.name!r} used {problem.nfe} evaluations, declared {expected}")
+        outs.append(out)
+    return torch.cat(outs)

@@ -1,0 +1,22 @@
+"""Solvers: the core (``Problem``, ``Solver``, ``sample``, ``iterate``, registry) and one file per paper.
+
+Importing this package registers every solver; ``get(name, **options)`` builds one by name.
+"""
+
+from . import ddim as ddim
+from . import ddpm as ddpm
+from . import karras as karras
+from .base import Problem as Problem
+from .base import SeededNoise as SeededNoise
+from .base import Solver as Solver
+from .base import StepInfo as StepInfo
+from .base import available as available
+from .base import get as get
+from .base import iterate as iterate
+from .base import register as register
+from .base import sample as sample
+from .base import solver_class as solver_class
+from .ddim import DDIM as DDIM
+from .ddpm import DDPM as DDPM
+from .karras import Euler as Euler
+from .karras import Heun as Heun
