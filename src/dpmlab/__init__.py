@@ -11,5 +11,5 @@ from . import timesteps as timesteps
 from .api import sample as sample
 from .models.hub import load as load
 
-__version__ = "0.1.0"
+from ._version import __version__ as __version__
 __all__ = ["load", "sample", "models", "schedules", "solvers", "timesteps", "__version__"]

@@ -122,6 +122,9 @@ def atomic_write(path: str | os.PathLike[str], suffix: str | None = None) -> Ite
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=suffix or target.suffix)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
     tmp_path = Path(tmp)
     try:
         yield tmp_path

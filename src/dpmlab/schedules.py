@@ -76,8 +76,9 @@ class NoiseSchedule(ABC):
         """``(d alpha / dt, d sigma / dt)`` at ``t`` (float64; autograd of the closed forms)."""
         with torch.enable_grad():
             tt = f64(t).detach().clone().requires_grad_(True)
-            da = torch.autograd.grad(self.alpha(tt).sum(), tt)[0]
-            ds = torch.autograd.grad(self.sigma(tt).sum(), tt)[0]
+            # "+ 0 * tt" keeps constant coefficients (alpha = 1 for VE/EDM) in the graph
+            da = torch.autograd.grad((self.alpha(tt) + 0.0 * tt).sum(), tt)[0]
+            ds = torch.autograd.grad((self.sigma(tt) + 0.0 * tt).sum(), tt)[0]
         return da, ds
 
     # --- conversions between parameterisations (all at the same (x_t, t)) -----------------------
@@ -303,6 +304,12 @@ class EDM(NoiseSchedule):
     def log_sigma(self, t: Tensor) -> Tensor:
         return torch.log(f64(t))
 
+    def alpha(self, t: Tensor | float) -> Tensor:
+        return torch.ones_like(f64(t))
+
+    def sigma(self, t: Tensor | float) -> Tensor:
+        return f64(t).clone()
+
     def t_of_lambda(self, lam: Tensor) -> Tensor:
         return torch.exp(-f64(lam))
 
@@ -322,6 +329,12 @@ class Flow(NoiseSchedule):
 
     def log_sigma(self, t: Tensor) -> Tensor:
         return torch.log(f64(t))
+
+    def alpha(self, t: Tensor | float) -> Tensor:
+        return 1.0 - f64(t)
+
+    def sigma(self, t: Tensor | float) -> Tensor:
+        return f64(t).clone()
 
     def t_of_lambda(self, lam: Tensor) -> Tensor:
         return torch.sigmoid(-f64(lam))
