@@ -44,7 +44,9 @@ def rms(a: Tensor, b: Tensor) -> float:
     return float((a - b).pow(2).mean().sqrt())
 
 
-def measured_order(solver: Solver, steps: tuple[int, ...] = (12, 24, 48, 96), name: str = "smooth8") -> tuple[float, list[float]]:
+def measured_order(
+    solver: Solver, steps: tuple[int, ...] = (12, 24, 48, 96), name: str = "smooth8"
+) -> tuple[float, list[float]]:
     """Least-squares slope of -log(RMS error) vs log(steps) on a lambda-uniform grid."""
     mix, sch, x, ref = reference(name)
     errs = []

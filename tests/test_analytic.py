@@ -54,7 +54,9 @@ def test_empirical_data_is_ideal_denoiser():
     x = pts + 1e-3 * torch.randn(3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(emp.x0(x, sch, 0.01), pts, atol=1e-12)
     # at huge noise it returns the data mean
-    assert torch.allclose(emp.x0(torch.zeros(1, 2, dtype=torch.float64), sch, 1e4), pts.mean(0, keepdim=True), atol=1e-6)
+    assert torch.allclose(
+        emp.x0(torch.zeros(1, 2, dtype=torch.float64), sch, 1e4), pts.mean(0, keepdim=True), atol=1e-6
+    )
     with pytest.raises(ValueError, match="no density"):
         emp.log_prob(pts)
 

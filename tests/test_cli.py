@@ -21,13 +21,34 @@ def test_list_shows_every_solver(capsys):
 
 def test_sample_writes_picture_and_raw(tmp_path, capsys):
     out = tmp_path / "s.png"
-    assert main(["sample", "--model", "gmm2d", "--solver", "ddim", "--nfe", "10", "-n", "300", "--out", str(out), "-q"]) == 0
+    assert (
+        main(["sample", "--model", "gmm2d", "--solver", "ddim", "--nfe", "10", "-n", "300", "--out", str(out), "-q"])
+        == 0
+    )
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     raw = np.load(tmp_path / "s.npz")
     assert raw["samples"].shape == (300, 2)
     st = tmp_path / "r.safetensors"
-    assert main(["sample", "--solver", "heun", "--nfe", "9", "--to-zero", "-n", "50", "--out", str(out),
-                 "--raw", str(st), "-q"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--solver",
+                "heun",
+                "--nfe",
+                "9",
+                "--to-zero",
+                "-n",
+                "50",
+                "--out",
+                str(out),
+                "--raw",
+                str(st),
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert load_file(str(st))["samples"].shape == (50, 2)
 
 

@@ -25,7 +25,9 @@ def test_unknown_and_invalid_options():
 
 
 def test_nfe_budget_that_cannot_be_met():
-    with pytest.raises(ValueError, match="cannot use exactly nfe=10 on a grid ending at sigma=0; nearest possible budgets: 9, 11"):
+    with pytest.raises(
+        ValueError, match="cannot use exactly nfe=10 on a grid ending at sigma=0; nearest possible budgets: 9, 11"
+    ):
         dpmlab.sample("gmm16", 4, solver="heun", nfe=10, to_zero=True)
     with pytest.raises(ValueError, match="cannot use exactly nfe=3.*nearest possible budgets: 2, 4"):
         dpmlab.sample("gmm16", 4, solver="heun", nfe=3)

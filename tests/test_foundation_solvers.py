@@ -16,7 +16,9 @@ def test_ddim_equals_euler_in_edm_coordinates(sch):
     """DDIM(eta=0) is the Euler step of dy/ds = (y - x0)/s with y = x/alpha, s = sigma/alpha."""
     mix = preset("gmm16")
     model = mix.denoiser(sch)
-    x = torch.randn(32, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * float(sch.sigma(sch.t_max))
+    x = torch.randn(32, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * float(
+        sch.sigma(sch.t_max)
+    )
     ts = quadratic_time(sch, 9)
     a = sample(Problem(model, sch), x, ts, DDIM())
     # the Euler step written out by hand here, independently of dpmlab's Euler class
@@ -47,8 +49,11 @@ def _moments_ok(x, mix, tol_mean, tol_cov):
     assert float((torch.cov(x.T) - mix.cov()).abs().max()) < tol_cov
 
 
-@pytest.mark.parametrize("solver", [DDPM(), DDPM(variance="fixed_large"), DDIM(eta=1.0), Heun(S_churn=40.0)],
-                         ids=["ddpm_small", "ddpm_large", "ddim_eta1", "heun_churn"])
+@pytest.mark.parametrize(
+    "solver",
+    [DDPM(), DDPM(variance="fixed_large"), DDIM(eta=1.0), Heun(S_churn=40.0)],
+    ids=["ddpm_small", "ddpm_large", "ddim_eta1", "heun_churn"],
+)
 def test_stochastic_solvers_match_p0_moments(solver):
     mix = preset("gmm2d")
     sch = LinearVP()

@@ -10,13 +10,26 @@ SRC = Path(dpmlab.__file__).parent
 # lower number = lower layer; a module may import only from layers <= its own (and not sideways
 # between solver method files)
 LAYERS = {
-    "_utils": 0, "typing": 0, "_version": 0,
+    "_utils": 0,
+    "typing": 0,
+    "_version": 0,
     "schedules": 1,
-    "timesteps": 2, "models": 2,
+    "timesteps": 2,
+    "models": 2,
     "solvers": 3,
-    "api": 4, "bench": 4, "calibrate": 4, "training": 4, "methods": 4, "editing": 4,
-    "analysis": 4, "apps": 4, "interop": 4, "metrics": 4,
-    "cli": 5, "__init__": 6, "__main__": 6,
+    "api": 4,
+    "bench": 4,
+    "calibrate": 4,
+    "training": 4,
+    "methods": 4,
+    "editing": 4,
+    "analysis": 4,
+    "apps": 4,
+    "interop": 4,
+    "metrics": 4,
+    "cli": 5,
+    "__init__": 6,
+    "__main__": 6,
 }
 SOLVER_SHARED = {"base", "_expint", "__init__"}
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from dpmlab.schedules import SCHEDULES, VE, DiscreteVP, EDM, Flow, LinearVP, betas_for_preset, get_schedule
+from dpmlab.schedules import EDM, SCHEDULES, VE, DiscreteVP, Flow, LinearVP, betas_for_preset, get_schedule
 
 ALL = [get_schedule(n) for n in SCHEDULES]
 
@@ -52,7 +52,9 @@ def test_sigma_zero_end_and_continuous_formulas():
     for sch in (DiscreteVP.from_preset("linear"), LinearVP(), EDM(), Flow()):
         assert float(sch.sigma(torch.tensor(sch.t_zero, dtype=torch.float64))) == 0.0
         assert math.isinf(float(sch.lam(torch.tensor(sch.t_zero, dtype=torch.float64))))
-        assert float(sch.t_of_lambda(torch.tensor(math.inf, dtype=torch.float64))) == pytest.approx(sch.t_zero, abs=1e-15)
+        assert float(sch.t_of_lambda(torch.tensor(math.inf, dtype=torch.float64))) == pytest.approx(
+            sch.t_zero, abs=1e-15
+        )
     lin = LinearVP()
     t = torch.tensor(0.5, dtype=torch.float64)
     assert float(lin.log_alpha(t)) == pytest.approx(-0.25 * 0.25 * 19.9 - 0.5 * 0.5 * 0.1)

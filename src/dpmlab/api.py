@@ -16,7 +16,8 @@ from torch import Tensor
 from ._utils import counter_normal, f64
 from .models.hub import load
 from .schedules import NoiseSchedule
-from .solvers.base import Problem, SeededNoise, Solver, StepInfo, get, sample as run
+from .solvers.base import Problem, SeededNoise, Solver, StepInfo, get
+from .solvers.base import sample as run
 from .timesteps import GRIDS, check_grid, get_grid
 from .typing import DenoiserFn
 
@@ -103,8 +104,9 @@ def sample(
     else:
         ts = check_grid(f64(grid), sch)
         if nfe is not None and slv.nfe(ts, sch) != nfe:
-            raise ValueError(f"grid of {len(ts) - 1} steps costs {slv.nfe(ts, sch)} evaluations with "
-                             f"{slv.name!r}, not nfe={nfe}")
+            raise ValueError(
+                f"grid of {len(ts) - 1} steps costs {slv.nfe(ts, sch)} evaluations with {slv.name!r}, not nfe={nfe}"
+            )
 
     bs = batch_size or n
     sigma0 = float(sch.sigma(ts[:1]))

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._version import __version__
 from ._utils import atomic_write
+from ._version import __version__
 from .api import sample
 from .models.hub import available_models, load
 from .solvers.base import Solver, StepInfo, available, get, solver_class
@@ -39,8 +39,10 @@ def _cmd_list(args: argparse.Namespace) -> int:
     widths = [max(len(r[k]) for r in rows + [head]) for k in range(5)]
     for r in [head, tuple("-" * w for w in widths)] + rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-    print("\n* fewer evaluations on some steps (e.g. Heun's last step to sigma=0, warm-up); "
-          "`dpmlab.sample` always checks the exact count.")
+    print(
+        "\n* fewer evaluations on some steps (e.g. Heun's last step to sigma=0, warm-up); "
+        "`dpmlab.sample` always checks the exact count."
+    )
     return 0
 
 
@@ -118,11 +120,26 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         bar.n = min(info.nfe, bar.total)
         bar.refresh()
 
-    x = sample(model, args.n, solver=solver, nfe=args.nfe, seed=args.seed, grid=args.grid,
-               to_zero=args.to_zero or None, batch_size=args.batch_size, callback=progress)
+    x = sample(
+        model,
+        args.n,
+        solver=solver,
+        nfe=args.nfe,
+        seed=args.seed,
+        grid=args.grid,
+        to_zero=args.to_zero or None,
+        batch_size=args.batch_size,
+        callback=progress,
+    )
     bar.close()
-    meta = {"model": args.model, "solver": json.dumps(solver.config()), "nfe": str(args.nfe),
-            "seed": str(args.seed), "grid": args.grid, "dpmlab": __version__}
+    meta = {
+        "model": args.model,
+        "solver": json.dumps(solver.config()),
+        "nfe": str(args.nfe),
+        "seed": str(args.seed),
+        "grid": args.grid,
+        "dpmlab": __version__,
+    }
     _save_raw(x, raw, meta)
     _save_picture(x, out, f"{args.model}: {args.solver}, NFE={args.nfe}, n={args.n}, grid={args.grid}")
     if not args.quiet:
@@ -142,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     ps = sub.add_parser("sample", help="draw samples and write a picture and the raw samples")
     ps.add_argument("--model", default="gmm2d", help=f"model name ({', '.join(available_models())})")
     ps.add_argument("--solver", default="ddim", help="solver name (see `dpmlab list`)")
-    ps.add_argument("--options", default="", help='solver options as JSON, e.g. \'{"eta": 1.0}\'')
+    ps.add_argument("--options", default="", help="solver options as JSON, e.g. '{\"eta\": 1.0}'")
     ps.add_argument("--nfe", type=int, default=10, help="network evaluations per sample (exact)")
     ps.add_argument("-n", type=int, default=1000, help="number of samples")
     ps.add_argument("--seed", type=int, default=0)

@@ -146,6 +146,7 @@ def betas_for_preset(name: str, n: int = 1000) -> Tensor:
     if name == "scaled_linear":
         return torch.linspace(0.00085**0.5, 0.012**0.5, n, dtype=torch.float64) ** 2
     if name in ("cosine", "squaredcos_cap_v2"):
+
         def abar(u: float) -> float:
             return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
 

@@ -78,7 +78,9 @@ def _finish(schedule: NoiseSchedule, ts: Tensor, t_start: float, t_end: float) -
     return check_grid(ts, schedule)
 
 
-def uniform_time(schedule: NoiseSchedule, n: int, *, t_start: float | None = None, t_end: float | None = None) -> Tensor:
+def uniform_time(
+    schedule: NoiseSchedule, n: int, *, t_start: float | None = None, t_end: float | None = None
+) -> Tensor:
     t0, t1 = _ends(schedule, n, t_start, t_end)
     return _finish(schedule, torch.linspace(t0, t1, n + 1, dtype=torch.float64), t0, t1)
 

@@ -91,8 +91,9 @@ class Denoiser(nn.Module):
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         if t.shape != (x.shape[0],):
-            raise ValueError(f"t must be a scalar or of shape ({x.shape[0]},) for x of shape {tuple(x.shape)}, "
-                             f"got {tuple(t.shape)}")
+            raise ValueError(
+                f"t must be a scalar or of shape ({x.shape[0]},) for x of shape {tuple(x.shape)}, got {tuple(t.shape)}"
+            )
         dt = self._net_dtype(x)
         out = self.net(x.to(dt), self.net_time(t).to(dt), **cond)
         if out.shape != x.shape:

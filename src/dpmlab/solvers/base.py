@@ -85,7 +85,9 @@ class Problem:
         out = self.model(x, t, **self.cond)
         if not isinstance(out, Tensor) or out.shape != x.shape:
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise ValueError(f"model returned {got} for x of shape {tuple(x.shape)}; it must return x0 of the same shape")
+            raise ValueError(
+                f"model returned {got} for x of shape {tuple(x.shape)}; it must return x0 of the same shape"
+            )
         if self.check_finite and not bool(torch.isfinite(out).all()):
             bad = int((~torch.isfinite(out)).sum())
             raise FloatingPointError(
