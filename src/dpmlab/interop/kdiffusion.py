@@ -102,4 +102,3 @@ def __getattr__(attr: str) -> Callable[..., Tensor]:
 
 def __dir__() -> list[str]:
     return sorted(list(globals()) + [f"sample_{n}" for n in available()])
-
