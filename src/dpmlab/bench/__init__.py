@@ -1,0 +1,1 @@
+"""Benchmark harness: error vs NFE against references, with peer libraries."""

@@ -1,0 +1,266 @@
+"""Error-vs-NFE harness: dpmlab solvers and peer libraries from the same starting noise, against one
+reference solution.
+
+* Reference: the float64 Dormand–Prince PF-ODE solve (``reference_solution``) — exact up to its
+  tolerance for analytic models; for networks the same integrator at a looser tolerance.
+* Error: RMS over samples and dimensions of ``x_solver - x_ref`` at the grid's end (``sigma = 0``).
+* Overhead: wall-clock time per step of the solver with a free model (``x0 = 0``), i.e. what the
+  sampler itself costs, on the model's data shape.
+* Peers: diffusers schedulers, run unchanged on the same discrete schedule (``interop.diffusers``),
+  each with its default configuration and a tuned one; the NFE of a peer is counted, not assumed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._utils import atomic_write
+from ..api import make_grid
+from ..models.reference import reference_solution
+from ..schedules import DiscreteVP, NoiseSchedule
+from ..solvers.base import Problem, Solver, get, sample
+from ..typing import DenoiserFn
+
+__all__ = ["Entry", "Row", "BenchResult", "run_bench", "default_entries", "PEERS", "peer_rows"]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One dpmlab configuration to benchmark."""
+
+    label: str
+    solver: Solver[Any]
+    grid: str = "uniform_lambda"
+
+
+@dataclass(frozen=True)
+class Row:
+    library: str  # "dpmlab" | "diffusers"
+    label: str
+    nfe: int
+    rms: float
+    overhead_ms: float = float("nan")  # per step, free model
+
+
+@dataclass
+class BenchResult:
+    model: str
+    n: int
+    seed: int
+    rows: list[Row] = field(default_factory=list)
+    reference_evals: int = 0
+
+    def best(self, library: str, nfe: int) -> Row | None:
+        cands = [r for r in self.rows if r.library == library and r.nfe == nfe]
+        return min(cands, key=lambda r: r.rms) if cands else None
+
+    def table(self) -> list[list[str]]:
+        nfes = sorted({r.nfe for r in self.rows})
+        labels = list(dict.fromkeys((r.library, r.label) for r in self.rows))
+        out = [["library", "solver", *[f"NFE {k}" for k in nfes]]]
+        for lib, lab in labels:
+            cells = {r.nfe: r.rms for r in self.rows if (r.library, r.label) == (lib, lab)}
+            out.append([lib, lab, *[f"{cells[k]:.3e}" if k in cells else "—" for k in nfes]])
+        return out
+
+    def markdown(self) -> str:
+        t = self.table()
+        lines = ["| " + " | ".join(t[0]) + " |", "|" + "---|" * len(t[0])]
+        lines += ["| " + " | ".join(r) + " |" for r in t[1:]]
+        return "\n".join(lines)
+
+    def write(self, stem: str | Path) -> list[Path]:
+        """Write ``stem.csv``, ``stem.json`` and ``stem.png`` (error vs NFE, log-log)."""
+        stem = Path(stem)
+        paths = [stem.with_suffix(".csv"), stem.with_suffix(".json"), stem.with_suffix(".png")]
+        with atomic_write(paths[0]) as tmp, open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(asdict(self.rows[0])))
+            w.writeheader()
+            w.writerows(asdict(r) for r in self.rows)
+        with atomic_write(paths[1]) as tmp:
+            meta = {"model": self.model, "n": self.n, "seed": self.seed, "reference_evals": self.reference_evals}
+            tmp.write_text(json.dumps({**meta, "rows": [asdict(r) for r in self.rows]}, indent=1))
+        self.plot(paths[2])
+        return paths
+
+    def plot(self, path: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 5), dpi=110)
+        for lib, lab in dict.fromkeys((r.library, r.label) for r in self.rows):
+            pts = sorted((r.nfe, r.rms) for r in self.rows if (r.library, r.label) == (lib, lab))
+            style = "-o" if lib == "dpmlab" else "--x"
+            ax.loglog([p[0] for p in pts], [p[1] for p in pts], style, label=f"{lab} ({lib})", ms=3)
+        ax.set_xlabel("NFE")
+        ax.set_ylabel("RMS error vs reference")
+        ax.set_title(f"{self.model}: error vs NFE (n={self.n})")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+        fig.tight_layout()
+        with atomic_write(path) as tmp:
+            fig.savefig(tmp, format="png")
+        plt.close(fig)
+
+
+def default_entries(names: Sequence[str] | None = None) -> list[Entry]:
+    """dpmlab configurations: every deterministic registered solver with its defaults, or ``names``."""
+    from ..solvers.base import available
+
+    chosen = list(names) if names else [n for n in available() if not get(n).is_stochastic()]
+    return [Entry(n, get(n)) for n in chosen]
+
+
+def _overhead_ms(solver: Solver[Any], schedule: NoiseSchedule, ts: Tensor, shape: tuple[int, ...]) -> float:
+    def free(x: Tensor, t: Tensor, **cond: Any) -> Tensor:
+        return torch.zeros_like(x)
+
+    x = torch.randn(1, *shape)
+    sample(Problem(free, schedule, check_finite=False), x, ts, solver)  # warm-up
+    t0 = time.perf_counter()
+    reps = 3
+    for _ in range(reps):
+        sample(Problem(free, schedule, check_finite=False), x, ts, solver)
+    return (time.perf_counter() - t0) / reps / (len(ts) - 1) * 1e3
+
+
+# --- peers -------------------------------------------------------------------------------------
+# (label, diffusers class name, kwargs); the "default" rows use diffusers' defaults except for
+# clip_sample (pixel clipping would corrupt an unbounded model).
+PEERS: list[tuple[str, str, dict[str, Any]]] = [
+    ("DDIM default", "DDIMScheduler", {"clip_sample": False}),
+    ("DDIM trailing", "DDIMScheduler", {"clip_sample": False, "timestep_spacing": "trailing"}),
+    ("DPM++2M default", "DPMSolverMultistepScheduler", {}),
+    ("DPM++2M lu-lambdas", "DPMSolverMultistepScheduler", {"use_lu_lambdas": True}),
+    ("DPM++3M", "DPMSolverMultistepScheduler", {"solver_order": 3}),
+    (
+        "DPM-Solver 2M (eps)",
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"},
+    ),
+    ("DPM-Solver singlestep", "DPMSolverSinglestepScheduler", {}),
+    ("UniPC bh2 default", "UniPCMultistepScheduler", {}),
+    ("UniPC bh1 order 3", "UniPCMultistepScheduler", {"solver_type": "bh1", "solver_order": 3}),
+    ("DEIS default", "DEISMultistepScheduler", {}),
+    ("PLMS", "PNDMScheduler", {"skip_prk_steps": True}),
+    ("Heun (k-diffusion style)", "HeunDiscreteScheduler", {}),
+    ("Euler", "EulerDiscreteScheduler", {}),
+]
+
+
+def _steps_for(scheduler: Any, nfe: int) -> int | None:
+    for n in range(1, nfe + 2):
+        try:
+            scheduler.set_timesteps(n)
+        except Exception:  # noqa: BLE001 - some schedulers reject small n; try the next
+            continue
+        if len(scheduler.timesteps) == nfe:
+            return n
+    return None
+
+
+def _final_t(scheduler: Any, schedule: DiscreteVP) -> float:
+    """Where a diffusers scheduler's loop ends: sigma = 0 (t = 0) or training index 0 (t = 1/N)."""
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is not None:
+        return 0.0 if float(sigmas[-1]) == 0.0 else float(schedule.index_to_t(0.0))
+    return 0.0 if scheduler.config.get("set_alpha_to_one", False) else float(schedule.index_to_t(0.0))
+
+
+def peer_rows(
+    model: DenoiserFn,
+    schedule: DiscreteVP,
+    x: Tensor,
+    refs: dict[float, Tensor],
+    nfes: Sequence[int],
+    peers: Sequence[tuple[str, str, dict[str, Any]]] = PEERS,
+) -> list[Row]:
+    """Run each diffusers peer at each NFE it can meet exactly; ``refs`` maps end time -> reference."""
+    import warnings
+
+    import diffusers
+    from diffusers.utils import logging as dlog
+
+    from ..interop.diffusers import run_scheduler
+
+    dlog.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="diffusers")
+
+    rows = []
+    for label, cls_name, kwargs in peers:
+        cls = getattr(diffusers, cls_name)
+        for nfe in nfes:
+            sch = cls(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, **kwargs)
+            steps = _steps_for(sch, nfe)
+            if steps is None:
+                continue
+            try:
+                run = run_scheduler(sch, model, schedule, x, steps)
+            except Exception:  # noqa: BLE001 - a peer failing at some NFE is recorded as missing
+                continue
+            ref = refs[_final_t(sch, schedule)]
+            if run.nfe == nfe:
+                rows.append(Row("diffusers", label, nfe, float((run.x.double() - ref).pow(2).mean().sqrt())))
+    return rows
+
+
+def run_bench(
+    model: DenoiserFn,
+    schedule: NoiseSchedule,
+    shape: tuple[int, ...],
+    entries: Sequence[Entry],
+    nfes: Sequence[int],
+    *,
+    n: int = 256,
+    seed: int = 0,
+    name: str = "model",
+    peers: bool = True,
+    ref_tol: float = 1e-10,
+    progress: Callable[[str], None] | None = None,
+) -> BenchResult:
+    """Benchmark ``entries`` (and diffusers peers on a ``DiscreteVP``) at each NFE in ``nfes``."""
+    x = torch.randn(n, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    t_start = schedule.t_max
+    t_end = schedule.t_zero if schedule.t_zero is not None else schedule.t_min
+    ref = reference_solution(
+        model, schedule, x * float(schedule.sigma(t_start)), t_start, t_end, rtol=ref_tol, atol=ref_tol
+    )
+    result = BenchResult(model=name, n=n, seed=seed, reference_evals=ref.n_evals)
+    to_zero = schedule.t_zero is not None
+    for e in entries:
+        for nfe in nfes:
+            try:
+                steps = e.solver.steps_for_nfe(nfe, to_zero)
+            except ValueError:
+                continue  # this solver cannot meet this budget exactly
+            ts = make_grid(schedule, e.grid, steps, to_zero=to_zero)
+            out = sample(Problem(model, schedule), x * float(schedule.sigma(ts[0])), ts, e.solver)
+            rms = float((out - ref.x).pow(2).mean().sqrt())
+            result.rows.append(Row("dpmlab", e.label, nfe, rms, _overhead_ms(e.solver, schedule, ts, shape)))
+        if progress:
+            progress(e.label)
+    if peers and isinstance(schedule, DiscreteVP):
+        try:
+            import diffusers  # noqa: F401
+        except ImportError:
+            peers = False
+        if peers:
+            # the same trajectory, split at training index 0 where some schedulers stop
+            t_idx0 = float(schedule.index_to_t(0.0))
+            mid = reference_solution(
+                model, schedule, x * float(schedule.sigma(t_start)), t_start, t_idx0, rtol=ref_tol, atol=ref_tol
+            )
+            end = reference_solution(model, schedule, mid.x, t_idx0, 0.0, rtol=ref_tol, atol=ref_tol)
+            result.rows.extend(peer_rows(model, schedule, x, {0.0: end.x, t_idx0: mid.x}, nfes))
+    return result
