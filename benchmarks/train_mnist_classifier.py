@@ -18,7 +18,7 @@ from dpmlab.metrics.features import MNIST_CLASSIFIER_PATH, save_mnist_classifier
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=MNIST_CLASSIFIER_PATH)
