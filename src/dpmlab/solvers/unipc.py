@@ -1,0 +1,258 @@
+"""UniPC — Zhao, Bai, Rao, Zhou & Lu, "UniPC: A Unified Predictor-Corrector Framework for Fast
+Sampling of Diffusion Models", NeurIPS 2023, arXiv 2302.04867.
+
+Implements the B(h) form of the multistep predictor UniP-p and the corrector UniC-p, data form
+(``hh = -h``) or noise form (``hh = +h``). With a buffer of model outputs ``m_k`` at
+``lam_k`` (``m_0`` the current one), ``r_k = (lam_k - lam_0) / h`` and ``D_k = (m_k - m_0) / r_k``::
+
+    x^(1)   = (sigma_t/sigma_s) x - alpha_t (e^hh - 1) m_0        (noise form: alpha_t/alpha_s, sigma_t)
+    x~_t    = x^(1) - alpha_t B(h) sum_k a_k D_k                   UniP-p, R_{p-1} a = b_{p-1}
+    x^c_t   = x^(1) - alpha_t B(h) (sum_k a^c_k D_k + a^c_p (m(x~_t, t) - m_0))   UniC-p, R_p a^c = b_p
+
+with ``R[i, k] = r_k^i``, ``b_i = i! hh phi_{i+1}(hh) / B(h)`` and ``B(h) = hh`` (``bh1``) or
+``e^hh - 1`` (``bh2``). ``m(x~_t, t)`` is the model call the next step needs anyway: the corrector
+costs no evaluation, the buffer keeps ``m`` at the *predicted* ``x~_t`` and the corrected ``x^c_t``
+is what continues. UniP-p has order p, UniPC-p order p + 1.
+
+``unipc`` runs the paper's schedule: warm-up orders 1..p-1, ``lower_order_final`` (order
+``min(p, N - i)`` on step i, always as in the authors' code, not gated on N), no corrector on the
+final step. ``unic`` wraps any deterministic solver whose step starts by evaluating the model at
+``(x, t_i)`` (DDIM, multistep solvers, Heun, ...): UniC-p is applied after each base step and the
+corrector's evaluation is handed to the base's next step in place of its own first call.
+
+Steps to ``sigma = 0`` (``lam = +inf``) are first order (``x = alpha_t x0``) without corrector:
+``r_k -> 0`` makes the higher-order terms undefined there.
+
+Deviations from the authors' ``uni_pc.py`` and diffusers' ``UniPCMultistepScheduler``: the same
+coefficients (incl. their hard-coded ``a = [1/2]`` for the UniP-2 predictor and the UniC-1
+corrector), computed in float64. diffusers applies the corrector at the start of the *next*
+``step()`` call (same arithmetic). ``vary_coeff`` is not implemented. For ``unic`` in noise form the
+reused evaluation is handed to the base as the x0 whose eps at the corrected point equals the eps
+at the predicted point (diffusers' ``solver_p`` passes the raw network output, which is the same
+thing for eps-networks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._utils import f64
+from ._expint import Interval, interval, phi_data
+from .base import Problem, Solver, get, register
+
+VARIANTS = ("bh1", "bh2")
+PREDICTIONS = ("data", "noise")
+
+
+# --- shared math (candidate for _expint.py) --------------------------------------------------------
+def phi(z: float, k: int) -> float:
+    """``phi_k(z)`` for any real ``z`` (the noise form needs ``z = +h``); ``z = -inf`` gives 0."""
+    if z <= 0:
+        return phi_data(-z, k)
+    if z < 1.0:  # series sum_j z^j / (j + k)!: no cancellation
+        return sum(z**j / math.factorial(j + k) for j in range(30))
+    p = math.expm1(z) / z
+    for j in range(1, k):
+        p = (p - 1.0 / math.factorial(j)) / z
+    return p
+
+
+def _solve(rows: list[list[float]], rhs: list[float]) -> list[float]:
+    """Solve the small Vandermonde system ``R a = b`` in float64."""
+    a = torch.linalg.solve(torch.tensor(rows, dtype=torch.float64), torch.tensor(rhs, dtype=torch.float64))
+    return a.tolist()
+
+
+# --- the UniPC update -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class History:
+    """Model outputs (x0 or eps, oldest first) at ``lams``; ``m_next``: the corrector's evaluation
+    at the current point, to be reused as the next step's ``m_0``; ``base``: a wrapped solver's state."""
+
+    lams: tuple[float, ...] = ()
+    ms: tuple[Tensor, ...] = ()
+    m_next: Tensor | None = None
+    base: Any = None
+
+
+def _as_m(prediction: str, x: Tensor, x0: Tensor, alpha: float, sigma: float) -> Tensor:
+    """The model output in the solver's form: x0 (data) or eps = (x - alpha x0) / sigma (noise)."""
+    return x0 if prediction == "data" else (x - alpha * x0) / sigma
+
+
+def _uni(
+    x: Tensor,
+    c: Interval,
+    lams: tuple[float, ...],
+    ms: tuple[Tensor, ...],
+    p: int,
+    variant: str,
+    prediction: str,
+    m_t: Tensor | None = None,
+) -> Tensor:
+    """UniP-p (``m_t`` None) or UniC-p (``m_t`` = model output at the predicted point) from ``x`` at t."""
+    m0, data = ms[-1], prediction == "data"
+    if c.sigma_next == 0:  # step to sigma = 0: first order in data form, x = alpha_t x0
+        x0 = m0 if data else (x - c.sigma * m0) / c.alpha
+        return c.alpha_next * x0
+    h = c.h
+    hh = -h if data else h
+    if data:  # x^(1): the first-order (DDIM) part
+        x1 = c.sigma_ratio * x - (c.alpha_next * math.expm1(hh)) * m0
+    else:
+        x1 = c.alpha_ratio * x - (c.sigma_next * math.expm1(hh)) * m0
+    rks = [(lams[-1 - k] - lams[-1]) / h for k in range(1, p)]  # r_k < 0 for past points
+    D = [(ms[-1 - k] - m0) / rk for k, rk in zip(range(1, p), rks)]  # D_k
+    if m_t is not None:
+        rks, D = rks + [1.0], D + [m_t - m0]  # corrector: the new point at r = 1
+    if not D:
+        return x1
+    B_h = hh if variant == "bh1" else math.expm1(hh)  # B(h)
+    if len(D) == 1:
+        a = [0.5]  # authors' simplified UniP-2 / UniC-1 coefficient
+    else:
+        b = [math.factorial(i) * hh * phi(hh, i + 1) / B_h for i in range(1, len(D) + 1)]  # b_i
+        a = _solve([[rk**i for rk in rks] for i in range(len(D))], b)  # R a = b, R[i, k] = r_k^i
+    res = sum(ak * Dk for ak, Dk in zip(a, D))
+    return x1 - ((c.alpha_next if data else c.sigma_next) * B_h) * res
+
+
+def _check(variant: str, prediction: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+
+
+@register("unipc")
+@dataclass(frozen=True)
+class UniPC(Solver[History]):
+    predictor_order: int = 2  # p of UniP-p (the paper's "UniPC-p"); the corrector raises it to p + 1
+    variant: str = "bh1"  # B(h): "bh1" (h) or "bh2" (e^h - 1); the authors recommend bh1 without guidance
+    prediction: str = "data"  # "data" (x0; the authors' default) or "noise" (eps)
+    use_corrector: bool = True  # UniC after every step but the last
+    lower_order_final: bool = True  # order min(p, N - i) on step i
+    final_corrector: bool = False  # with use_corrector, also correct the last step (1 extra NFE; for order tests)
+
+    paper = "Zhao et al. 2023, UniPC (arXiv 2302.04867)"
+    order_test_options = {"lower_order_final": False, "final_corrector": True}
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.predictor_order, int) or not 1 <= self.predictor_order <= 4:
+            raise ValueError(f"predictor_order must be an int in 1..4, got {self.predictor_order!r}")
+        _check(self.variant, self.prediction)
+
+    @property
+    def order(self) -> int:  # type: ignore[override]
+        return self.predictor_order + (1 if self.use_corrector else 0)
+
+    def init(self, problem: Problem, x: Tensor, ts: Tensor) -> History:
+        return History()
+
+    def nfe_for_steps(self, steps: int, to_zero: bool) -> int:
+        return steps + (1 if self.use_corrector and self.final_corrector and not to_zero else 0)
+
+    def step(self, problem: Problem, x: Tensor, ts: Tensor, i: int, state: History) -> tuple[Tensor, History]:
+        c, n = interval(problem.schedule, ts, i), len(ts) - 1
+        m0 = state.m_next  # the corrector's evaluation at (x~_t, t), when there was one
+        if m0 is None:
+            m0 = _as_m(self.prediction, x, problem.denoise(x, c.t), c.alpha, c.sigma)
+        lams = (state.lams + (c.lam,))[-self.predictor_order :]  # buffer of the last p outputs
+        ms = (state.ms + (m0,))[-self.predictor_order :]
+        p = min(self.predictor_order, len(ms), n - i if self.lower_order_final else n)  # warm-up, final
+        x_pred = _uni(x, c, lams, ms, p, self.variant, self.prediction)  # UniP-p
+        if not self.use_corrector or c.sigma_next == 0 or (i == n - 1 and not self.final_corrector):
+            return x_pred, History(lams, ms)
+        m_t = _as_m(self.prediction, x_pred, problem.denoise(x_pred, c.t_next), c.alpha_next, c.sigma_next)
+        x_c = _uni(x, c, lams, ms, p, self.variant, self.prediction, m_t)  # UniC-p
+        return x_c, History(lams, ms, m_t)
+
+
+# --- UniC after any solver ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class _ReuseFirst(Problem):
+    """The base solver's view of the problem: its first evaluation (which must be at ``(x, t0)``)
+    returns the corrector's evaluation ``cached`` without a model call; ``seen`` records it."""
+
+    parent: Problem | None = None
+    t0: float = 0.0
+    cached: Tensor | None = None
+    prediction: str = "data"
+    seen: list[Tensor] = field(default_factory=list)
+
+    def denoise(self, x: Tensor, t: Tensor | float) -> Tensor:
+        assert self.parent is not None
+        if self.seen:
+            return self.parent.denoise(x, t)
+        t_first = float(f64(t).reshape(-1)[0])
+        if t_first != self.t0:
+            raise ValueError(
+                f"UniC needs a base solver whose step first evaluates the model at (x, t_i), "
+                f"t_i={self.t0:.6g}; its first call was at t={t_first:.6g}"
+            )
+        a, s = (float(v) for v in (self.schedule.alpha(f64(self.t0)), self.schedule.sigma(f64(self.t0))))
+        if self.cached is None:
+            x0 = self.parent.denoise(x, t)
+        else:  # hand over m(x~_t, t) in the corrector's form: x0 itself, or the x0 matching its eps at x
+            x0 = self.cached if self.prediction == "data" else (x - s * self.cached) / a
+        self.seen.append(_as_m(self.prediction, x, x0, a, s))
+        return x0
+
+
+@register("unic")
+@dataclass(frozen=True)
+class UniC(Solver[History]):
+    base: Solver[Any] = field(default_factory=lambda: get("ddim"))  # the predictor (deterministic)
+    corrector_order: int | None = None  # p of UniC-p; None: the base's order
+    variant: str = "bh1"  # B(h): "bh1" or "bh2"
+    prediction: str = "data"  # "data" or "noise" form of the corrector
+    final_corrector: bool = False  # also correct the last step (1 extra NFE; for order measurements)
+
+    paper = "Zhao et al. 2023, UniPC: UniC after any solver (arXiv 2302.04867)"
+    order_test_options = {"final_corrector": True}
+
+    def __post_init__(self) -> None:
+        if isinstance(self.base, Mapping):  # from config(): {"name": ..., **options}
+            object.__setattr__(self, "base", get(**self.base))
+        if not isinstance(self.base, Solver) or self.base.is_stochastic():
+            raise ValueError(f"base must be a deterministic Solver, got {self.base!r}")
+        p = self.corrector_order
+        if p is not None and (not isinstance(p, int) or not 1 <= p <= 4):
+            raise ValueError(f"corrector_order must be None or an int in 1..4, got {p!r}")
+        _check(self.variant, self.prediction)
+
+    @property
+    def p(self) -> int:
+        return self.base.order if self.corrector_order is None else self.corrector_order
+
+    @property
+    def order(self) -> int:  # type: ignore[override]
+        return min(self.p, self.base.order) + 1
+
+    def init(self, problem: Problem, x: Tensor, ts: Tensor) -> History:
+        return History(base=self.base.init(problem, x, ts))
+
+    def nfe_for_steps(self, steps: int, to_zero: bool) -> int:
+        return self.base.nfe_for_steps(steps, to_zero) + (1 if self.final_corrector and not to_zero else 0)
+
+    def step(self, problem: Problem, x: Tensor, ts: Tensor, i: int, state: History) -> tuple[Tensor, History]:
+        c, n = interval(problem.schedule, ts, i), len(ts) - 1
+        fields = {f.name: getattr(problem, f.name) for f in dataclasses.fields(Problem)}
+        view = _ReuseFirst(**fields, parent=problem, t0=c.t, cached=state.m_next, prediction=self.prediction)
+        x_pred, base_state = self.base.step(view, x, ts, i, state.base)  # the base's predictor step
+        if not view.seen:
+            raise ValueError(f"UniC: base solver {self.base.name!r} did not evaluate the model at (x, t_i)")
+        lams = (state.lams + (c.lam,))[-self.p :]  # buffer of the last p outputs (m_0 = the base's first call)
+        ms = (state.ms + (view.seen[0],))[-self.p :]
+        if c.sigma_next == 0 or (i == n - 1 and not self.final_corrector):
+            return x_pred, History(lams, ms, None, base_state)
+        m_t = _as_m(self.prediction, x_pred, problem.denoise(x_pred, c.t_next), c.alpha_next, c.sigma_next)
+        x_c = _uni(x, c, lams, ms, min(self.p, len(ms)), self.variant, self.prediction, m_t)  # UniC-p
+        return x_c, History(lams, ms, m_t, base_state)
