@@ -3,9 +3,15 @@
 Importing this package registers every solver; ``get(name, **options)`` builds one by name.
 """
 
+from . import adaptive as adaptive
 from . import ddim as ddim
 from . import ddpm as ddpm
+from . import deis as deis
+from . import dpm_solver as dpm_solver
+from . import dpm_solver_pp as dpm_solver_pp
 from . import karras as karras
+from . import pndm as pndm
+from . import unipc as unipc
 from .base import Problem as Problem
 from .base import SeededNoise as SeededNoise
 from .base import Solver as Solver
