@@ -117,13 +117,15 @@ def interval(schedule: NoiseSchedule, ts: Tensor, i: int) -> Interval:
 
 
 def phi(z: float, k: int) -> float:
-    """``phi_k(z)`` for finite real ``z`` of either sign (series near 0, no cancellation)."""
+    """``phi_k(z)`` for real ``z`` of either sign or ``-inf`` (series for ``|z| < 1``)."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    if z == -math.inf:
+        return 0.0  # the limit at a step to sigma = 0 in data form
     if not math.isfinite(z):
-        raise ValueError(f"phi_{k} needs a finite argument, got {z}")
-    if abs(z) < 1e-2:  # phi_k(z) = sum_j z^j / (j + k)!
-        return sum(z**j / math.factorial(j + k) for j in range(12))
+        raise ValueError(f"phi_{k} needs a finite argument or -inf, got {z}")
+    if abs(z) < 1.0:  # phi_k(z) = sum_j z^j / (j + k)!: no cancellation (the recursion loses
+        return sum(z**j / math.factorial(j + k) for j in range(30))  # ~1e-16/|z|^(k-1) for small z
     p = math.expm1(z) / z  # phi_1(z)
     for j in range(1, k):
         p = (p - 1.0 / math.factorial(j)) / z

@@ -44,26 +44,14 @@ import torch
 from torch import Tensor
 
 from .._utils import f64
-from ._expint import Interval, interval, phi_data
+from ._expint import Interval, interval, phi
 from .base import Problem, Solver, get, register
 
 VARIANTS = ("bh1", "bh2")
 PREDICTIONS = ("data", "noise")
 
 
-# --- shared math (candidate for _expint.py) --------------------------------------------------------
-def phi(z: float, k: int) -> float:
-    """``phi_k(z)`` for any real ``z`` (the noise form needs ``z = +h``); ``z = -inf`` gives 0."""
-    if z <= 0:
-        return phi_data(-z, k)
-    if z < 1.0:  # series sum_j z^j / (j + k)!: no cancellation
-        return sum(z**j / math.factorial(j + k) for j in range(30))
-    p = math.expm1(z) / z
-    for j in range(1, k):
-        p = (p - 1.0 / math.factorial(j)) / z
-    return p
-
-
+# --- small linear algebra ------------------------------------------------------------------------
 def _solve(rows: list[list[float]], rhs: list[float]) -> list[float]:
     """Solve the small Vandermonde system ``R a = b`` in float64."""
     a = torch.linalg.solve(torch.tensor(rows, dtype=torch.float64), torch.tensor(rhs, dtype=torch.float64))
