@@ -33,9 +33,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--solvers", default="", help="comma-separated subset (default: every deterministic solver)")
     args = ap.parse_args()
     models = ("gmm16",) if args.quick else ("gmm16", "gmm64")
-    names = [n for n in available() if not get(n).is_stochastic()]
+    names = args.solvers.split(",") if args.solvers else [n for n in available() if not get(n).is_stochastic()]
     entries = [Entry(f"{n} @{g}", get(n), g) for n in names for g in GRIDS]
     sch = DiscreteVP.from_preset("linear")
     doc = ["# dpmlab solvers vs diffusers schedulers", "",

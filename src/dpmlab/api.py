@@ -21,9 +21,12 @@ from .solvers.base import sample as run
 from .timesteps import GRIDS, check_grid, get_grid
 from .typing import DenoiserFn
 
-__all__ = ["sample", "make_grid", "DISCRETE_GRIDS"]
+__all__ = ["sample", "make_grid", "DISCRETE_GRIDS", "DEFAULT_GRID"]
 
 DISCRETE_GRIDS = ("linspace", "leading", "trailing")
+# Measured best most often across solvers at NFE 4-20 on the analytic mixtures
+# (docs/benchmarks/solvers.md): quadratic in time beats uniform-lambda, uniform-time and Karras there.
+DEFAULT_GRID = "quadratic_time"
 
 
 def make_grid(
@@ -59,7 +62,7 @@ def sample(
     solver: str | Solver[Any] = "ddim",
     nfe: int | None = 10,
     seed: int = 0,
-    grid: str | Tensor = "uniform_lambda",
+    grid: str | Tensor = DEFAULT_GRID,
     schedule: NoiseSchedule | None = None,
     shape: tuple[int, ...] | None = None,
     t_start: float | None = None,
@@ -77,7 +80,9 @@ def sample(
     ``model``: a ``DenoiserFn`` carrying ``.schedule`` (and ``.data_shape``), or a model name for
     ``dpmlab.load``. ``grid``: a name in ``dpmlab.timesteps.GRIDS`` or an explicit decreasing tensor
     of times (then ``nfe`` may be ``None``). ``to_zero`` ends the grid at ``sigma = 0`` (default: only
-    the discrete spacings do). Returns ``(n, *shape)`` in ``dtype`` promoted to >= float32.
+    the discrete spacings do). ``cond``: keyword arguments for the model, e.g. ``{"label": labels}``;
+    a tensor with one row per sample is split along with the batches. Returns ``(n, *shape)`` in
+    ``dtype`` promoted to >= float32.
     """
     if isinstance(model, str):
         model = load(model)
@@ -114,7 +119,10 @@ def sample(
     for lo in range(0, n, bs):
         idx = torch.arange(lo, min(n, lo + bs), dtype=torch.int64)
         x = sigma0 * counter_normal(seed, idx, 0, shp, dtype=dtype, device=device)
-        problem = Problem(model, sch, noise=SeededNoise(seed, idx), cond=dict(cond or {}))
+        # per-sample conditioning (a tensor with one row per sample, e.g. labels) follows the batch
+        bcond = {k: v[lo : lo + len(idx)] if isinstance(v, Tensor) and v.ndim and v.shape[0] == n else v
+                 for k, v in (cond or {}).items()}
+        problem = Problem(model, sch, noise=SeededNoise(seed, idx), cond=bcond)
         out = run(problem, x, ts, slv, callback=callback)
         expected = slv.nfe(ts, sch)
         if problem.nfe != expected:  # honesty check: a solver's declared cost must be its real cost

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .._utils import atomic_write
-from ..api import make_grid
+from ..api import DEFAULT_GRID, make_grid
 from ..models.reference import reference_solution
 from ..schedules import DiscreteVP, NoiseSchedule
 from ..solvers.base import Problem, Solver, get, sample
@@ -39,7 +39,7 @@ class Entry:
 
     label: str
     solver: Solver[Any]
-    grid: str = "uniform_lambda"
+    grid: str = DEFAULT_GRID
 
 
 @dataclass(frozen=True)

@@ -163,7 +163,7 @@ def _scheduler_class() -> type:
     except ImportError as e:  # pragma: no cover - diffusers is a dev dependency
         raise ImportError("DPMLabScheduler needs diffusers (pip install diffusers)") from e
 
-    from ..api import make_grid
+    from ..api import DEFAULT_GRID, make_grid
     from ..solvers.base import Problem, get
     from ..solvers.base import sample as run_solver
 
@@ -191,7 +191,7 @@ def _scheduler_class() -> type:
             prediction_type: str = "epsilon",
             solver: str = "ddim",
             solver_options: dict[str, Any] | None = None,
-            grid: str = "uniform_lambda",
+            grid: str = DEFAULT_GRID,
             to_zero: bool = True,
         ) -> None:
             if prediction_type not in ("epsilon", "sample", "v_prediction"):
