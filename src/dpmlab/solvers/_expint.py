@@ -28,6 +28,7 @@ plus noise ``sigma_t sqrt(1 - e^{-2 eta h}) z`` (added by the caller).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -97,18 +98,29 @@ class Interval:
 
 
 def point(schedule: NoiseSchedule, t: float | Tensor) -> tuple[float, float, float]:
-    """``(alpha, sigma, lam)`` at one time, as python floats."""
+    """``(alpha, sigma, lam)`` at one time, as python floats (memoised: schedules are immutable, and
+    a sampling loop revisits the same grid points, so each is computed once, not once per step)."""
+    return _point(schedule, float(t))
+
+
+@functools.lru_cache(maxsize=8192)
+def _point(schedule: NoiseSchedule, t: float) -> tuple[float, float, float]:
     tt = f64(t)
     return float(schedule.alpha(tt)), float(schedule.sigma(tt)), float(schedule.lam(tt))
 
 
-def span(schedule: NoiseSchedule, t: float | Tensor, t_next: float | Tensor) -> Interval:
-    """Coefficients of the step ``t -> t_next`` between any two times."""
-    a, s, lam = point(schedule, t)
-    a1, s1, lam1 = point(schedule, t_next)
+@functools.lru_cache(maxsize=8192)
+def _span(schedule: NoiseSchedule, t: float, t_next: float) -> Interval:
+    a, s, lam = _point(schedule, t)
+    a1, s1, lam1 = _point(schedule, t_next)
     if s1 == 0.0:
         lam1 = math.inf
-    return Interval(float(t), float(t_next), a, s, lam, a1, s1, lam1)
+    return Interval(t, t_next, a, s, lam, a1, s1, lam1)
+
+
+def span(schedule: NoiseSchedule, t: float | Tensor, t_next: float | Tensor) -> Interval:
+    """Coefficients of the step ``t -> t_next`` between any two times."""
+    return _span(schedule, float(t), float(t_next))
 
 
 def interval(schedule: NoiseSchedule, ts: Tensor, i: int) -> Interval:

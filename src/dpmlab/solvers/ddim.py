@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from ._expint import interval
@@ -43,7 +44,7 @@ class DDIM(Solver[None]):
         x0 = problem.denoise(x, c.t)  # data prediction at (x, t)
         if self.eta == 0 or c.sigma_next == 0:
             # deterministic: exponential-integrator form of eq. (12)
-            return c.sigma_ratio * x - (c.alpha_next * math.expm1(-c.h)) * x0, None
+            return torch.add(x * c.sigma_ratio, x0, alpha=-c.alpha_next * math.expm1(-c.h)), None
         eps = (x - c.alpha * x0) / c.sigma  # noise prediction
         s = self.eta * c.sigma_next * math.sqrt(-math.expm1(-2.0 * c.h))  # eq. (16)
         if s > c.sigma_next:

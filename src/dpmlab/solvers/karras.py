@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from ._expint import interval
@@ -33,9 +34,11 @@ class Euler(Solver[None]):
     def step(self, problem: Problem, x: Tensor, ts: Tensor, i: int, state: None) -> tuple[Tensor, None]:
         c = interval(problem.schedule, ts, i)
         s, s_next = c.sigma / c.alpha, c.sigma_next / c.alpha_next
-        y = x / c.alpha
-        d = (y - problem.denoise(x, c.t)) / s  # dy/ds
-        return c.alpha_next * (y + (s_next - s) * d), None  # Euler step
+        x0 = problem.denoise(x, c.t)
+        # Euler step y' = y + (s' - s) (y - x0) / s with y = x / alpha, folded into two scalars:
+        # x' = alpha' (s'/s) y + alpha' (1 - s'/s) x0
+        r = s_next / s
+        return torch.add(x * (c.alpha_next * r / c.alpha), x0, alpha=c.alpha_next * (1.0 - r)), None
 
 
 @register("heun")
