@@ -85,3 +85,28 @@ def test_config_round_trip_and_errors(tmp_path):
     x0 = torch.ones(3, 2)
     noisy = s.add_noise(x0, torch.zeros(3, 2), torch.tensor([999]))
     assert torch.allclose(noisy, x0 * s.schedule.alpha(torch.tensor(1.0, dtype=torch.float64)).float())
+
+
+def test_diffusers_unet_as_denoiser_and_folder_loading(unet, tmp_path):
+    from dpmlab.interop.diffusers import denoiser_from_diffusers, load_diffusers_folder
+
+    sched = DDIMScheduler(prediction_type="v_prediction")
+    den = denoiser_from_diffusers(unet, sched.config)
+    assert den.data_shape == (1, 8, 8) and den.prediction.value == "v"
+    x = torch.randn(2, 1, 8, 8)
+    t = torch.tensor([0.5, 0.25], dtype=torch.float64)
+    with torch.no_grad():
+        v = unet(x, den.schedule.t_to_index(t).float()).sample
+        a = den.schedule.alpha(t).float()[:, None, None, None]
+        s = den.schedule.sigma(t).float()[:, None, None, None]
+        assert torch.allclose(den(x, t), a * x - s * v, atol=1e-5)
+    unet.save_pretrained(tmp_path / "unet", safe_serialization=True)
+    sched.save_config(tmp_path / "scheduler")
+    loaded = load_diffusers_folder(tmp_path)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x, t), den(x, t), atol=1e-6)
+    (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(ValueError, match="no .safetensors weights"):
+        load_diffusers_folder(tmp_path)
+    with pytest.raises(ValueError, match="no scheduler"):
+        load_diffusers_folder(tmp_path / "unet")
