@@ -7,9 +7,10 @@ import math
 
 import pytest
 import torch
+from oracles import CountingModel, check_image_sampling, measured_order, reference, rms, slope
 
 import dpmlab.solvers as S
-from dpmlab.models.analytic import GaussianMixture, preset, reference_solution
+from dpmlab.models.analytic import preset
 from dpmlab.schedules import LinearVP
 from dpmlab.solvers._expint import interval
 from dpmlab.timesteps import uniform_lambda, uniform_time
@@ -18,72 +19,40 @@ torch.set_num_threads(1)
 SCH = LinearVP()
 T_END = 1e-3
 PNDMS = ("pndm", "s_pndm", "plms", "ipndm")
-
-
-def smooth_mixture() -> GaussianMixture:
-    """4 broad components in 8-D (stds 0.6-1.0, means ~N(0, 1)): no mode flipping at coarse steps."""
-    g = torch.Generator().manual_seed(3)
-    means = torch.randn(4, 8, generator=g, dtype=torch.float64)
-    stds = 0.6 + 0.4 * torch.rand(4, generator=g, dtype=torch.float64)
-    return GaussianMixture(torch.ones(4), means, stds, name="smooth4x8")
-
-
-@pytest.fixture(scope="module")
-def oracle() -> tuple:
-    model = smooth_mixture().denoiser(SCH)
-    x = torch.randn(100, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    ref = reference_solution(model, SCH, x, SCH.t_max, T_END, rtol=1e-12, atol=1e-12).x
-    return model, x, ref
-
-
-def slope(ns: tuple[int, ...], errs: list[float]) -> float:
-    """Least-squares slope of -log(error) against log(steps)."""
-    ln = torch.tensor([math.log(n) for n in ns], dtype=torch.float64)
-    le = torch.tensor([math.log(e) for e in errs], dtype=torch.float64)
-    lc = ln - ln.mean()
-    return -float((lc * (le - le.mean())).sum() / (lc * lc).sum())
-
-
-def measured_order(solver: S.Solver, oracle: tuple, ns: tuple[int, ...]) -> float:
-    model, x, ref = oracle
-    errs = []
-    for n in ns:
-        out = S.sample(S.Problem(model, SCH), x, uniform_lambda(SCH, n, t_end=T_END), solver)
-        errs.append(float((out - ref).pow(2).mean().sqrt()))
-    return slope(ns, errs)
+# 100 samples, reference solved to rtol = atol = 1e-12, lambda-uniform grids ending at T_END
+ORACLE = dict(name="smooth4x8", n=100, t_end=T_END, tol=1e-12)
 
 
 @pytest.mark.parametrize("variant", ["t", "rho", "logrho"])
 @pytest.mark.parametrize("order", [1, 2, 3])
-def test_deis_convergence_order(oracle: tuple, order: int, variant: str) -> None:
+def test_deis_convergence_order(order: int, variant: str) -> None:
     solver = S.get("deis", order=order, variant=variant, **S.solver_class("deis").order_test_options)
     ns = (64, 128, 256, 512) if order >= 3 else (32, 64, 128, 256)
-    measured = measured_order(solver, oracle, ns)
-    assert abs(measured - order) <= 0.3, f"DEIS-{order} ({variant}): measured {measured:.2f}"
+    measured, errs = measured_order(solver, ns, **ORACLE)
+    assert abs(measured - order) <= 0.3, f"DEIS-{order} ({variant}): measured {measured:.2f} ({errs})"
 
 
 @pytest.mark.parametrize("name", PNDMS)
-def test_pndm_family_is_second_order(oracle: tuple, name: str) -> None:
+def test_pndm_family_is_second_order(name: str) -> None:
     solver = S.get(name)
     assert solver.order == 2
-    measured = measured_order(solver, oracle, (32, 64, 128, 256))
-    assert abs(measured - 2) <= 0.3, f"{name}: measured {measured:.2f}"
+    measured, errs = measured_order(solver, (32, 64, 128, 256), **ORACLE)
+    assert abs(measured - 2) <= 0.3, f"{name}: measured {measured:.2f} ({errs})"
 
 
 @pytest.mark.parametrize("name", ["pndm", "plms"])
 def test_pndm_fourth_order_on_a_grid_uniform_in_rho(name: str) -> None:
     """The AB4 weights average eps per step index; the transfer integrates it in rho = sigma/alpha:
     on a rho-uniform grid the two agree and PLMS/F-PNDM are fourth order (the reason for order = 2)."""
-    model = smooth_mixture().denoiser(SCH)
-    x = torch.randn(100, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     t0, t1 = 0.5, 0.05
-    ref = reference_solution(model, SCH, x, t0, t1, rtol=1e-12, atol=1e-12).x
+    mix, _, x, ref = reference("smooth4x8", 100, t_start=t0, t_end=t1, tol=1e-12)
+    model = mix.denoiser(SCH)
     r0, r1 = float(SCH.sigma_over_alpha(t0)), float(SCH.sigma_over_alpha(t1))
     ns, errs = (16, 32, 64), []
     for n in ns:
         ts = SCH.t_of_sigma_over_alpha(torch.linspace(r0, r1, n + 1, dtype=torch.float64))
         ts[0], ts[-1] = t0, t1
-        errs.append(float((S.sample(S.Problem(model, SCH), x, ts, S.get(name)) - ref).pow(2).mean().sqrt()))
+        errs.append(rms(S.sample(S.Problem(model, SCH), x, ts, S.get(name)), ref))
     assert abs(slope(ns, errs) - 4) <= 0.3
 
 
@@ -132,15 +101,6 @@ def test_deis_weights() -> None:
     assert max(abs(a - b) for a, b in zip(w, closed)) < 1e-12
 
 
-class CountingModel:
-    def __init__(self, model) -> None:
-        self.model, self.calls = model, 0
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        return self.model(x, t)
-
-
 EXPECTED_NFE = {  # (steps, to_zero) -> evaluations
     "pndm": lambda n, z: 4 * min(n, 3) + max(n - 3, 0) - (3 if z and n <= 3 else 0),
     "s_pndm": lambda n, z: n + 1 - (1 if z and n == 1 else 0),
@@ -163,30 +123,9 @@ def test_model_called_exactly_declared_times(name: str, to_zero: bool) -> None:
     assert solver.nfe_for_steps(50, False) == {"pndm": 59, "s_pndm": 51, "plms": 51}.get(name, 50)
 
 
-class ImageModel:
-    """The gmm16 denoiser applied to (B, 1, 4, 4) images."""
-
-    def __init__(self) -> None:
-        self.model = preset("gmm16").denoiser(SCH)
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.model(x.reshape(x.shape[0], -1), t).reshape(x.shape)
-
-
 @pytest.mark.parametrize("name, opts", [("deis", {}), ("deis", dict(variant="logrho")), *[(n, {}) for n in PNDMS]])
 def test_dtypes_and_shapes(name: str, opts: dict) -> None:
-    solver = S.get(name, **opts)
-    x64 = torch.randn(16, 1, 4, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    ts = uniform_lambda(SCH, 8, t_end=0.0)
-    outs = {}
-    for dtype in (torch.float32, torch.float64):
-        img = S.sample(S.Problem(ImageModel(), SCH), x64.to(dtype), ts, solver)
-        flat = S.sample(S.Problem(preset("gmm16").denoiser(SCH), SCH), x64.reshape(16, 16).to(dtype), ts, solver)
-        assert img.shape == x64.shape and img.dtype == dtype and flat.shape == (16, 16) and flat.dtype == dtype
-        assert torch.isfinite(img).all()
-        assert float((img.reshape(16, 16) - flat).abs().max()) < 1e-5
-        outs[dtype] = img
-    assert float((outs[torch.float32] - outs[torch.float64]).abs().max()) < 1e-4
+    check_image_sampling(S.get(name, **opts), SCH)
 
 
 def test_options_are_validated() -> None:

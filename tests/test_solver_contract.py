@@ -8,7 +8,7 @@ import dataclasses
 
 import pytest
 import torch
-from oracles import measured_order
+from oracles import CountingModel, ImageModel, measured_order
 
 import dpmlab
 from dpmlab.models.analytic import preset
@@ -18,26 +18,6 @@ from dpmlab.timesteps import karras, uniform_lambda
 
 NAMES = available()
 DETERMINISTIC = [n for n in NAMES if not get(n, **solver_class(n).order_test_options).is_stochastic()]
-
-
-class Counting:
-    def __init__(self, model):
-        self.model, self.calls = model, 0
-        self.schedule, self.data_shape = model.schedule, model.data_shape
-
-    def __call__(self, x, t, **cond):
-        self.calls += 1
-        return self.model(x, t, **cond)
-
-
-class ImageOracle:
-    """An exact model on images: the 16-d mixture reshaped to (1, 4, 4)."""
-
-    def __init__(self, sch):
-        self.mix, self.schedule, self.data_shape = preset("gmm16"), sch, (1, 4, 4)
-
-    def __call__(self, x, t, **cond):
-        return self.mix.x0(x.reshape(x.shape[0], 16), self.schedule, t).reshape(x.shape)
 
 
 def test_registry_has_the_foundation_solvers():
@@ -53,7 +33,7 @@ def test_registry_has_the_foundation_solvers():
 @pytest.mark.parametrize("to_zero", [False, True])
 def test_shape_dtype_and_exact_nfe(name, dtype, to_zero):
     sch = LinearVP()
-    model = Counting(ImageOracle(sch))
+    model = CountingModel(ImageModel(sch))
     solver = get(name)
     ts = karras(sch, 6, to_zero=to_zero)
     x = torch.randn(3, 1, 4, 4, dtype=dtype, generator=torch.Generator().manual_seed(0))

@@ -2,49 +2,22 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import pytest
 import torch
+from oracles import CountingModel, check_image_sampling, measured_order
 
 import dpmlab.solvers as S
-from dpmlab.models.analytic import GaussianMixture, preset, reference_solution
+from dpmlab.models.analytic import preset
 from dpmlab.schedules import LinearVP
 from dpmlab.timesteps import uniform_lambda, uniform_time
 
 torch.set_num_threads(1)
 SCH = LinearVP()
 T_END = 1e-3
-
-
-def smooth_mixture() -> GaussianMixture:
-    """4 broad components in 8-D (stds 0.6-1.0, means ~N(0, 1)): no mode flipping at coarse steps."""
-    g = torch.Generator().manual_seed(3)
-    means = torch.randn(4, 8, generator=g, dtype=torch.float64)
-    stds = 0.6 + 0.4 * torch.rand(4, generator=g, dtype=torch.float64)
-    return GaussianMixture(torch.ones(4), means, stds, name="smooth4x8")
-
-
-@pytest.fixture(scope="module")
-def oracle() -> tuple:
-    model = smooth_mixture().denoiser(SCH)
-    x = torch.randn(100, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    ref = reference_solution(model, SCH, x, SCH.t_max, T_END, rtol=1e-12, atol=1e-12).x
-    return model, x, ref
-
-
-def measured_order(solver: S.Solver, oracle: tuple, ns: tuple[int, ...]) -> float:
-    """Least-squares slope of -log(RMS error) against log(steps) on lambda-uniform grids."""
-    model, x, ref = oracle
-    errs = []
-    for n in ns:
-        out = S.sample(S.Problem(model, SCH), x, uniform_lambda(SCH, n, t_end=T_END), solver)
-        errs.append(float((out - ref).pow(2).mean().sqrt()))
-    ln = torch.tensor([math.log(n) for n in ns], dtype=torch.float64)
-    le = torch.tensor([math.log(e) for e in errs], dtype=torch.float64)
-    lc = ln - ln.mean()
-    return -float((lc * (le - le.mean())).sum() / (lc * lc).sum())
+# 100 samples, reference solved to rtol = atol = 1e-12, lambda-uniform grids ending at T_END
+ORACLE = dict(name="smooth4x8", n=100, t_end=T_END, tol=1e-12)
 
 
 def ns_for(order: int) -> tuple[int, ...]:
@@ -63,11 +36,11 @@ ORDER_CASES = [
 
 
 @pytest.mark.parametrize("opts", ORDER_CASES, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
-def test_unipc_convergence_order(oracle: tuple, opts: dict) -> None:
+def test_unipc_convergence_order(opts: dict) -> None:
     solver = S.get("unipc", **opts, **S.solver_class("unipc").order_test_options)
     assert solver.order == opts["predictor_order"] + (1 if opts.get("use_corrector", True) else 0)
-    slope = measured_order(solver, oracle, ns_for(solver.order))
-    assert abs(slope - solver.order) <= 0.3, f"{opts}: measured order {slope:.2f}, declared {solver.order}"
+    slope, errs = measured_order(solver, ns_for(solver.order), **ORACLE)
+    assert abs(slope - solver.order) <= 0.3, f"{opts}: measured order {slope:.2f}, declared {solver.order} ({errs})"
 
 
 @pytest.mark.parametrize(
@@ -75,12 +48,12 @@ def test_unipc_convergence_order(oracle: tuple, opts: dict) -> None:
     [(S.get("ddim"), 2), (S.get("deis", order=2, lower_order_final=False), 3)],
     ids=["ddim", "deis2"],
 )
-def test_unic_after_other_solvers_raises_order(oracle: tuple, base: S.Solver, order: int) -> None:
+def test_unic_after_other_solvers_raises_order(base: S.Solver, order: int) -> None:
     for prediction in ("data", "noise"):
         solver = S.get("unic", base=base, prediction=prediction, final_corrector=True)
         assert solver.order == order
-        slope = measured_order(solver, oracle, ns_for(order))
-        assert abs(slope - order) <= 0.3, f"UniC after {base.name} ({prediction}): {slope:.2f} vs {order}"
+        slope, errs = measured_order(solver, ns_for(order), **ORACLE)
+        assert abs(slope - order) <= 0.3, f"UniC after {base.name} ({prediction}): {slope:.2f} vs {order} ({errs})"
 
 
 @pytest.mark.parametrize("t_end", [SCH.t_min, 0.0])
@@ -112,15 +85,6 @@ def test_unic_after_ddim_is_unipc1(prediction: str, variant: str) -> None:
     assert float((a - b).abs().max()) < 1e-12
 
 
-class CountingModel:
-    def __init__(self, model) -> None:
-        self.model, self.calls = model, 0
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        return self.model(x, t)
-
-
 @pytest.mark.parametrize("to_zero", [False, True])
 @pytest.mark.parametrize(
     "name, opts",
@@ -145,32 +109,11 @@ def test_model_called_exactly_declared_times(name: str, opts: dict, to_zero: boo
         assert solver.nfe_for_steps(5, False) == replace(solver, final_corrector=False).nfe_for_steps(5, False) + 1
 
 
-class ImageModel:
-    """The gmm16 denoiser applied to (B, 1, 4, 4) images."""
-
-    def __init__(self) -> None:
-        self.model = preset("gmm16").denoiser(SCH)
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.model(x.reshape(x.shape[0], -1), t).reshape(x.shape)
-
-
 @pytest.mark.parametrize(
     "name, opts", [("unipc", dict(predictor_order=3)), ("unipc", dict(prediction="noise")), ("unic", dict())]
 )
 def test_dtypes_and_shapes(name: str, opts: dict) -> None:
-    solver = S.get(name, **opts)
-    x64 = torch.randn(16, 1, 4, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    ts = uniform_lambda(SCH, 8, t_end=0.0)
-    outs = {}
-    for dtype in (torch.float32, torch.float64):
-        img = S.sample(S.Problem(ImageModel(), SCH), x64.to(dtype), ts, solver)
-        flat = S.sample(S.Problem(preset("gmm16").denoiser(SCH), SCH), x64.reshape(16, 16).to(dtype), ts, solver)
-        assert img.shape == x64.shape and img.dtype == dtype and flat.shape == (16, 16) and flat.dtype == dtype
-        assert torch.isfinite(img).all()
-        assert float((img.reshape(16, 16) - flat).abs().max()) < 1e-5
-        outs[dtype] = img
-    assert float((outs[torch.float32] - outs[torch.float64]).abs().max()) < 1e-4
+    check_image_sampling(S.get(name, **opts), SCH)
 
 
 def test_options_are_validated() -> None:
