@@ -9,6 +9,7 @@ from . import ddpm as ddpm
 from . import deis as deis
 from . import dpm_solver as dpm_solver
 from . import dpm_solver_pp as dpm_solver_pp
+from . import dpm_solver_v3 as dpm_solver_v3
 from . import karras as karras
 from . import pndm as pndm
 from . import unipc as unipc
