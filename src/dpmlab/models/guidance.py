@@ -68,3 +68,46 @@ def dynamic_threshold(
     """Wrap ``model`` with dynamic thresholding (Imagen; DPM-Solver++): percentile ``ratio`` of ``|x0|``,
     data range ``[-max_value, max_value]``, optional cap ``s_max`` on the threshold (diffusers)."""
     return DynamicThreshold(model, ratio=ratio, max_value=max_value, s_max=s_max)
+
+
+# --- classifier-free guidance (appended) ----------------------------------------------------------
+class ClassifierFree:
+    """Classifier-free guidance — Ho & Salimans, "Classifier-Free Diffusion Guidance", arXiv 2207.12598 —
+    in ``x0`` space: ``x0 = x0_u + w (x0_c - x0_u)``.
+
+    Convention: ``w`` is the guidance scale of diffusers / DPM-Solver / DC-Solver (``eps_u + w (eps_c -
+    eps_u)``); ``w = 1`` is the conditional model, ``w = 0`` the unconditional one. Ho & Salimans' ``w``
+    is ours minus 1. At fixed ``(x, t)`` eps and x0 are affine in each other with the same coefficients
+    for both models, so guiding x0 equals guiding eps. ``**cond`` is passed to both models."""
+
+    def __init__(self, cond_model: DenoiserFn, uncond_model: DenoiserFn, scale: float) -> None:
+        if not math.isfinite(scale):
+            raise ValueError(f"guidance scale must be finite, got {scale}")
+        self.cond_model, self.uncond_model, self.scale = cond_model, uncond_model, float(scale)
+
+    @property
+    def schedule(self) -> Any:
+        return self.cond_model.schedule  # type: ignore[attr-defined]
+
+    @property
+    def data_shape(self) -> Any:
+        return self.cond_model.data_shape  # type: ignore[attr-defined]
+
+    def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
+        x0_c = self.cond_model(x, t, **cond)
+        if self.scale == 1.0:
+            return x0_c
+        x0_u = self.uncond_model(x, t, **cond)
+        return x0_u + self.scale * (x0_c - x0_u)
+
+    def __repr__(self) -> str:
+        return f"ClassifierFree({self.cond_model!r}, {self.uncond_model!r}, scale={self.scale})"
+
+
+def classifier_free(cond_model: DenoiserFn, uncond_model: DenoiserFn, scale: float) -> ClassifierFree:
+    """``x0_u + scale (x0_c - x0_u)``: classifier-free guidance of two denoisers (``scale = 1``: no
+    guidance, the conditional model; diffusers' ``guidance_scale`` convention)."""
+    return ClassifierFree(cond_model, uncond_model, scale)
+
+
+__all__ += ["ClassifierFree", "classifier_free"]

@@ -5,6 +5,7 @@ Importing this package registers every solver; ``get(name, **options)`` builds o
 
 from . import adaptive as adaptive
 from . import ddim as ddim
+from . import dc_solver as dc_solver
 from . import ddpm as ddpm
 from . import deis as deis
 from . import dpm_solver as dpm_solver
@@ -13,6 +14,7 @@ from . import dpm_solver_v3 as dpm_solver_v3
 from . import karras as karras
 from . import pndm as pndm
 from . import unipc as unipc
+from . import usf as usf
 from .base import Problem as Problem
 from .base import SeededNoise as SeededNoise
 from .base import Solver as Solver

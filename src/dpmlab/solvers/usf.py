@@ -1,0 +1,379 @@
+"""USF — Liu, Ning, Yang & Wang, "A Unified Sampling Framework for Solver Searching of Diffusion
+Probabilistic Models", ICLR 2024, arXiv 2312.07243 (Sec. 3, Alg. 1; authors' ``uni_sampler.py``).
+
+A multistep exponential integrator whose every step is a typed decision (a ``Plan``). Step ``i`` from
+``x_s`` at ``t_i`` to ``t_{i+1}`` (``h = lam_{i+1} - lam_i``, ``m`` = x0 or eps, ``_expint`` coefficients)::
+
+    x_t = a x_s + b_0 m_s + sum_{j=1..k-1} b_j c_j D_j                   (Taylor order k, eq. 5)
+    D_j = h^j m^(j)(lam_s)  of the polynomial through m_s and the E_j outputs m_q at r_q (E_j >= j)
+
+with ``r_q = (lam_q - lam_s) / h`` over the ``E_j`` buffered outputs nearest to ``s`` (USF's Taylor
+system "Difference_E", solved by ``_expint.taylor_weights``) and ``c_1`` the relaxation of the first
+derivative (``c_j = 1`` for ``j > 1``), in ``hh = -h`` (data) or ``+h`` (noise): dpmsolver-2 =
+unipc-bh2 ``phi_1(hh) / (2 phi_2(hh))``, unipc-bh1 ``1 / (2 phi_2(hh))``, 0.5exp ``1 + expm1(hh)/2``,
+-0.5exp ``1 - expm1(hh)/2`` (USF's formulas, rewritten with phi functions against cancellation).
+A corrector evaluates ``m`` at the predicted ``x~_t`` and redoes the update from ``x_s`` with its own
+expansion, whose estimates take the new point (``r = 1``) first; "pseudo" buffers ``m(x~_t)`` for the
+next step (no extra NFE), "implicit" lets the next step evaluate at the corrected point (one more).
+AFS (analytical first step) sets ``x0(x_T, T) := 0`` (``eps = x_T / sigma_T``).
+
+Equivalences (tested to 1e-10): DDIM = order 1 everywhere; DPM-Solver++ 2M = order 2, ``E = (1,)``,
+dpmsolver-2 relaxation ("midpoint"; none = "heun"); 3M = order 3, ``E = (2, 2)``; UniPC-p = predictor
+order p, ``E = p - 1``, pseudo corrector order p + 1, ``E = p`` — since solving UniPC's ``R a = b`` is
+interpolation, ``B(h)`` matters only where UniPC hard-codes ``a = 1/2`` (UniP-2, UniC-1), which are the
+bh1 / bh2 relaxations. ``Preset`` writes these solvers as plans for any grid.
+
+Deviations / not implemented: DPM-Solver-v3's "f" prediction (needs EMS), start points other than the
+newest output (USF's singlestep schedules), the "linear" relaxation, AFS with a dataset-mean x0 (the
+authors' "zero_x0" sets eps := x_T, ours x0 := 0 exactly), skip-coefficient model surgery.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._utils import atomic_write
+from ._expint import Interval, expint_coeffs, interval, lincomb, multistep_order, phi, taylor_weights
+from .base import Problem, Solver, ends_at_zero, register
+
+__all__ = ["Prediction", "Relaxation", "Corrector", "AFS", "Family", "Taylor", "Step", "Plan", "Preset", "USF"]
+
+MAX_ORDER = 4  # Taylor orders 1..4 and at most 4 points per derivative estimate (USF's range)
+PLAN_FORMAT, PLAN_VERSION = "dpmlab.usf_plan", 1
+
+
+class Prediction(StrEnum):
+    DATA = "data"  # x0 (DPM-Solver++, UniPC default)
+    NOISE = "noise"  # eps (DPM-Solver)
+
+
+class Relaxation(StrEnum):
+    NONE = "none"
+    DPM_SOLVER_2 = "dpmsolver-2"
+    UNIPC_BH1 = "unipc-bh1"
+    UNIPC_BH2 = "unipc-bh2"
+    HALF_EXP = "0.5exp"
+    NEG_HALF_EXP = "-0.5exp"
+
+
+class Corrector(StrEnum):
+    NONE = "none"
+    PSEUDO = "pseudo"  # reuse the evaluation at the predicted point (UniC)
+    IMPLICIT = "implicit"  # re-evaluate at the corrected point (next step: one more NFE)
+
+
+class AFS(StrEnum):
+    NONE = "none"
+    ZERO_X0 = "zero_x0"  # x0(x_T, T) := 0 saves the first evaluation
+
+
+class Family(StrEnum):
+    DDIM = "ddim"
+    DPM_SOLVER_PP = "dpm_solver_pp"
+    UNIPC = "unipc"
+
+
+def relaxation_factor(rel: Relaxation, hh: float) -> float:
+    """``c_1`` of the first-derivative term at ``hh`` (-h for data, +h for noise prediction)."""
+    if rel is Relaxation.NONE:
+        return 1.0
+    if rel in (Relaxation.DPM_SOLVER_2, Relaxation.UNIPC_BH2):
+        return phi(hh, 1) / (2.0 * phi(hh, 2))
+    if rel is Relaxation.UNIPC_BH1:
+        return 1.0 / (2.0 * phi(hh, 2))
+    return 1.0 + 0.5 * math.expm1(hh) if rel is Relaxation.HALF_EXP else 1.0 - 0.5 * math.expm1(hh)
+
+
+def _int(name: str, v: Any, lo: int, hi: int) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise ValueError(f"{name} must be an int in {lo}..{hi}, got {v!r}")
+    return v
+
+
+@dataclass(frozen=True)
+class Taylor:
+    """One expansion: Taylor ``order`` k, estimate sizes ``points[j-1] = E_j`` for derivatives 1..k-1."""
+
+    order: int = 1  # k: terms up to the (k-1)-th derivative
+    points: tuple[int, ...] = ()  # E_j >= j buffered outputs per derivative estimate
+    relaxation: Relaxation = Relaxation.NONE  # c_1 (order >= 2 only)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "relaxation", Relaxation(self.relaxation))
+        object.__setattr__(self, "points", tuple(self.points))
+        _int("Taylor order", self.order, 1, MAX_ORDER)
+        if len(self.points) != self.order - 1:
+            raise ValueError(f"order {self.order} needs {self.order - 1} derivative estimates, got {self.points}")
+        for j, e in enumerate(self.points, 1):
+            _int(f"points for derivative {j}", e, j, MAX_ORDER)
+        if self.relaxation is not Relaxation.NONE and self.order < 2:
+            raise ValueError(f"relaxation {self.relaxation.value!r} needs a first-derivative term (order >= 2)")
+
+    @classmethod
+    def full(cls, order: int, relaxation: Relaxation = Relaxation.NONE) -> Taylor:
+        """Every derivative from the same ``order - 1`` points (polynomial interpolation)."""
+        return cls(order, (order - 1,) * (order - 1), relaxation)
+
+    @property
+    def need(self) -> int:
+        return max(self.points, default=0)
+
+
+@dataclass(frozen=True)
+class Step:
+    prediction: Prediction = Prediction.DATA  # what the step integrates
+    predictor: Taylor = field(default_factory=Taylor)
+    corrector: Corrector = Corrector.NONE
+    correction: Taylor | None = None  # the corrector's expansion (order >= 2), iff corrector != NONE
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prediction", Prediction(self.prediction))
+        object.__setattr__(self, "corrector", Corrector(self.corrector))
+        for name in ("predictor", "correction"):
+            if isinstance(getattr(self, name), Mapping):
+                object.__setattr__(self, name, Taylor(**getattr(self, name)))
+        if (self.corrector is Corrector.NONE) != (self.correction is None):
+            raise ValueError(f"corrector {self.corrector.value!r} and correction {self.correction} disagree")
+        if self.correction is not None and self.correction.order < 2:
+            raise ValueError("a corrector's expansion needs order >= 2 (order 1 ignores the new evaluation)")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A solver schedule: one ``Step`` per step, optional times ``ts`` (len(steps) + 1, decreasing)."""
+
+    steps: tuple[Step, ...]
+    ts: tuple[float, ...] | None = None  # None: any grid of len(steps) + 1 points
+    afs: AFS = AFS.NONE  # analytical first step
+    model: str = ""  # provenance: the model a searched plan belongs to
+
+    def __post_init__(self) -> None:
+        steps = tuple(Step(**s) if isinstance(s, Mapping) else s for s in self.steps)
+        object.__setattr__(self, "steps", steps)
+        object.__setattr__(self, "afs", AFS(self.afs))
+        if not steps or not all(isinstance(s, Step) for s in steps):
+            raise ValueError("a plan needs one or more Step values")
+        if self.ts is not None:
+            ts = tuple(float(t) for t in self.ts)
+            object.__setattr__(self, "ts", ts)
+            if len(ts) != len(steps) + 1 or not all(math.isfinite(t) and t >= 0 for t in ts):
+                raise ValueError(f"ts must be {len(steps) + 1} finite times >= 0, got {ts}")
+            if any(b >= a for a, b in zip(ts, ts[1:])):
+                raise ValueError(f"ts must be strictly decreasing, got {ts}")
+        for i, s in enumerate(steps):  # step i has i earlier outputs (+ the corrector's new one)
+            if s.predictor.need > i:
+                raise ValueError(f"step {i}: predictor needs {s.predictor.need} earlier outputs, only {i} exist")
+            if s.correction is not None and s.correction.need > i + 1:
+                raise ValueError(f"step {i}: corrector needs {s.correction.need} outputs, only {i + 1} exist")
+
+    @property
+    def nfe(self) -> int:
+        """Evaluations: one per step start (unless AFS or a pseudo corrector provided it) + one per corrector."""
+        starts = sum(not ((i == 0 and self.afs is AFS.ZERO_X0) or (i > 0 and self.steps[i - 1].corrector
+                          is Corrector.PSEUDO)) for i in range(len(self.steps)))
+        return starts + sum(s.corrector is not Corrector.NONE for s in self.steps)
+
+    @property
+    def order(self) -> int:
+        return max(max(s.predictor.order, s.correction.order if s.correction else 1) for s in self.steps)
+
+    def grid(self) -> Tensor:
+        if self.ts is None:
+            raise ValueError("this plan fixes no timesteps; pass a grid of len(steps) + 1 times")
+        return torch.tensor(self.ts, dtype=torch.float64)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"nfe": self.nfe, **dataclasses.asdict(self)}
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """JSON artifact (format, version, model, nfe, afs, ts, steps)."""
+        path = Path(path)
+        with atomic_write(path) as tmp:
+            tmp.write_text(json.dumps({"format": PLAN_FORMAT, "version": PLAN_VERSION, **self.to_dict()}, indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, model: str | None = None, nfe: int | None = None) -> Plan:
+        """Read and validate a saved plan; ``model`` / ``nfe``, if given, must match the artifact's."""
+        try:
+            d = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read a USF plan from {path}: {e}") from e
+        if not isinstance(d, dict) or d.pop("format", None) != PLAN_FORMAT or d.pop("version", None) != PLAN_VERSION:
+            raise ValueError(f"{path} is not a {PLAN_FORMAT!r} version {PLAN_VERSION} artifact")
+        saved_nfe = d.pop("nfe", None)
+        try:
+            plan = cls(**d)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: invalid plan: {e}") from e
+        if saved_nfe != plan.nfe:
+            raise ValueError(f"{path}: recorded nfe={saved_nfe} but the plan costs {plan.nfe} evaluations")
+        if model is not None and plan.model != model:
+            raise ValueError(f"{path}: plan was searched for model {plan.model!r}, not {model!r}")
+        if nfe is not None and plan.nfe != nfe:
+            raise ValueError(f"{path}: plan uses nfe={plan.nfe}, not {nfe}")
+        return plan
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A fixed solver as a rule giving a ``Plan`` for any grid (warm-up, lower_order_final, sigma = 0)."""
+
+    family: Family = Family.UNIPC
+    order: int = 2  # DPM-Solver++ order | UniP order p (UniPC-p: corrector order p + 1) | DDIM: 1
+    prediction: Prediction = Prediction.DATA
+    relaxation: Relaxation = Relaxation.UNIPC_BH1  # order-2 terms: UniPC bh1/bh2; DPM-Solver++ midpoint/none
+    lower_order_final: bool = True
+    final_corrector: bool = False  # UniPC: also correct the last step (1 extra NFE)
+
+    def __post_init__(self) -> None:
+        for name, kind in (("family", Family), ("prediction", Prediction), ("relaxation", Relaxation)):
+            object.__setattr__(self, name, kind(getattr(self, name)))
+        _int("preset order", self.order, 1, 1 if self.family is Family.DDIM else 3)
+
+    @classmethod
+    def ddim(cls) -> Preset:
+        return cls(Family.DDIM, 1, relaxation=Relaxation.NONE)
+
+    @classmethod
+    def dpm_solver_pp(cls, order: int = 2, solver_type: str = "midpoint", lower_order_final: bool = True) -> Preset:
+        rel = {"midpoint": Relaxation.DPM_SOLVER_2, "heun": Relaxation.NONE}[solver_type]
+        return cls(Family.DPM_SOLVER_PP, order, Prediction.DATA, rel, lower_order_final)
+
+    @classmethod
+    def unipc(cls, p: int = 2, variant: str = "bh1", prediction: str = "data", **kw: bool) -> Preset:
+        rel = {"bh1": Relaxation.UNIPC_BH1, "bh2": Relaxation.UNIPC_BH2}[variant]
+        return cls(Family.UNIPC, p, Prediction(prediction), rel, **kw)
+
+    def expand(self, steps: int, to_zero: bool) -> Plan:
+        out = []
+        for i in range(steps):
+            last = i == steps - 1
+            zero = to_zero and last  # a step to sigma = 0 is first order, uncorrected
+            if self.family is Family.DDIM:
+                k = 1
+            elif self.family is Family.DPM_SOLVER_PP:
+                k = multistep_order(self.order, min(i + 1, self.order), i, steps, self.lower_order_final, zero)
+            else:
+                k = 1 if zero else min(self.order, i + 1, steps - i if self.lower_order_final else steps)
+            pred = Taylor.full(k, self.relaxation if k == 2 else Relaxation.NONE)
+            if self.family is Family.UNIPC and not zero and (not last or self.final_corrector):
+                corr = Taylor(k + 1, (k,) * k, self.relaxation if k == 1 else Relaxation.NONE)
+                out.append(Step(self.prediction, pred, Corrector.PSEUDO, corr))
+            else:
+                out.append(Step(self.prediction, pred))
+        return Plan(tuple(out))
+
+
+# --- the solver ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class USFState:
+    plan: Plan  # the plan for this grid
+    lams: tuple[float, ...] = ()  # buffered outputs, newest last (at most MAX_ORDER + 1)
+    x0s: tuple[Tensor, ...] = ()
+    epss: tuple[Tensor, ...] = ()
+    pending: bool = False  # the newest output is at the current time (a pseudo corrector's evaluation)
+
+    def push(self, lam: float, x: Tensor, x0: Tensor, alpha: float, sigma: float, pending: bool) -> USFState:
+        k, eps = MAX_ORDER + 1, (x - alpha * x0) / sigma
+        return USFState(self.plan, (*self.lams, lam)[-k:], (*self.x0s, x0)[-k:], (*self.epss, eps)[-k:], pending)
+
+
+def _update(c: Interval, x: Tensor, lams: tuple[float, ...], ms: tuple[Tensor, ...], tay: Taylor, form: str,
+            new: Tensor | None = None) -> Tensor:
+    """One exponential-integrator update from the newest output ``ms[-1]`` (module docstring)."""
+    a, b = expint_coeffs(c, tay.order, form)  # type: ignore[arg-type]
+    m_s = ms[-1]
+    out = a * x + b[0] * m_s
+    h = c.h
+    pts = ([(1.0, new)] if new is not None else []) + [((lams[-1 - q] - lams[-1]) / h, ms[-1 - q])
+                                                       for q in range(1, len(ms))]
+    for j in range(1, tay.order):
+        r, mq = zip(*pts[: tay.points[j - 1]])
+        d_j = lincomb(taylor_weights([0.0, *r])[j], [m_s, *mq])  # D_j = h^j m^(j)(lam_s), interpolation
+        c_j = relaxation_factor(tay.relaxation, -h if form == "data" else h) if j == 1 else 1.0
+        out = out + (b[j] * c_j) * d_j
+    return out
+
+
+@register("usf")
+@dataclass(frozen=True)
+class USF(Solver[USFState]):
+    plan: Plan | Preset = field(default_factory=Preset)  # a (searched) Plan, or a Preset rule for any grid
+
+    paper = "Liu et al. 2024, USF / S3 (arXiv 2312.07243)"
+    order_test_options = {"plan": Preset(lower_order_final=False, final_corrector=True)}
+
+    def __post_init__(self) -> None:
+        if isinstance(self.plan, Mapping):
+            d = dict(self.plan)
+            object.__setattr__(self, "plan", Preset(**d) if "family" in d else Plan(**d))
+        if not isinstance(self.plan, Plan | Preset):
+            raise ValueError(f"plan must be a Plan or a Preset, got {self.plan!r}")
+
+    def config(self) -> dict[str, Any]:
+        """JSON-ready: the plan or preset as a dict (``USF(plan=that dict)`` rebuilds it)."""
+        return {"name": self.name, "plan": dataclasses.asdict(self.plan)}
+
+    @property
+    def order(self) -> int:  # type: ignore[override]
+        p = self.plan
+        if isinstance(p, Plan):
+            return p.order
+        return {Family.DDIM: 1, Family.DPM_SOLVER_PP: p.order, Family.UNIPC: p.order + 1}[p.family]
+
+    def plan_for(self, steps: int, to_zero: bool) -> Plan:
+        if isinstance(self.plan, Preset):
+            return self.plan.expand(steps, to_zero)
+        if steps != len(self.plan.steps):
+            raise ValueError(f"the plan has {len(self.plan.steps)} steps, the grid {steps}")
+        return self.plan
+
+    def nfe_for_steps(self, steps: int, to_zero: bool) -> int:
+        return self.plan_for(steps, to_zero).nfe
+
+    def steps_for_nfe(self, nfe: int, to_zero: bool) -> int:
+        if isinstance(self.plan, Plan):
+            if self.plan.nfe != nfe:
+                raise ValueError(f"this plan uses exactly nfe={self.plan.nfe}, not {nfe}")
+            return len(self.plan.steps)
+        return super().steps_for_nfe(nfe, to_zero)
+
+    def init(self, problem: Problem, x: Tensor, ts: Tensor) -> USFState:
+        to_zero = ends_at_zero(problem.schedule, ts)
+        plan = self.plan_for(len(ts) - 1, to_zero)
+        if plan.ts is not None and not torch.allclose(plan.grid(), ts.double().cpu(), rtol=0, atol=1e-12):
+            raise ValueError(f"the grid differs from the plan's timesteps {plan.ts}; sample on plan.grid()")
+        last = plan.steps[-1]
+        if to_zero and (last.predictor.order != 1 or last.corrector is not Corrector.NONE):
+            raise ValueError("the step to sigma = 0 must be first order without a corrector")
+        return USFState(plan)
+
+    def step(self, problem: Problem, x: Tensor, ts: Tensor, i: int, state: USFState) -> tuple[Tensor, USFState]:
+        st, c = state.plan.steps[i], interval(problem.schedule, ts, i)
+        form = st.prediction.value
+        if not state.pending:  # the output at (x, t_i): AFS or one evaluation
+            afs = i == 0 and state.plan.afs is AFS.ZERO_X0
+            x0 = torch.zeros_like(x) if afs else problem.denoise(x, c.t)
+            state = state.push(c.lam, x, x0, c.alpha, c.sigma, False)
+        ms = state.x0s if form == "data" else state.epss
+        x_pred = _update(c, x, state.lams, ms, st.predictor, form)  # predictor
+        if st.correction is None:
+            return x_pred, dataclasses.replace(state, pending=False)
+        x0_t = problem.denoise(x_pred, c.t_next)  # the evaluation at the predicted point
+        m_t = x0_t if form == "data" else (x_pred - c.alpha_next * x0_t) / c.sigma_next
+        x_c = _update(c, x, state.lams, ms, st.correction, form, new=m_t)  # corrector
+        if st.corrector is Corrector.PSEUDO:
+            return x_c, state.push(c.lam_next, x_pred, x0_t, c.alpha_next, c.sigma_next, True)
+        return x_c, dataclasses.replace(state, pending=False)
