@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/dpmlab sample --model gmm2d --solver ddim --nfe 10 -n 2000 --seed 0 --out demo/samples.png
+	$(VENV)/bin/dpmlab sample --model mnist --label grid --solver ddim --nfe 20 -n 100 --seed 0 --out demo/mnist.png
 
 test: $(STAMP)
 	$(PY) -m pytest -q

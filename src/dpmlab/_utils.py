@@ -124,10 +124,11 @@ def atomic_write(path: str | os.PathLike[str], suffix: str | None = None) -> Ite
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # mkstemp (and writers such as safetensors) create 0600 files; give the result normal permissions
+        os.chmod(tmp_path, 0o666 & ~umask)
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():

@@ -1,4 +1,4 @@
-"""Command line: ``dpmlab list`` and ``dpmlab sample``."""
+"""Command line: ``dpmlab list``, ``dpmlab sample`` and ``dpmlab train``."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ._utils import atomic_write
 from ._version import __version__
-from .api import sample
+from .api import DEFAULT_GRID, sample
 from .models.hub import available_models, load
 from .solvers.base import Solver, StepInfo, available, get, solver_class
 from .timesteps import GRIDS
@@ -67,7 +67,7 @@ def _save_picture(x: Tensor, path: Path, title: str) -> None:
             ax.set_title(title, fontsize=9)
         elif arr.ndim == 4 or (arr.ndim == 3):
             imgs = arr if arr.ndim == 4 else arr[:, None]
-            n = min(len(imgs), 64)
+            n = min(len(imgs), 100)
             cols = int(np.ceil(np.sqrt(n)))
             rows = int(np.ceil(n / cols))
             fig, axes = plt.subplots(rows, cols, figsize=(cols, rows), dpi=100, squeeze=False)
@@ -99,6 +99,20 @@ def _save_raw(x: Tensor, path: Path, meta: dict[str, str]) -> None:
         raise ValueError(f"raw samples must be .npz or .safetensors, got {path.name!r}")
 
 
+def _labels(model: Any, label: str, n: int) -> dict[str, Tensor]:
+    """``--label``: one class for every sample, or ``grid`` (one class per picture row)."""
+    names = getattr(getattr(model, "spec", None), "class_names", ())
+    if not names:
+        raise ValueError("--label needs a class-conditional model; this one has no classes")
+    k = len(names)
+    if label == "grid":
+        cols = int(np.ceil(np.sqrt(min(n, 100))))
+        return {"label": (torch.arange(n) // cols) % k}
+    if label not in names:
+        raise ValueError(f"unknown --label {label!r}; allowed: {', '.join(names)} or 'grid'")
+    return {"label": torch.full((n,), names.index(label), dtype=torch.long)}
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -111,6 +125,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if out.suffix.lower() != ".png":
         raise ValueError(f"--out must be a .png picture, got {out.name!r} (raw samples go to --raw)")
     raw = Path(args.raw) if args.raw else out.with_suffix(".npz")
+    cond = _labels(model, args.label, args.n) if args.label else {}
 
     from tqdm import tqdm
 
@@ -129,6 +144,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         grid=args.grid,
         to_zero=args.to_zero or None,
         batch_size=args.batch_size,
+        cond=cond,
         callback=progress,
     )
     bar.close()
@@ -138,12 +154,135 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         "nfe": str(args.nfe),
         "seed": str(args.seed),
         "grid": args.grid,
+        "label": args.label,
         "dpmlab": __version__,
     }
     _save_raw(x, raw, meta)
     _save_picture(x, out, f"{args.model}: {args.solver}, NFE={args.nfe}, n={args.n}, grid={args.grid}")
     if not args.quiet:
         print(f"wrote {out} and {raw} ({args.n} samples, shape {tuple(x.shape[1:])}, NFE {args.nfe})")
+    return 0
+
+
+def _set_path(d: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    for part in parts[:-1]:
+        d = d.setdefault(part, {})
+        if not isinstance(d, dict):
+            raise ValueError(f"--set {key}: {part!r} is not a section")
+    d[parts[-1]] = value
+
+
+def _train_recipe(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The recipe (file + flags + ``--set`` overrides) and its dataset."""
+    from .training import Recipe, load_data, load_recipe
+
+    base = load_recipe(args.recipe).to_dict() if args.recipe else {"name": args.data or "run"}
+    derive_net = "net_config" not in base.get("model", {})  # no recipe: size the network for the data
+    flags = {"data.name": args.data, "data.path": args.data_path, "data.size": args.image_size,
+             "data.channels": args.channels, "model.net": args.net, "model.objective": args.objective,
+             "model.schedule": args.schedule, "train.steps": args.steps, "train.batch_size": args.batch_size,
+             "train.lr": args.lr, "train.warmup": args.warmup, "train.ema_decay": args.ema_decay,
+             "train.seed": args.seed, "train.checkpoint_every": args.checkpoint_every, "name": args.name}
+    if args.unconditional:
+        flags["data.conditional"] = False
+    for key, value in flags.items():
+        if value is not None:
+            _set_path(base, key, value)
+    for item in args.set:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set takes key=value, got {item!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        _set_path(base, key.strip(), value)
+    data_only = Recipe.from_dict({"name": base.get("name", "run"), "data": base.get("data", {})})
+    ds = load_data(data_only.data)
+    model = base.setdefault("model", {})
+    if derive_net:  # a network sized for the data, updated by any --set model.net_config.* values
+        k = ds.num_classes if ds.labels is not None else 0
+        net = model.setdefault("net", "unet" if len(ds.shape) == 3 else "mlp")
+        if net == "unet":
+            if len(ds.shape) != 3:
+                raise ValueError(f"--net unet needs image data; {ds.name!r} has samples of shape {ds.shape}")
+            derived = {"image_size": ds.shape[-1], "in_channels": ds.shape[0], "num_classes": k}
+        else:
+            derived = {"data_shape": list(ds.shape), "num_classes": k}
+        model["net_config"] = {**derived, **model.get("net_config", {})}
+    return Recipe.from_dict(base), ds
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from .training import train
+
+    recipe, ds = _train_recipe(args)
+    if ds.skipped and not args.quiet:
+        print(f"skipped {len(ds.skipped)} unreadable files (first: {ds.skipped[0]})", file=sys.stderr)
+    out = Path(args.out or f"runs/{recipe.name}")
+    res = train(recipe, out, resume=args.resume, dataset=ds, progress=not args.quiet)
+    if args.export:
+        dst = Path(args.export)
+        if dst.suffix != ".safetensors":
+            raise ValueError(f"--export must name a .safetensors file, got {dst.name!r}")
+        with atomic_write(dst) as tmp:
+            tmp.write_bytes((out / "model.safetensors").read_bytes())
+        card = json.loads((out / "model.json").read_text())
+        card.update(weights=dst.name, command="dpmlab " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["train"] else "")
+        with atomic_write(dst.with_suffix(".json")) as tmp:
+            tmp.write_text(json.dumps(card, indent=2) + "\n")
+    if not args.quiet:
+        also = f" and {args.export}" if args.export else ""
+        print(f"trained {recipe.name}: {res.step} steps, final loss {res.final_loss:.4f}, "
+              f"{res.elapsed_s:.0f} s; wrote {out / 'model.safetensors'}{also}")
+    return 0
+
+
+def _print_table(rows: list[list[str]], title: str) -> None:
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
+        print(title)
+        for r in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        return
+    table = Table(title=title)
+    for h in rows[0]:
+        table.add_column(h, justify="left" if not h.startswith("NFE") else "right")
+    for r in rows[1:]:
+        table.add_row(*r)
+    Console().print(table)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench.harness import default_entries, run_bench
+    from .schedules import DiscreteVP
+
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        nfes, n = [5, 10, 20], min(args.n, 64)
+    else:
+        nfes, n = [int(k) for k in args.nfe.split(",")], args.n
+    names = [s for s in args.solvers.split(",") if s] if args.solvers else None
+    entries = default_entries(names)
+    schedule = DiscreteVP.from_preset(args.schedule)
+    model = load(args.model, schedule=schedule)
+    shape = tuple(model.data_shape)
+    result = run_bench(model, schedule, shape, entries, nfes, n=n, seed=args.seed, name=args.model,
+                       peers=not args.no_peers)
+    _print_table(result.table(), f"{args.model}: RMS error vs reference ({n} samples, {args.schedule} schedule)")
+    over = [r for r in result.rows if r.library == "dpmlab"]
+    if over:
+        mean_over = sum(r.overhead_ms for r in over) / len(over)
+        print(f"mean dpmlab sampler overhead: {mean_over:.3f} ms/step (free model, shape {shape})")
+    out = Path(args.out) if args.out else Path("bench") / args.model
+    for p in result.write(out):
+        print(f"wrote {p}")
     return 0
 
 
@@ -163,14 +302,56 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--nfe", type=int, default=10, help="network evaluations per sample (exact)")
     ps.add_argument("-n", type=int, default=1000, help="number of samples")
     ps.add_argument("--seed", type=int, default=0)
-    ps.add_argument("--grid", default="uniform_lambda", choices=sorted(GRIDS))
+    ps.add_argument("--grid", default=DEFAULT_GRID, choices=sorted(GRIDS))
     ps.add_argument("--to-zero", action="store_true", help="end the grid at sigma = 0")
     ps.add_argument("--batch-size", type=int, default=None)
+    ps.add_argument("--label", default="", help="class-conditional models: a class name, or 'grid' (a class per row)")
     ps.add_argument("--out", default="samples.png", help="picture (.png)")
     ps.add_argument("--raw", default="", help="raw samples (.npz or .safetensors; default: next to --out)")
     ps.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for small models)")
     ps.add_argument("-q", "--quiet", action="store_true")
     ps.set_defaults(func=_cmd_sample)
+
+    pt = sub.add_parser("train", help="train a model from a recipe (recipes/*.json|toml) and/or flags")
+    pt.add_argument("--recipe", default="", help="recipe file (.json or .toml), e.g. recipes/digits8.json")
+    pt.add_argument("--out", default="", help="run folder for checkpoint and model (default: runs/<name>)")
+    pt.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
+    pt.add_argument("--export", default="", help="also copy the final model (.safetensors + .json card) here")
+    pt.add_argument("--name", default=None, help="run name")
+    pt.add_argument("--data", default=None, help="digits8, mnist, moons, swiss_roll, rings, gaussian_mixture, folder")
+    pt.add_argument("--data-path", default=None, help="image folder (with --data folder)")
+    pt.add_argument("--image-size", type=int, default=None, help="folder images are resized to this side")
+    pt.add_argument("--channels", type=int, default=None, choices=(1, 3), help="folder images: 1 gray, 3 RGB")
+    pt.add_argument("--unconditional", action="store_true", help="ignore the data's labels")
+    pt.add_argument("--net", default=None, choices=("unet", "mlp"))
+    pt.add_argument("--objective", default=None, choices=("eps", "x0", "v", "edm"))
+    pt.add_argument("--schedule", default=None, help="noise schedule name (default linear)")
+    pt.add_argument("--steps", type=int, default=None)
+    pt.add_argument("--batch-size", type=int, default=None)
+    pt.add_argument("--lr", type=float, default=None)
+    pt.add_argument("--warmup", type=int, default=None)
+    pt.add_argument("--ema-decay", type=float, default=None)
+    pt.add_argument("--seed", type=int, default=None)
+    pt.add_argument("--checkpoint-every", type=int, default=None)
+    pt.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override any recipe field, e.g. --set model.net_config.model_channels=16 (JSON values)")
+    pt.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for small models)")
+    pt.add_argument("-q", "--quiet", action="store_true")
+    pt.set_defaults(func=_cmd_train)
+
+    pb = sub.add_parser("bench", help="error vs NFE of solvers (and diffusers peers) against a reference")
+    pb.add_argument("--model", default="gmm16", help=f"model name ({', '.join(available_models())})")
+    pb.add_argument("--solvers", default="", help="comma-separated dpmlab solvers (default: all deterministic)")
+    pb.add_argument("--nfe", default="4,5,6,8,10,15,20", help="comma-separated NFE budgets")
+    pb.add_argument("-n", type=int, default=256, help="number of samples")
+    pb.add_argument("--seed", type=int, default=0)
+    pb.add_argument("--schedule", default="linear", choices=["linear", "scaled_linear", "cosine"],
+                    help="discrete training schedule (shared with the diffusers peers)")
+    pb.add_argument("--no-peers", action="store_true", help="skip diffusers")
+    pb.add_argument("--quick", action="store_true", help="NFE 5,10,20 and 64 samples (about 30 s)")
+    pb.add_argument("--out", default="", help="output stem for .csv/.json/.png (default: bench/<model>)")
+    pb.add_argument("--threads", type=int, default=1)
+    pb.set_defaults(func=_cmd_bench)
     return p
 
 

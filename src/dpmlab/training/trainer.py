@@ -1,0 +1,469 @@
+"""Training loop: AdamW with linear warm-up, gradient clipping, EMA, tqdm progress, atomic safetensors
+checkpoints, bit-exact ``resume``, and multi-process data parallelism through ``accelerate``.
+
+Determinism by construction: the global batch of step ``s`` — which examples (an epoch-wise seeded
+permutation), their noise levels, noise and label drop-out — is a pure function of ``(seed, s)``, and
+the learning rate a pure function of ``s``. Each of ``W`` processes takes its ``B / W`` slice of the
+same global batch and the gradients are averaged, so a 2-process run equals a 1-process run up to
+float rounding, and resuming from a checkpoint (model, EMA, AdamW moments, step, torch RNG state)
+continues bit for bit.
+
+A checkpoint is one safetensors file written through a temporary file and ``os.replace``: a kill at any
+moment leaves the previous good checkpoint intact. Tensors: ``model/*``, ``ema/*``, ``optim/<i>/<key>``,
+``rng/torch`` (uint8); JSON metadata: spec, recipe, step, optimizer param groups, loss log, elapsed time.
+
+EMA and warm-up as in DDPM (Ho et al. 2020, arXiv 2006.11239) and ADM (Dhariwal & Nichol 2021,
+arXiv 2105.05233); label drop-out for classifier-free guidance (Ho & Salimans 2022, arXiv 2207.12598).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import platform
+import time
+import tomllib
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .._version import __version__
+from ..models.hub import CHECKPOINT_FORMAT, load_state, read_spec, save_model, write_safetensors
+from ..models.nets import ModelSpec, Objective
+from .data import DataConfig, Dataset, load_data
+from .losses import DiffusionLoss, make_loss
+
+__all__ = ["TrainConfig", "ModelConfig", "Recipe", "TrainResult", "train", "load_recipe", "read_checkpoint"]
+
+CHECKPOINT = "checkpoint.safetensors"
+MODEL = "model.safetensors"
+
+
+def _fields_from(cls: type[Any], d: Mapping[str, Any], what: str) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown {what} fields: {', '.join(unknown)}; allowed: {', '.join(sorted(names))}")
+    return cls(**d)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings (a recipe's ``train`` section)."""
+
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 64  # global batch (split evenly over processes)
+    lr: float = 2e-4  # AdamW peak learning rate
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    warmup: int = 100  # linear warm-up steps
+    lr_decay: str = "constant"  # after warm-up: "constant" or "cosine" (to 0 at the last step)
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables
+    ema_decay: float = 0.999  # EMA decay (effective decay min(ema_decay, (1 + s) / (10 + s)))
+    label_dropout: float = 0.1  # probability of training a labelled example as the null class (CFG)
+    seed: int = 0  # seeds the initialisation, data order and noise
+    checkpoint_every: int = 500  # steps between checkpoints (one is always written at the end)
+    log_every: int = 50  # steps per logged mean loss
+    p_mean: float = -1.2  # EDM objective: mean of ln(sigma)
+    p_std: float = 1.2  # EDM objective: std of ln(sigma)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "adam_betas", tuple(float(b) for b in self.adam_betas))
+        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"train.{name} must be a positive int, got {v!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"train.lr must be positive, got {self.lr!r}")
+        if self.warmup < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("train.warmup, train.weight_decay and train.grad_clip must be >= 0")
+        if self.lr_decay not in ("constant", "cosine"):
+            raise ValueError(f"train.lr_decay must be 'constant' or 'cosine', got {self.lr_decay!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"train.ema_decay must be in [0, 1), got {self.ema_decay!r}")
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise ValueError(f"train.label_dropout must be in [0, 1), got {self.label_dropout!r}")
+        if not (isinstance(self.seed, int) and 0 <= self.seed < 2**31):
+            raise ValueError(f"train.seed must be an int in [0, 2**31), got {self.seed!r}")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ValueError(f"train.adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of step ``step`` (0-based): linear warm-up, then constant or cosine."""
+        lr = self.lr * min(1.0, (step + 1) / self.warmup) if self.warmup else self.lr
+        if self.lr_decay == "cosine" and step >= self.warmup:
+            frac = (step - self.warmup) / max(1, self.steps - self.warmup)
+            lr *= 0.5 * (1.0 + math.cos(math.pi * frac))
+        return lr
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network and objective (a recipe's ``model`` section)."""
+
+    net: str = "unet"  # "unet" or "mlp"
+    net_config: Mapping[str, Any] = field(default_factory=dict)  # the network's config fields
+    objective: str = "eps"  # "eps", "x0", "v" or "edm"
+    schedule: str = "linear"  # schedule name (dpmlab.schedules.get_schedule); EDM uses EDM(sigma_data)
+    sigma_data: float = 0.5  # EDM only
+
+    def __post_init__(self) -> None:
+        if self.objective not in {o.value for o in Objective}:
+            raise ValueError(f"unknown objective {self.objective!r}; allowed: {', '.join(o.value for o in Objective)}")
+        object.__setattr__(self, "net_config", dict(self.net_config))
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A whole training run: data, model, optimisation. Stored as JSON or TOML under ``recipes/``."""
+
+    name: str
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    export_dtype: str = "float16"  # dtype of the exported model.safetensors: "float16" or "float32"
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.export_dtype not in ("float16", "float32"):
+            raise ValueError(f"export_dtype must be 'float16' or 'float32', got {self.export_dtype!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["train"]["adam_betas"] = list(self.train.adam_betas)
+        d["model"]["net_config"] = dict(self.model.net_config)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Recipe:
+        d = dict(d)
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown recipe fields: {', '.join(unknown)}")
+        if "name" not in d:
+            raise ValueError("a recipe needs a name")
+        d["data"] = DataConfig.from_dict(d.get("data", {}))
+        d["model"] = _fields_from(ModelConfig, d.get("model", {}), "model")
+        d["train"] = _fields_from(TrainConfig, d.get("train", {}), "train")
+        return cls(**d)
+
+
+def load_recipe(path: str | os.PathLike[str]) -> Recipe:
+    """A recipe from a ``.json`` or ``.toml`` file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"recipe {str(p)!r} does not exist")
+    try:
+        text = p.read_text()
+        d = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ValueError(f"{p}: not valid {'TOML' if p.suffix == '.toml' else 'JSON'} ({e})") from None
+    try:
+        return Recipe.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{p}: {e}") from None
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    out_dir: Path
+    step: int  # steps done
+    losses: tuple[tuple[int, float], ...]  # (last step of window, mean loss over the window)
+    elapsed_s: float  # wall-clock seconds of training, summed over resumed runs
+    stopped: bool  # the callback stopped the run early (no final checkpoint or export)
+
+    @property
+    def final_loss(self) -> float:
+        return self.losses[-1][1] if self.losses else float("nan")
+
+
+def _spec_for(recipe: Recipe, ds: Dataset) -> ModelSpec:
+    """The model spec of ``recipe`` on data ``ds``, checking that net and data fit together."""
+    m = recipe.model
+    cfg = dict(m.net_config)
+    k = int(cfg.get("num_classes", 0))
+    if k and ds.labels is None:
+        raise ValueError(f"model.net_config.num_classes={k} but dataset {ds.name!r} has no labels")
+    if k and k != ds.num_classes:
+        raise ValueError(f"model.net_config.num_classes={k} but dataset {ds.name!r} has {ds.num_classes} classes")
+    if m.net == "unet":
+        want = (cfg.get("in_channels", 1), cfg.get("image_size", 32), cfg.get("image_size", 32))
+        if len(ds.shape) != 3 or ds.shape != tuple(want):
+            raise ValueError(f"UNet in_channels/image_size give samples of shape {want}, data has {ds.shape}")
+    elif m.net == "mlp" and tuple(cfg.get("data_shape", (2,))) != ds.shape:
+        raise ValueError(f"MLP data_shape {tuple(cfg.get('data_shape', (2,)))} differs from the data's {ds.shape}")
+    return ModelSpec(m.net, cfg, Objective(m.objective), m.schedule, ds.shape, m.sigma_data,
+                     ds.class_names if k else ())
+
+
+class _Dist:
+    """Process group view: ``accelerate`` when launched with ``WORLD_SIZE > 1``, else a plain process."""
+
+    def __init__(self) -> None:
+        self.acc: Any = None
+        self.rank, self.world = 0, 1
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            try:
+                from accelerate import Accelerator
+            except ImportError:
+                raise ImportError("multi-process training needs accelerate: pip install 'dpmlab[train]'") from None
+            self.acc = Accelerator(cpu=not torch.cuda.is_available())
+            self.rank, self.world = self.acc.process_index, self.acc.num_processes
+
+    @property
+    def device(self) -> torch.device:
+        return self.acc.device if self.acc is not None else torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.acc is not None:
+            self.acc.wait_for_everyone()
+
+
+def _optim_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """AdamW's state dict flattened: tensors ``optim/<param>/<key>`` + JSON for the rest."""
+    sd = opt.state_dict()
+    tensors, extra = {}, {}
+    for idx, st in sd["state"].items():
+        for key, v in st.items():
+            if isinstance(v, Tensor):
+                tensors[f"optim/{idx}/{key}"] = v.detach().cpu().contiguous()
+            else:
+                extra[f"{idx}/{key}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "extra": extra}
+
+
+def _optim_state(tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, v in tensors.items():
+        if name.startswith("optim/"):
+            _, idx, key = name.split("/", 2)
+            state.setdefault(int(idx), {})[key] = v
+    for name, v in meta["extra"].items():
+        idx, key = name.split("/", 1)
+        state.setdefault(int(idx), {})[key] = v
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """A checkpoint's tensors and decoded metadata (``ValueError`` naming the file if it is bad)."""
+    from safetensors import safe_open
+
+    p = Path(path)
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except Exception as e:
+        raise ValueError(f"{p}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{p}: not a dpmlab training checkpoint (format {meta.get('format')!r})")
+    try:
+        decoded = {k: json.loads(v) for k, v in meta.items() if k != "format"}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}: bad checkpoint metadata ({e})") from None
+    return tensors, decoded
+
+
+class _Run:
+    """One training run's mutable state (net, EMA, optimizer, step) and its checkpoint I/O."""
+
+    def __init__(self, recipe: Recipe, ds: Dataset, out: Path, dist: _Dist) -> None:
+        self.recipe, self.ds, self.out, self.dist = recipe, ds, out, dist
+        tc = recipe.train
+        self.spec = _spec_for(recipe, ds)
+        torch.manual_seed(tc.seed)
+        self.net = self.spec.build_net().to(dist.device)
+        self.ema = copy.deepcopy(self.net).requires_grad_(False)
+        self.opt = torch.optim.AdamW(self.net.parameters(), lr=tc.lr, betas=tc.adam_betas,
+                                     weight_decay=tc.weight_decay)
+        self.loss_fn: DiffusionLoss = make_loss(self.spec, p_mean=tc.p_mean, p_std=tc.p_std)
+        self.step = 0
+        self.losses: list[tuple[int, float]] = []
+        self.window: list[float] = []  # losses of the steps since the last logged mean
+        self.elapsed = 0.0  # wall-clock seconds of training, over all resumed runs
+        self.cpu = 0.0  # CPU seconds of this process over the same span (wall-clock counts other load too)
+        self._perm_cache: dict[int, Tensor] = {}
+
+    # --- determinism: everything random about step s comes from (seed, s) -----------------------
+    def _perm(self, epoch: int) -> Tensor:
+        if epoch not in self._perm_cache:
+            g = torch.Generator().manual_seed((self.recipe.train.seed << 32) + 2 * epoch + 1)
+            self._perm_cache = {e: p for e, p in self._perm_cache.items() if e == epoch - 1}
+            self._perm_cache[epoch] = torch.randperm(len(self.ds), generator=g)
+        return self._perm_cache[epoch]
+
+    def batch(self, step: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """This process's slice of the global batch of ``step``: ``(x0, t, eps, label)``."""
+        tc, n = self.recipe.train, len(self.ds)
+        pos = torch.arange(step * tc.batch_size, (step + 1) * tc.batch_size)
+        idx = torch.cat([self._perm(int(e))[pos[pos // n == e] % n] for e in torch.unique(pos // n)])
+        g = torch.Generator().manual_seed((tc.seed << 32) + 2 * step)
+        t = self.loss_fn.draw(g, tc.batch_size)
+        eps = torch.randn((tc.batch_size, *self.ds.shape), generator=g)
+        drop = torch.rand(tc.batch_size, generator=g) < tc.label_dropout
+        label = None
+        if self.spec.class_names:
+            assert self.ds.labels is not None
+            label = torch.where(drop, len(self.spec.class_names), self.ds.labels[idx])
+        per = tc.batch_size // self.dist.world
+        sl = slice(self.dist.rank * per, (self.dist.rank + 1) * per)
+        dev = self.dist.device
+        return (self.ds.x[idx[sl]].to(dev), t[sl].to(dev), eps[sl].to(dev),
+                label[sl].to(dev) if label is not None else None)
+
+    # --- checkpoints ----------------------------------------------------------------------------
+    def save(self) -> None:
+        tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
+        tensors |= {f"ema/{k}": v.detach().cpu().contiguous() for k, v in self.ema.state_dict().items()}
+        opt_tensors, opt_meta = _optim_tensors(self.opt)
+        tensors |= opt_tensors
+        tensors["rng/torch"] = torch.get_rng_state()
+        meta = {"format": CHECKPOINT_FORMAT, "spec": json.dumps(self.spec.to_dict()),
+                "recipe": json.dumps(self.recipe.to_dict()), "step": json.dumps(self.step),
+                "optim": json.dumps(opt_meta), "losses": json.dumps(self.losses), "window": json.dumps(self.window),
+                "elapsed_s": json.dumps(self.elapsed), "cpu_s": json.dumps(self.cpu),
+                "world_size": json.dumps(self.dist.world),
+                "dpmlab": json.dumps(__version__)}
+        write_safetensors(self.out / CHECKPOINT, tensors, meta)
+
+    def restore(self) -> None:
+        path = self.out / CHECKPOINT
+        if not path.is_file():
+            raise ValueError(f"cannot resume: {path} does not exist")
+        tensors, meta = read_checkpoint(path)
+        read_spec(path, {"format": CHECKPOINT_FORMAT, "spec": json.dumps(meta["spec"])})
+        saved = Recipe.from_dict(meta["recipe"])
+        if dataclasses.replace(saved, train=dataclasses.replace(saved.train, steps=self.recipe.train.steps)) \
+                != self.recipe:
+            raise ValueError(f"{path}: the checkpoint was written by a different recipe (only train.steps may "
+                             f"change on resume); saved: {json.dumps(meta['recipe'])}")
+        for prefix, module in (("model/", self.net), ("ema/", self.ema)):
+            load_state(path, module, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        try:
+            self.opt.load_state_dict(_optim_state(tensors, meta["optim"]))
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise ValueError(f"{path}: optimizer state does not fit ({e})") from None
+        torch.set_rng_state(tensors["rng/torch"])
+        self.step = int(meta["step"])
+        self.losses = [(int(s), float(v)) for s, v in meta["losses"]]
+        self.window = [float(v) for v in meta["window"]]
+        self.elapsed = float(meta["elapsed_s"])
+        self.cpu = float(meta.get("cpu_s", 0.0))
+
+    def export(self) -> Path:
+        params = sum(p.numel() for p in self.ema.parameters())
+        card = {"name": self.recipe.name, "description": self.recipe.description,
+                "data": {**self.recipe.data.to_dict(), "examples": len(self.ds), "shape": list(self.ds.shape),
+                         "skipped_files": len(self.ds.skipped)},
+                "recipe": self.recipe.to_dict(), "steps": self.step, "seed": self.recipe.train.seed,
+                "final_loss": self.losses[-1][1] if self.losses else None,
+                "loss_window_steps": self.recipe.train.log_every,
+                "losses": self.losses, "train_time_s": round(self.elapsed, 1),
+                "train_cpu_time_s": round(self.cpu, 1), "parameters": params,
+                "processes": self.dist.world, "torch_threads": torch.get_num_threads(),
+                "machine": f"{platform.machine()} {platform.processor() or platform.system()}",
+                "torch": torch.__version__, "dpmlab": __version__, "weights": "EMA"}
+        dtype = torch.float16 if self.recipe.export_dtype == "float16" else torch.float32
+        return save_model(self.out / MODEL, self.ema, self.spec, dtype=dtype, card=card)
+
+
+def train(
+    recipe: Recipe,
+    out_dir: str | os.PathLike[str],
+    *,
+    resume: bool = False,
+    dataset: Dataset | None = None,
+    progress: bool = True,
+    callback: Callable[[int, float], bool | None] | None = None,
+) -> TrainResult:
+    """Train ``recipe`` into ``out_dir`` (``checkpoint.safetensors`` every ``checkpoint_every`` steps and
+    at the end; ``model.safetensors`` + ``model.json``: the EMA weights, loadable by
+    ``dpmlab.load(out_dir)``). ``resume`` continues from the checkpoint bit for bit. ``callback(step,
+    loss)`` runs after every step; returning ``True`` stops at once, as if the process were killed.
+    Launch with ``torchrun`` / ``accelerate`` (``WORLD_SIZE > 1``) for data-parallel training."""
+    out = Path(out_dir)
+    dist = _Dist()
+    ds = dataset if dataset is not None else load_data(recipe.data)
+    if ds.skipped and dist.main:
+        warnings.warn(f"{len(ds.skipped)} unreadable image files skipped (first: {ds.skipped[0]})", stacklevel=2)
+    tc = recipe.train
+    if tc.batch_size % dist.world:
+        raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the {dist.world} processes")
+    run = _Run(recipe, ds, out, dist)
+    if resume:
+        run.restore()
+    elif (out / CHECKPOINT).exists():
+        raise ValueError(f"{out / CHECKPOINT} exists; pass resume=True (--resume) or choose another folder")
+    net: nn.Module = run.net
+    opt: Any = run.opt
+    if dist.acc is not None:
+        net, opt = dist.acc.prepare(run.net, run.opt)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=tc.steps, initial=run.step, desc=recipe.name, unit="step", disable=not (progress and dist.main),
+               dynamic_ncols=True)
+    t_start, step_start, cpu_start = time.perf_counter(), run.step, time.process_time()
+    stopped = False
+    net.train()
+    try:
+        while run.step < tc.steps:
+            x0, t, eps, label = run.batch(run.step)
+            for g in run.opt.param_groups:
+                g["lr"] = tc.lr_at(run.step)
+            cond = {"label": label} if label is not None else {}
+            loss = run.loss_fn(net, x0, t, eps, **cond).mean()
+            opt.zero_grad(set_to_none=True)
+            if dist.acc is not None:
+                dist.acc.backward(loss)
+            else:
+                loss.backward()
+            if tc.grad_clip:
+                torch.nn.utils.clip_grad_norm_(run.net.parameters(), tc.grad_clip)
+            opt.step()
+            decay = min(tc.ema_decay, (1 + run.step) / (10 + run.step))
+            with torch.no_grad():
+                for p_ema, p in zip(run.ema.parameters(), run.net.parameters()):
+                    p_ema.lerp_(p, 1.0 - decay)
+                for b_ema, b in zip(run.ema.buffers(), run.net.buffers()):
+                    b_ema.copy_(b)
+            run.step += 1
+            lv = float(loss.detach())
+            run.window.append(lv)
+            if run.step % tc.log_every == 0 or run.step == tc.steps:
+                run.losses.append((run.step, sum(run.window) / len(run.window)))
+                run.window = []
+            now = time.perf_counter()
+            if bar.n != run.step:
+                rate = (run.step - step_start) * tc.batch_size / max(now - t_start, 1e-9)
+                bar.set_postfix(loss=f"{lv:.4f}", img_s=f"{rate:.0f}", refresh=False)
+                bar.update(1)
+            if callback is not None and callback(run.step, lv):
+                stopped = True
+                break
+            if run.step % tc.checkpoint_every == 0 or run.step == tc.steps:
+                run.elapsed += now - t_start
+                run.cpu += time.process_time() - cpu_start
+                t_start, step_start, cpu_start = now, run.step, time.process_time()
+                if dist.main:
+                    run.save()
+                dist.barrier()
+    finally:
+        bar.close()
+    if not stopped:
+        if dist.main:
+            run.export()
+        dist.barrier()
+    return TrainResult(out, run.step, tuple(run.losses), run.elapsed, stopped)
