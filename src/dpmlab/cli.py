@@ -113,6 +113,73 @@ def _labels(model: Any, label: str, n: int) -> dict[str, Tensor]:
     return {"label": torch.full((n,), names.index(label), dtype=torch.long)}
 
 
+# --- fitted artifacts: dpmlab calibrate ems|dc|s3, dpmlab sample --artifact ----------------------------
+def _apply_artifact(solver_name: str, options: dict[str, Any], path: str, model_name: str, nfe: int) -> None:
+    """Put the artifact at ``path`` into the solver ``options``, validated against the model (and NFE)."""
+    if solver_name == "dpm_solver_v3":
+        from .solvers.dpm_solver_v3 import EMS
+
+        EMS.load(path, model=model_name)  # validates format, shapes and the model name
+        options["ems"] = path
+    elif solver_name == "dc_solver":
+        from .solvers.dc_solver import DCRatios
+
+        ratios = DCRatios.load(path)
+        if ratios.model and ratios.model != model_name:
+            raise ValueError(f"{path} holds DC ratios fitted for model {ratios.model!r}, not {model_name!r}")
+        options["ratios"] = ratios.ratios
+        options["dc_order"] = ratios.dc_order
+        if ratios.solver:
+            options.setdefault("base", json.loads(ratios.solver))
+    elif solver_name == "usf":
+        from .solvers.usf import Plan
+
+        options["plan"] = Plan.load(path, model=model_name, nfe=nfe)
+    else:
+        raise ValueError(f"solver {solver_name!r} takes no artifact; artifacts are for dpm_solver_v3, dc_solver, usf")
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
+    model = load(args.model)
+    schedule = model.schedule
+    out = Path(args.out)
+    if args.kind == "ems":
+        from .calibrate.ems import fit_ems
+        from .models.analytic import AnalyticDenoiser
+
+        n = args.n or 1024
+        if isinstance(model, AnalyticDenoiser):  # exact data samples
+            x = model.model.sample(n, generator=torch.Generator().manual_seed(args.seed))
+            source = "data"
+        else:  # the model's own trajectories from noise
+            x = torch.randn(n, *model.data_shape, generator=torch.Generator().manual_seed(args.seed))
+            source = "noise"
+        ems = fit_ems(model, schedule, x, n_points=n, grid_size=args.grid_size, source=source, seed=args.seed,
+                      model_name=args.model)
+        ems.save(out)
+        print(f"wrote {out}: EMS of {args.model} on {args.grid_size + 1} lambda knots from {n} {source} points")
+    elif args.kind == "dc":
+        from .calibrate.dc import fit_dc_ratios
+
+        base = get(args.base)
+        ratios = fit_dc_ratios(model, schedule, base, args.nfe, n_datapoints=args.n or 10, grid=args.grid,
+                               to_zero=False, seed=args.seed, model_name=args.model)
+        ratios.save(out)
+        rho = ", ".join(f"{r:.3f}" for r in ratios.ratios)
+        print(f"wrote {out}: DC ratios for {args.base} at NFE {args.nfe} on grid {args.grid}: {rho}")
+        print(f"sample with: dpmlab sample --model {args.model} --solver dc_solver --artifact {out} "
+              f"--nfe {args.nfe} --grid {args.grid}")
+    else:
+        from .calibrate.s3 import fit_s3_plan
+
+        res = fit_s3_plan(model, schedule, args.nfe, n_samples=args.n or 256, seed=args.seed, model_name=args.model,
+                          generations=args.generations, to_zero=False)
+        res.plan.save(out)
+        print(f"wrote {out}: S3 plan for {args.model} at NFE {args.nfe} (fitness {res.fitness:.4g})")
+    return 0
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -120,12 +187,23 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if not isinstance(options, dict):
         raise ValueError(f"--options must be a JSON object, got {args.options!r}")
     model = load(args.model)
+    if args.artifact:
+        _apply_artifact(args.solver, options, args.artifact, args.model, args.nfe)
+    grid: Any = args.grid
+    if args.solver == "usf" and "plan" in options and options["plan"].ts is not None:
+        grid = options["plan"].grid()  # a searched plan carries its own timesteps
     solver = get(args.solver, **options)
+    cond = _labels(model, args.label, args.n) if args.label else {}
+    if args.guidance != 1.0:
+        if not args.label:
+            raise ValueError("--guidance needs --label (classifier-free guidance of a class-conditional model)")
+        from .models.guidance import Unconditional, classifier_free
+
+        model = classifier_free(model, Unconditional(model), args.guidance)
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise ValueError(f"--out must be a .png picture, got {out.name!r} (raw samples go to --raw)")
     raw = Path(args.raw) if args.raw else out.with_suffix(".npz")
-    cond = _labels(model, args.label, args.n) if args.label else {}
 
     from tqdm import tqdm
 
@@ -141,7 +219,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         solver=solver,
         nfe=args.nfe,
         seed=args.seed,
-        grid=args.grid,
+        grid=grid,
         to_zero=args.to_zero or None,
         batch_size=args.batch_size,
         cond=cond,
@@ -155,6 +233,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         "seed": str(args.seed),
         "grid": args.grid,
         "label": args.label,
+        "guidance": str(args.guidance),
+        "artifact": args.artifact,
         "dpmlab": __version__,
     }
     _save_raw(x, raw, meta)
@@ -310,7 +390,26 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--raw", default="", help="raw samples (.npz or .safetensors; default: next to --out)")
     ps.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for small models)")
     ps.add_argument("-q", "--quiet", action="store_true")
+    ps.add_argument("--guidance", type=float, default=1.0,
+                    help="classifier-free guidance scale (1 = none; diffusers' convention), needs --label")
+    ps.add_argument("--artifact", default="",
+                    help="fitted artifact for dpm_solver_v3 (EMS), dc_solver (DC ratios) or usf (S3 plan)")
     ps.set_defaults(func=_cmd_sample)
+
+    pc = sub.add_parser("calibrate", help="fit a solver artifact: ems (DPM-Solver-v3), dc (DC-Solver), s3 (USF plan)")
+    pc.add_argument("kind", choices=["ems", "dc", "s3"])
+    pc.add_argument("--model", default="gmm16", help=f"model name ({', '.join(available_models())})")
+    pc.add_argument("--nfe", type=int, default=6, help="NFE budget the artifact is for (dc, s3)")
+    pc.add_argument("-n", type=int, default=0, help="points (ems: 1024), ground-truth trajectories (dc: 10), "
+                    "search samples (s3: 256)")
+    pc.add_argument("--grid-size", type=int, default=200, help="ems: lambda knots - 1")
+    pc.add_argument("--base", default="unipc", help="dc: the predictor-corrector solver to compensate")
+    pc.add_argument("--grid", default=DEFAULT_GRID, choices=sorted(GRIDS), help="dc: the grid to fit on")
+    pc.add_argument("--generations", type=int, default=10, help="s3: evolutionary generations")
+    pc.add_argument("--seed", type=int, default=0)
+    pc.add_argument("--out", required=True, help="artifact file (.safetensors for ems/dc, .json for s3)")
+    pc.add_argument("--threads", type=int, default=1)
+    pc.set_defaults(func=_cmd_calibrate)
 
     pt = sub.add_parser("train", help="train a model from a recipe (recipes/*.json|toml) and/or flags")
     pt.add_argument("--recipe", default="", help="recipe file (.json or .toml), e.g. recipes/digits8.json")

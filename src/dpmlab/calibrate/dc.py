@@ -21,6 +21,7 @@ ratios fitted on a grid of (steps, guidance scale); the authors fit the same pol
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -114,7 +115,7 @@ def fit_dc_ratios(
 
             ratios[i] = _minimise(loss, bounds, scan, xatol)
         x, state = dataclasses.replace(dc, ratios=tuple(ratios)).step(problem, x, ts, i, state)
-    return DCRatios(tuple(ratios), dc_order, float(guidance), model_name, repr(base.config()))
+    return DCRatios(tuple(ratios), dc_order, float(guidance), model_name, json.dumps(base.config()))
 
 
 def fit_cpr(

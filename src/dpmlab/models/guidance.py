@@ -111,3 +111,25 @@ def classifier_free(cond_model: DenoiserFn, uncond_model: DenoiserFn, scale: flo
 
 
 __all__ += ["ClassifierFree", "classifier_free"]
+
+
+class Unconditional:
+    """The same model with its conditioning dropped (a class-conditional network then sees its null
+    class): the ``uncond_model`` of classifier-free guidance for networks trained with label dropout."""
+
+    def __init__(self, model: DenoiserFn) -> None:
+        self.model = model
+
+    @property
+    def schedule(self) -> Any:
+        return self.model.schedule  # type: ignore[attr-defined]
+
+    @property
+    def data_shape(self) -> Any:
+        return self.model.data_shape  # type: ignore[attr-defined]
+
+    def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
+        return self.model(x, t)
+
+
+__all__ += ["Unconditional"]
