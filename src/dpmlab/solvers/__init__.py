@@ -4,15 +4,18 @@ Importing this package registers every solver; ``get(name, **options)`` builds o
 """
 
 from . import adaptive as adaptive
-from . import ddim as ddim
 from . import dc_solver as dc_solver
+from . import ddim as ddim
 from . import ddpm as ddpm
 from . import deis as deis
+from . import dmcmc as dmcmc
 from . import dpm_solver as dpm_solver
 from . import dpm_solver_pp as dpm_solver_pp
 from . import dpm_solver_v3 as dpm_solver_v3
+from . import dualfast as dualfast
 from . import karras as karras
 from . import pndm as pndm
+from . import time_shift as time_shift
 from . import unipc as unipc
 from . import usf as usf
 from .base import Problem as Problem
