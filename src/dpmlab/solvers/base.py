@@ -34,6 +34,7 @@ __all__ = [
     "available",
     "solver_class",
     "ends_at_zero",
+    "Wrapper",
 ]
 
 S = TypeVar("S")
@@ -172,6 +173,22 @@ class Solver(ABC, Generic[S]):
             v = getattr(self, f.name)
             out[f.name] = v.config() if isinstance(v, Solver) else v
         return out
+
+
+@dataclass(frozen=True)
+class Wrapper(Solver[S]):
+    """Base of modifiers that wrap another solver held in the subclass's ``base`` field (Time-Shift,
+    DualFast, dynamic compensation): the declared order, stochasticity and NFE are the base's."""
+
+    @property
+    def order(self) -> int:  # type: ignore[override]
+        return self.base.order  # type: ignore[attr-defined,no-any-return]
+
+    def is_stochastic(self) -> bool:
+        return self.base.is_stochastic()  # type: ignore[attr-defined,no-any-return]
+
+    def nfe_for_steps(self, steps: int, to_zero: bool) -> int:
+        return self.base.nfe_for_steps(steps, to_zero)  # type: ignore[attr-defined,no-any-return]
 
 
 # --- registry ------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ from torch import Tensor
 
 from .._utils import atomic_write, f64
 from ._expint import lincomb, point
-from .base import Problem, Solver, get, register
+from .base import Problem, Solver, Wrapper, get, register
 
 __all__ = ["DCRatios", "CPRModel", "DynamicCompensation", "lagrange_weights", "cpr_features", "PENDING_FIELD"]
 
@@ -240,7 +240,7 @@ class _FirstOutput(Problem):
 
 @register("dc_solver")
 @dataclass(frozen=True)
-class DynamicCompensation(Solver[DCState]):
+class DynamicCompensation(Wrapper[DCState]):
     base: Solver[Any] = field(default_factory=lambda: get("unipc"))  # the wrapped (predictor-corrector) solver
     ratios: tuple[float, ...] | None = None  # rho_i, one per step (or a DCRatios); None: rho = 1 (the base itself)
     dc_order: int = 2  # K: Lagrange interpolation through K + 1 buffered outputs (paper default 2)
@@ -262,17 +262,10 @@ class DynamicCompensation(Solver[DCState]):
             object.__setattr__(self, "ratios", _check_ratios(self.ratios, self.dc_order))
 
     @property
-    def order(self) -> int:  # type: ignore[override]
-        return self.base.order
-
-    @property
     def form(self) -> str:
         """Space of the compensation: the base's ``prediction`` ("data" | "noise"), else data (x0)."""
         p = getattr(self.base, "prediction", "data")
         return p if p in ("data", "noise") else "data"
-
-    def nfe_for_steps(self, steps: int, to_zero: bool) -> int:
-        return self.base.nfe_for_steps(steps, to_zero)
 
     def init(self, problem: Problem, x: Tensor, ts: Tensor) -> DCState:
         if self.ratios is not None and len(self.ratios) != len(ts) - 1:

@@ -41,7 +41,7 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from ._expint import interval
-from .base import Problem, Solver, get, register
+from .base import Problem, Solver, Wrapper, get, register
 
 __all__ = ["DualFast", "DualFastState"]
 
@@ -75,7 +75,7 @@ class _Recorder:
 
 @register("dualfast")
 @dataclass(frozen=True)
-class DualFast(Solver[DualFastState]):
+class DualFast(Wrapper[DualFastState]):
     base: Solver[Any] = field(default_factory=lambda: get("ddim"))  # the wrapped solver
     c: float = 0.5  # mixing coefficient (its value at the end of sampling for c_schedule="linear")
     tau: str = "first"  # earlier time whose cached output is mixed in: "first" (T) | "previous"
@@ -96,16 +96,6 @@ class DualFast(Solver[DualFastState]):
                                      ("prediction", self.prediction, PREDICTIONS)):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
-
-    @property
-    def order(self) -> int:  # type: ignore[override]
-        return self.base.order
-
-    def is_stochastic(self) -> bool:
-        return self.base.is_stochastic()
-
-    def nfe_for_steps(self, steps: int, to_zero: bool) -> int:
-        return self.base.nfe_for_steps(steps, to_zero)
 
     def init(self, problem: Problem, x: Tensor, ts: Tensor) -> DualFastState:
         return DualFastState(base=self.base.init(problem, x, ts))

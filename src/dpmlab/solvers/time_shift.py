@@ -42,7 +42,7 @@ from torch import Tensor
 
 from .._utils import append_dims, f64
 from ..schedules import NoiseSchedule
-from .base import Problem, Solver, get, register
+from .base import Problem, Solver, Wrapper, get, register
 
 __all__ = ["TimeShift", "shifted_time"]
 
@@ -88,7 +88,7 @@ class _ServeFirst(Problem):
 
 @register("time_shift")
 @dataclass(frozen=True)
-class TimeShift(Solver[Any]):
+class TimeShift(Wrapper[Any]):
     base: Solver[Any] = field(default_factory=lambda: get("ddim"))  # the wrapped solver
     window: int = 30  # w: candidates t_i + k / N, |k| <= w // 2 (training indices); < 2 = no shift
     cutoff: int = 300  # c: shift only while the training index N t_i - 1 exceeds c
@@ -111,16 +111,6 @@ class TimeShift(Solver[Any]):
             raise ValueError(f"n_train must be None or a positive int, got {self.n_train!r}")
         if not self.data_var >= 0.0:
             raise ValueError(f"data_var must be >= 0, got {self.data_var}")
-
-    @property
-    def order(self) -> int:  # type: ignore[override]
-        return self.base.order
-
-    def is_stochastic(self) -> bool:
-        return self.base.is_stochastic()
-
-    def nfe_for_steps(self, steps: int, to_zero: bool) -> int:
-        return self.base.nfe_for_steps(steps, to_zero)
 
     def init(self, problem: Problem, x: Tensor, ts: Tensor) -> Any:
         if self.window // 2 > 0 and problem.schedule.t_max > 1.0:
