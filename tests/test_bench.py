@@ -53,3 +53,20 @@ def test_bench_cli_errors(tmp_path, capsys):
     assert main(["bench", "--model", "nope", "--quick", "--out", str(tmp_path / "x")]) == 2
     assert "unknown model 'nope'" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_quality_column_and_diverged_rows():
+    sch = DiscreteVP.from_preset("linear")
+    model = preset("gmm16").denoiser(sch)
+
+    def mean_gap(x, ref):
+        return float((x.mean(0) - ref.mean(0)).abs().max())
+
+    res = run_bench(model, sch, (16,), [Entry("ddim", get("ddim"))], [5], n=16, peers=False, quality=mean_gap)
+    assert res.fd_table() is not None and res.rows[0].fd >= 0
+    from dpmlab.bench.harness import _quality
+
+    assert _quality(mean_gap, torch.full((2, 3), float("nan")), torch.zeros(2, 3)) != _quality(
+        mean_gap, torch.zeros(2, 3), torch.zeros(2, 3)
+    )
+    assert run_bench(model, sch, (16,), [Entry("ddim", get("ddim"))], [5], n=8, peers=False).fd_table() is None

@@ -353,9 +353,22 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     schedule = DiscreteVP.from_preset(args.schedule)
     model = load(args.model, schedule=schedule)
     shape = tuple(model.data_shape)
+    from .models.analytic import AnalyticDenoiser
+
+    analytic = isinstance(model, AnalyticDenoiser)
+    if args.quick and not analytic:
+        n = min(n, 32)  # a network's reference solve dominates the run
+    quality = None
+    if shape == (1, 28, 28):  # MNIST-shaped images: FD-MNIST of each row's samples to the reference samples
+        from .metrics.features import fd_mnist
+
+        quality = fd_mnist
     result = run_bench(model, schedule, shape, entries, nfes, n=n, seed=args.seed, name=args.model,
-                       peers=not args.no_peers)
+                       peers=not args.no_peers, ref_tol=1e-10 if analytic else 1e-5, quality=quality)
     _print_table(result.table(), f"{args.model}: RMS error vs reference ({n} samples, {args.schedule} schedule)")
+    fd = result.fd_table()
+    if fd is not None:
+        _print_table(fd, f"{args.model}: FD-MNIST to the reference samples (our classifier's features; not FID)")
     over = [r for r in result.rows if r.library == "dpmlab"]
     if over:
         mean_over = sum(r.overhead_ms for r in over) / len(over)

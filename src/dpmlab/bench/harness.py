@@ -49,6 +49,7 @@ class Row:
     nfe: int
     rms: float
     overhead_ms: float = float("nan")  # per step, free model
+    fd: float = float("nan")  # image models: a feature Frechet distance to the reference samples (e.g. FD-MNIST)
 
 
 @dataclass
@@ -70,6 +71,18 @@ class BenchResult:
         for lib, lab in labels:
             cells = {r.nfe: r.rms for r in self.rows if (r.library, r.label) == (lib, lab)}
             out.append([lib, lab, *[f"{cells[k]:.3e}" if k in cells else "—" for k in nfes]])
+        return out
+
+    def fd_table(self) -> list[list[str]] | None:
+        """Like ``table`` with the feature Frechet distance, when the rows carry one."""
+        if all(r.fd != r.fd for r in self.rows):  # all NaN
+            return None
+        nfes = sorted({r.nfe for r in self.rows})
+        labels = list(dict.fromkeys((r.library, r.label) for r in self.rows))
+        out = [["library", "solver", *[f"NFE {k}" for k in nfes]]]
+        for lib, lab in labels:
+            cells = {r.nfe: r.fd for r in self.rows if (r.library, r.label) == (lib, lab)}
+            out.append([lib, lab, *[f"{cells[k]:.2f}" if k in cells else "—" for k in nfes]])
         return out
 
     def markdown(self) -> str:
@@ -185,6 +198,7 @@ def peer_rows(
     refs: dict[float, Tensor],
     nfes: Sequence[int],
     peers: Sequence[tuple[str, str, dict[str, Any]]] = PEERS,
+    quality: Callable[[Tensor, Tensor], float] | None = None,
 ) -> list[Row]:
     """Run each diffusers peer at each NFE it can meet exactly; ``refs`` maps end time -> reference."""
     import warnings
@@ -211,8 +225,16 @@ def peer_rows(
                 continue
             ref = refs[_final_t(sch, schedule)]
             if run.nfe == nfe:
-                rows.append(Row("diffusers", label, nfe, float((run.x.double() - ref).pow(2).mean().sqrt())))
+                rms = float((run.x.double() - ref).pow(2).mean().sqrt())
+                fd = _quality(quality, run.x, ref)
+                rows.append(Row("diffusers", label, nfe, rms, fd=fd))
     return rows
+
+
+def _quality(quality: Callable[[Tensor, Tensor], float] | None, x: Tensor, ref: Tensor) -> float:
+    if quality is None or not bool(torch.isfinite(x).all()):
+        return float("nan")  # a diverged row (e.g. a peer returning NaN) has no distribution distance
+    return float(quality(x.float(), ref.float()))
 
 
 def run_bench(
@@ -228,8 +250,10 @@ def run_bench(
     peers: bool = True,
     ref_tol: float = 1e-10,
     progress: Callable[[str], None] | None = None,
+    quality: Callable[[Tensor, Tensor], float] | None = None,
 ) -> BenchResult:
-    """Benchmark ``entries`` (and diffusers peers on a ``DiscreteVP``) at each NFE in ``nfes``."""
+    """Benchmark ``entries`` (and diffusers peers on a ``DiscreteVP``) at each NFE in ``nfes``.
+    ``quality(samples, reference_samples)`` adds a distribution distance per row (``Row.fd``)."""
     x = torch.randn(n, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     t_start = schedule.t_max
     t_end = schedule.t_zero if schedule.t_zero is not None else schedule.t_min
@@ -247,7 +271,8 @@ def run_bench(
             ts = make_grid(schedule, e.grid, steps, to_zero=to_zero)
             out = sample(Problem(model, schedule), x * float(schedule.sigma(ts[0])), ts, e.solver)
             rms = float((out - ref.x).pow(2).mean().sqrt())
-            result.rows.append(Row("dpmlab", e.label, nfe, rms, _overhead_ms(e.solver, schedule, ts, shape)))
+            fd = _quality(quality, out, ref.x)
+            result.rows.append(Row("dpmlab", e.label, nfe, rms, _overhead_ms(e.solver, schedule, ts, shape), fd))
         if progress:
             progress(e.label)
     if peers and isinstance(schedule, DiscreteVP):
@@ -262,5 +287,5 @@ def run_bench(
                 model, schedule, x * float(schedule.sigma(t_start)), t_start, t_idx0, rtol=ref_tol, atol=ref_tol
             )
             end = reference_solution(model, schedule, mid.x, t_idx0, 0.0, rtol=ref_tol, atol=ref_tol)
-            result.rows.extend(peer_rows(model, schedule, x, {0.0: end.x, t_idx0: mid.x}, nfes))
+            result.rows.extend(peer_rows(model, schedule, x, {0.0: end.x, t_idx0: mid.x}, nfes, quality=quality))
     return result
