@@ -8,8 +8,8 @@ from . import models as models
 from . import schedules as schedules
 from . import solvers as solvers
 from . import timesteps as timesteps
+from ._version import __version__ as __version__
 from .api import sample as sample
 from .models.hub import load as load
 
-from ._version import __version__ as __version__
 __all__ = ["load", "sample", "models", "schedules", "solvers", "timesteps", "__version__"]

@@ -11,15 +11,17 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
-__all__ = ["append_dims", "f64", "interp1d", "counter_normal", "atomic_write", "state_dtype"]
+__all__ = ["append_dims", "f64", "interp1d", "counter_normal", "atomic_write", "state_dtype", "dataclass_from_dict"]
 
 
 def append_dims(v: Tensor, ndim: int) -> Tensor:
@@ -133,3 +135,16 @@ def atomic_write(path: str | os.PathLike[str], suffix: str | None = None) -> Ite
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+T = TypeVar("T")
+
+
+def dataclass_from_dict(cls: type[T], d: Mapping[str, Any], *, what: str, tuple_fields: Sequence[str] = ()) -> T:
+    """Rebuild a config dataclass from its JSON dict; unknown keys raise ``ValueError`` naming them and
+    the allowed ones; ``tuple_fields`` (JSON lists) become tuples."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown {what} fields: {', '.join(unknown)}; allowed: {', '.join(sorted(names))}")
+    return cls(**{k: tuple(v) if k in tuple_fields else v for k, v in d.items()})

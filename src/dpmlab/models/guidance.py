@@ -30,15 +30,10 @@ from ..typing import DenoiserFn
 __all__ = ["DynamicThreshold", "dynamic_threshold"]
 
 
-class DynamicThreshold:
-    """``x0 = threshold(model(x, t, **cond))``; forwards the wrapped model's ``schedule``/``data_shape``."""
+class _ModelWrapper:
+    """A ``DenoiserFn -> DenoiserFn`` transform keeps the wrapped model's ``schedule`` and ``data_shape``."""
 
-    def __init__(self, model: DenoiserFn, *, ratio: float = 0.995, max_value: float = 1.0, s_max: float = math.inf):
-        if not 0.0 < ratio <= 1.0:
-            raise ValueError(f"ratio must be in (0, 1], got {ratio}")
-        if not (0.0 < max_value < math.inf and s_max >= max_value):
-            raise ValueError(f"need 0 < max_value <= s_max, got max_value={max_value}, s_max={s_max}")
-        self.model, self.ratio, self.max_value, self.s_max = model, float(ratio), float(max_value), float(s_max)
+    model: DenoiserFn
 
     @property
     def schedule(self) -> Any:
@@ -47,6 +42,17 @@ class DynamicThreshold:
     @property
     def data_shape(self) -> Any:
         return self.model.data_shape  # type: ignore[attr-defined]
+
+
+class DynamicThreshold(_ModelWrapper):
+    """``x0 = threshold(model(x, t, **cond))``; forwards the wrapped model's ``schedule``/``data_shape``."""
+
+    def __init__(self, model: DenoiserFn, *, ratio: float = 0.995, max_value: float = 1.0, s_max: float = math.inf):
+        if not 0.0 < ratio <= 1.0:
+            raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+        if not (0.0 < max_value < math.inf and s_max >= max_value):
+            raise ValueError(f"need 0 < max_value <= s_max, got max_value={max_value}, s_max={s_max}")
+        self.model, self.ratio, self.max_value, self.s_max = model, float(ratio), float(max_value), float(s_max)
 
     def threshold(self, x0: Tensor) -> Tensor:
         """Dynamic thresholding of a batch ``x0`` of shape ``(B, ...)``."""
@@ -71,7 +77,7 @@ def dynamic_threshold(
 
 
 # --- classifier-free guidance (appended) ----------------------------------------------------------
-class ClassifierFree:
+class ClassifierFree(_ModelWrapper):
     """Classifier-free guidance — Ho & Salimans, "Classifier-Free Diffusion Guidance", arXiv 2207.12598 —
     in ``x0`` space: ``x0 = x0_u + w (x0_c - x0_u)``.
 
@@ -84,14 +90,7 @@ class ClassifierFree:
         if not math.isfinite(scale):
             raise ValueError(f"guidance scale must be finite, got {scale}")
         self.cond_model, self.uncond_model, self.scale = cond_model, uncond_model, float(scale)
-
-    @property
-    def schedule(self) -> Any:
-        return self.cond_model.schedule  # type: ignore[attr-defined]
-
-    @property
-    def data_shape(self) -> Any:
-        return self.cond_model.data_shape  # type: ignore[attr-defined]
+        self.model = cond_model  # the wrapped model whose schedule and data shape are forwarded
 
     def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
         x0_c = self.cond_model(x, t, **cond)
@@ -113,20 +112,12 @@ def classifier_free(cond_model: DenoiserFn, uncond_model: DenoiserFn, scale: flo
 __all__ += ["ClassifierFree", "classifier_free"]
 
 
-class Unconditional:
+class Unconditional(_ModelWrapper):
     """The same model with its conditioning dropped (a class-conditional network then sees its null
     class): the ``uncond_model`` of classifier-free guidance for networks trained with label dropout."""
 
     def __init__(self, model: DenoiserFn) -> None:
         self.model = model
-
-    @property
-    def schedule(self) -> Any:
-        return self.model.schedule  # type: ignore[attr-defined]
-
-    @property
-    def data_shape(self) -> Any:
-        return self.model.data_shape  # type: ignore[attr-defined]
 
     def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
         return self.model(x, t)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._utils import dataclass_from_dict
 from .unet import check_labels, timestep_embedding
 
 __all__ = ["MLPConfig", "MLP"]
@@ -54,11 +55,7 @@ class MLPConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> MLPConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown MLPConfig fields: {', '.join(unknown)}")
-        return cls(**{k: tuple(v) if k == "data_shape" else v for k, v in d.items()})
+        return dataclass_from_dict(cls, d, what="MLPConfig", tuple_fields=("data_shape",))
 
 
 class _Block(nn.Module):

@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._utils import dataclass_from_dict
+
 __all__ = ["UNetConfig", "UNet", "FeatureHooks", "timestep_embedding", "check_labels"]
 
 
@@ -120,11 +122,7 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> UNetConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown UNetConfig fields: {', '.join(unknown)}")
-        return cls(**{k: tuple(v) if k == "channel_mult" else v for k, v in d.items()})
+        return dataclass_from_dict(cls, d, what="UNetConfig", tuple_fields=("channel_mult",))
 
 
 @dataclass

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._utils import dataclass_from_dict
+
 __all__ = ["Dataset", "DataConfig", "load_data", "DATASETS", "TOY_SETS", "IMAGE_SUFFIXES"]
 
 TOY_SETS = ("moons", "swiss_roll", "rings", "gaussian_mixture")
@@ -90,11 +92,7 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DataConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown data fields: {', '.join(unknown)}; allowed: {', '.join(sorted(names))}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, what="data")
 
 
 def load_data(config: DataConfig) -> Dataset:
