@@ -25,7 +25,6 @@ writes docs/benchmarks/mnist_methods.md (``report``; the summary paragraph is ha
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 import time
@@ -85,8 +84,9 @@ def setup() -> tuple[Any, Any, torch.Tensor, torch.Tensor]:
 def reference(model: Any, sch: Any, noise: torch.Tensor, cond: dict[str, Any], t_end: float = 0.0) -> Any:
     t = time.time()
     with torch.no_grad():
-        r = reference_solution(model, sch, noise * float(sch.sigma(sch.t_max)), sch.t_max, t_end,
-                               rtol=REF_TOL, atol=REF_TOL, cond=cond)
+        r = reference_solution(
+            model, sch, noise * float(sch.sigma(sch.t_max)), sch.t_max, t_end, rtol=REF_TOL, atol=REF_TOL, cond=cond
+        )
     log(f"reference ({r.n_evals} evals) {time.time() - t:.1f}s")
     return r
 
@@ -95,8 +95,9 @@ def rms(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.double() - ref).pow(2).mean().sqrt())
 
 
-def run_solver(model: Any, sch: Any, noise: torch.Tensor, cond: dict[str, Any], solver: Any, nfe: int,
-               grid: str = "quadratic_time") -> torch.Tensor | None:
+def run_solver(
+    model: Any, sch: Any, noise: torch.Tensor, cond: dict[str, Any], solver: Any, nfe: int, grid: str = "quadratic_time"
+) -> torch.Tensor | None:
     try:
         steps = solver.steps_for_nfe(nfe, True)
     except ValueError:
@@ -137,15 +138,27 @@ def part_a() -> None:
     data["reference_evals"] = ref.n_evals
     t = time.time()
     fit_noise = torch.randn(64, *m.data_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    ems = fit_ems(m, sch, fit_noise, n_points=64, grid_size=50, source="noise", batch_size=64,
-                  model_name="mnist", guidance_scale=1.0, cond={"label": torch.arange(64) % 10})
+    ems = fit_ems(
+        m,
+        sch,
+        fit_noise,
+        n_points=64,
+        grid_size=50,
+        source="noise",
+        batch_size=64,
+        model_name="mnist",
+        guidance_scale=1.0,
+        cond={"label": torch.arange(64) % 10},
+    )
     data["timings"]["fit_ems (64 points, 51 knots)"] = time.time() - t
     log(f"fit_ems {time.time() - t:.1f}s")
     solvers = {
         "DPM-Solver-v3 (EMS, 3 + corrector) @quadratic_time": (get("dpm_solver_v3", ems=ems), "quadratic_time"),
         "DPM-Solver-v3 (EMS, 3 + corrector) @uniform_lambda": (get("dpm_solver_v3", ems=ems), "uniform_lambda"),
         "DPM-Solver-v3 (EMS, 2 + pseudo corrector) @quadratic_time": (
-            get("dpm_solver_v3", ems=ems, order=2, corrector_pseudo=True), "quadratic_time"),
+            get("dpm_solver_v3", ems=ems, order=2, corrector_pseudo=True),
+            "quadratic_time",
+        ),
         "DPM-Solver-v3 degenerate EMS (= ++ with corrector) @quadratic_time": (get("dpm_solver_v3"), "quadratic_time"),
         "DPM-Solver++ 2M": (get("dpm_solver_pp", order=2), "quadratic_time"),
         "DPM-Solver++ 3M": (get("dpm_solver_pp", order=3), "quadratic_time"),
@@ -174,7 +187,6 @@ def part_a() -> None:
 def part_b() -> None:
     m, sch, noise, labels = setup()
     cond = {"label": labels}
-    dc_mod.ground_truth = functools.partial(dc_mod.ground_truth, tol=1e-6)  # deviation: CPU budget
     data: dict[str, Any] = {"timings": {}, "ratios": {}, "tables": {}}
     bases = {"UniPC-2 bh1": get("unipc"), "UniPC-2 bh2": get("unipc", variant="bh2")}
     for w in (1.0, 3.0):
@@ -192,8 +204,17 @@ def part_b() -> None:
                 res[bl][str(nfe)] = rms(out, ref.x)
                 t = time.time()
                 try:
-                    r = dc_mod.fit_dc_ratios(Bound(g), sch, base, nfe, n_datapoints=4, grid="quadratic_time",
-                                             guidance=w, model_name="mnist")
+                    r = dc_mod.fit_dc_ratios(
+                        Bound(g),
+                        sch,
+                        base,
+                        nfe,
+                        n_datapoints=4,
+                        grid="quadratic_time",
+                        ref_tol=1e-6,
+                        guidance=w,
+                        model_name="mnist",
+                    )
                 except Exception as e:  # noqa: BLE001
                     log(f"fit_dc w={w} {bl} nfe={nfe} failed: {e!r}")
                     continue
@@ -202,8 +223,10 @@ def part_b() -> None:
                 dc = get("dc_solver", base=base.config(), ratios=r.ratios)
                 out = run_solver(g, sch, noise, cond, dc, nfe)
                 res[f"DC-Solver on {bl}"][str(nfe)] = rms(out, ref.x)
-                log(f"w={w} {bl} nfe={nfe}: base {res[bl][str(nfe)]:.4f} dc {res[f'DC-Solver on {bl}'][str(nfe)]:.4f}"
-                    f" ratios {[round(x, 3) for x in r.ratios]} ({time.time() - t:.1f}s)")
+                log(
+                    f"w={w} {bl} nfe={nfe}: base {res[bl][str(nfe)]:.4f} dc {res[f'DC-Solver on {bl}'][str(nfe)]:.4f}"
+                    f" ratios {[round(x, 3) for x in r.ratios]} ({time.time() - t:.1f}s)"
+                )
                 save("b", {**data, "tables": {**data["tables"], f"{w:g}": res}})
         data["timings"][f"fit_dc_ratios w={w:g} (10 fits)"] = fit_time
         data["tables"][f"{w:g}"] = res
@@ -216,14 +239,18 @@ def part_c() -> None:
     cond = {"label": labels}
     data: dict[str, Any] = {"timings": {}}
     # S3
-    s3_mod.reference_solution = functools.partial(reference_solution, rtol=1e-6, atol=1e-6)
     t = time.time()
-    res = s3_mod.fit_s3_plan(Bound(m), sch, 5, n_samples=16, seed=7, population=6, generations=3, elite=2,
-                             model_name="mnist")
+    res = s3_mod.fit_s3_plan(
+        Bound(m), sch, 5, n_samples=16, seed=7, population=6, generations=3, elite=2, ref_tol=1e-6, model_name="mnist"
+    )
     data["timings"]["fit_s3_plan (NFE 5)"] = time.time() - t
     log(f"S3 {time.time() - t:.1f}s fitness {res.fitness:.4f}; baselines {res.baselines}")
-    data["s3"] = {"search_fitness": res.fitness, "baselines_search": res.baselines, "history": list(res.history),
-                  "evaluations": res.evaluations}
+    data["s3"] = {
+        "search_fitness": res.fitness,
+        "baselines_search": res.baselines,
+        "history": list(res.history),
+        "evaluations": res.evaluations,
+    }
     from dpmlab.solvers.usf import USF
 
     ref = reference(m, sch, noise, cond)
@@ -243,8 +270,12 @@ def part_c() -> None:
     with torch.no_grad():
         end = reference_solution(u, sch, mid.x, t_idx0, 0.0, rtol=REF_TOL, atol=REF_TOL)
     data["timings"]["reference unconditional"] = time.time() - t
-    ours = {"DPM-Solver++ 2M": get("dpm_solver_pp", order=2), "DPM-Solver++ 3M": get("dpm_solver_pp", order=3),
-            "UniPC-2 bh1": get("unipc"), "UniPC-2 bh2": get("unipc", variant="bh2")}
+    ours = {
+        "DPM-Solver++ 2M": get("dpm_solver_pp", order=2),
+        "DPM-Solver++ 3M": get("dpm_solver_pp", order=3),
+        "UniPC-2 bh1": get("unipc"),
+        "UniPC-2 bh2": get("unipc", variant="bh2"),
+    }
     rows: dict[str, dict[str, float]] = {}
     for label, s in ours.items():
         rows[f"dpmlab {label}"] = {}
@@ -268,9 +299,13 @@ def part_d() -> None:
     m, sch, noise, labels = setup()
     cond = {"label": labels}
     ref = reference(m, sch, noise, cond)
-    fixed = {"DPM-Solver++ 2M": get("dpm_solver_pp", order=2), "DPM-Solver++ 3M": get("dpm_solver_pp", order=3),
-             "UniPC-2 bh1": get("unipc"), "UniPC-2 bh2": get("unipc", variant="bh2"),
-             "UniPC-3 bh1": get("unipc", predictor_order=3)}
+    fixed = {
+        "DPM-Solver++ 2M": get("dpm_solver_pp", order=2),
+        "DPM-Solver++ 3M": get("dpm_solver_pp", order=3),
+        "UniPC-2 bh1": get("unipc"),
+        "UniPC-2 bh2": get("unipc", variant="bh2"),
+        "UniPC-3 bh1": get("unipc", predictor_order=3),
+    }
     rows: dict[str, dict[str, float]] = {}
     for grid in ("uniform_time", "quadratic_time"):
         for label, s in fixed.items():
@@ -286,8 +321,12 @@ def part_e() -> None:
     m, sch, noise, _ = setup()
     u = Unconditional(m)
     ref = reference(u, sch, noise, {})
-    ours = {"DPM-Solver++ 3M": get("dpm_solver_pp", order=3), "UniPC-2 bh1": get("unipc"),
-            "UniPC-2 bh2": get("unipc", variant="bh2"), "UniPC-3 bh1": get("unipc", predictor_order=3)}
+    ours = {
+        "DPM-Solver++ 3M": get("dpm_solver_pp", order=3),
+        "UniPC-2 bh1": get("unipc"),
+        "UniPC-2 bh2": get("unipc", variant="bh2"),
+        "UniPC-3 bh1": get("unipc", predictor_order=3),
+    }
     rows: dict[str, dict[str, float]] = {}
     for label, s in ours.items():
         rows[f"dpmlab {label} @uniform_time"] = {}
@@ -306,11 +345,13 @@ def report() -> None:
         return json.loads(f.read_text()) if f.exists() else {}
 
     a, b, c, d, e = load("a"), load("b"), load("c"), load("d"), load("e")
-    md = ["# Issue-5 methods on the shipped MNIST model\n",
-          "Generated by `benchmarks/mnist_methods.py` (see its docstring for the exact setup). RMS error at sigma = 0 "
-          f"vs the reference ODE solution (rtol = atol = {REF_TOL:g}), {N} held-out noises (seed {SEED}), labels "
-          "`arange(32) % 10`, quadratic-time grids to sigma = 0 unless stated; best per column in bold. "
-          "CPU, 1 thread.\n"]
+    md = [
+        "# Issue-5 methods on the shipped MNIST model\n",
+        "Generated by `benchmarks/mnist_methods.py` (see its docstring for the exact setup). RMS error at sigma = 0 "
+        f"vs the reference ODE solution (rtol = atol = {REF_TOL:g}), {N} held-out noises (seed {SEED}), labels "
+        "`arange(32) % 10`, quadratic-time grids to sigma = 0 unless stated; best per column in bold. "
+        "CPU, 1 thread.\n",
+    ]
     if a:
         md += ["## (a) DPM-Solver-v3 with fitted EMS (w = 1)\n", table(a["rows"])]
     if b:
@@ -319,28 +360,35 @@ def report() -> None:
     if c:
         if "s3" in c:
             s = c["s3"]
-            md += ["## (c) S3 at NFE 5 (w = 1)\n",
-                   f"Search: {s['evaluations']} fitness evaluations on 16 search noises; best search fitness "
-                   f"{s['search_fitness']:.4f} (history {', '.join(f'{v:.4f}' for v in s['history'])}); "
-                   f"**held-out RMS {s['held_out']:.4f}**. Initial presets on the search noises: "
-                   + ", ".join(f"{k} {v:.4f}" for k, v in sorted(s["baselines_search"].items(),
-                                                                 key=lambda kv: kv[1])[:6])
-                   + ".\n"]
+            md += [
+                "## (c) S3 at NFE 5 (w = 1)\n",
+                f"Search: {s['evaluations']} fitness evaluations on 16 search noises; best search fitness "
+                f"{s['search_fitness']:.4f} (history {', '.join(f'{v:.4f}' for v in s['history'])}); "
+                f"**held-out RMS {s['held_out']:.4f}**. Initial presets on the search noises: "
+                + ", ".join(f"{k} {v:.4f}" for k, v in sorted(s["baselines_search"].items(), key=lambda kv: kv[1])[:6])
+                + ".\n",
+            ]
             if d:
                 rows = {**d["rows"], "S3 plan (searched at NFE 5)": {"5": s["held_out"]}}
-                md += ["Held-out comparison at NFE 5 (fixed solvers on the grids S3 starts from):\n",
-                       table(rows, (5,))]
+                md += ["Held-out comparison at NFE 5 (fixed solvers on the grids S3 starts from):\n", table(rows, (5,))]
         if "peers" in c:
-            md += ["## (c) diffusers schedulers vs dpmlab on the unconditional model (null class)\n",
-                   "dpmlab rows without a grid tag: quadratic time. diffusers rows end where the scheduler ends "
-                   "(sigma = 0 or training index 0) and are scored against the reference there.\n",
-                   table({**{k: v for k, v in c["peers"].items() if k.startswith("dpmlab")}, **e.get("rows", {}),
-                          **{k: v for k, v in c["peers"].items() if not k.startswith("dpmlab")}})]
+            md += [
+                "## (c) diffusers schedulers vs dpmlab on the unconditional model (null class)\n",
+                "dpmlab rows without a grid tag: quadratic time. diffusers rows end where the scheduler ends "
+                "(sigma = 0 or training index 0) and are scored against the reference there.\n",
+                table(
+                    {
+                        **{k: v for k, v in c["peers"].items() if k.startswith("dpmlab")},
+                        **e.get("rows", {}),
+                        **{k: v for k, v in c["peers"].items() if not k.startswith("dpmlab")},
+                    }
+                ),
+            ]
     md += ["## Timings (s, CPU, 1 thread)\n", "| step | s |\n|---|---:|"]
     for name, part in zip("abcde", (a, b, c, d, e)):
         for k, v in part.get("timings", {}).items():
             md.append(f"| ({name}) {k} | {v:.1f} |")
-    summary = (OUT / "summary.md")
+    summary = OUT / "summary.md"
     md += ["\n## Summary\n", summary.read_text() if summary.exists() else "(no summary)"]
     (ROOT / "docs/benchmarks/mnist_methods.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

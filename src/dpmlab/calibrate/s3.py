@@ -183,6 +183,7 @@ def fit_s3_plan(
     model_name: str = "",
     search_seed: int = 0,
     initial: dict[str, Plan] | None = None,
+    ref_tol: float = 1e-10,
 ) -> S3Result:
     """Search a USF plan of exactly ``nfe`` evaluations for ``model`` (see module docstring)."""
     shape = shape or getattr(model, "data_shape", None)
@@ -194,7 +195,7 @@ def fit_s3_plan(
     t1 = schedule.t_zero if to_zero and schedule.t_zero is not None else schedule.t_min
     x = torch.randn(n_samples, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     x = x * float(schedule.sigma(torch.tensor(t0, dtype=torch.float64)))
-    ref = reference_solution(model, schedule, x, t0, t1).x
+    ref = reference_solution(model, schedule, x, t0, t1, rtol=ref_tol, atol=ref_tol).x
     seen: dict[Plan, float] = {}
 
     def fitness(plan: Plan) -> float:

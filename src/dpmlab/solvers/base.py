@@ -35,6 +35,7 @@ __all__ = [
     "solver_class",
     "ends_at_zero",
     "Wrapper",
+    "FirstEvaluation",
 ]
 
 S = TypeVar("S")
@@ -103,6 +104,42 @@ class Problem:
         if self.noise is None:
             return torch.randn_like(like)
         return self.noise(1 + 16 * i + sub, like)
+
+
+@dataclass(frozen=True)
+class FirstEvaluation(Problem):
+    """A wrapper's view of the problem for one step of its base solver (UniC, Time-Shift, dynamic
+    compensation): the base's first model evaluation, which must be at ``(x, t0)``, is answered by
+    ``answer(x, evaluate)`` — ``evaluate()`` makes the real call, so an answer that does not call it
+    costs no evaluation; later calls pass through. ``answers`` records ``(x, x0)`` of that first call."""
+
+    parent: Problem | None = None
+    t0: float = 0.0
+    answer: Callable[[Tensor, Callable[[], Tensor]], Tensor] | None = None
+    who: str = "this wrapper"
+    answers: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+
+    @classmethod
+    def of(
+        cls, problem: Problem, t0: float, answer: Callable[[Tensor, Callable[[], Tensor]], Tensor], who: str
+    ) -> FirstEvaluation:
+        fields = {f.name: getattr(problem, f.name) for f in dataclasses.fields(Problem)}
+        return cls(**fields, parent=problem, t0=float(t0), answer=answer, who=who)
+
+    def denoise(self, x: Tensor, t: Tensor | float) -> Tensor:
+        assert self.parent is not None and self.answer is not None
+        if self.answers:
+            return self.parent.denoise(x, t)
+        t_all = f64(t).reshape(-1)
+        if not bool((t_all == self.t0).all()):
+            raise ValueError(
+                f"{self.who} needs a base solver whose step first evaluates the model at (x, t_i), "
+                f"t_i={self.t0:.6g}; its first call was at t={float(t_all[0]):.6g}"
+            )
+        parent = self.parent
+        x0 = self.answer(x, lambda: parent.denoise(x, t))
+        self.answers.append((x, x0))
+        return x0
 
 
 @dataclass(frozen=True)

@@ -49,9 +49,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._utils import atomic_write, f64
+from .._utils import atomic_write
 from ._expint import lincomb, point
-from .base import Problem, Solver, Wrapper, get, register
+from .base import FirstEvaluation, Problem, Solver, Wrapper, get, register
 
 __all__ = ["DCRatios", "CPRModel", "DynamicCompensation", "lagrange_weights", "cpr_features", "PENDING_FIELD"]
 
@@ -210,34 +210,6 @@ class DCState:
     ms: tuple[Tensor, ...] = ()  # those outputs as the base buffered them (compensated)
 
 
-@dataclass(frozen=True)
-class _FirstOutput(Problem):
-    """The base's view of the problem: its first evaluation, which must be at ``(x, t0)``, returns the
-    compensated output ``transform(m)`` (as the ``x0`` giving it); ``seen`` records the buffered value."""
-
-    parent: Problem | None = None
-    t0: float = 0.0
-    form: str = "data"
-    transform: Callable[[Tensor], Tensor | None] | None = None
-    seen: list[Tensor] = field(default_factory=list)
-
-    def denoise(self, x: Tensor, t: Tensor | float) -> Tensor:
-        assert self.parent is not None and self.transform is not None
-        x0 = self.parent.denoise(x, t)
-        if self.seen:
-            return x0
-        if float(f64(t).reshape(-1)[0]) != self.t0:
-            raise ValueError(f"dynamic compensation needs a base whose step first evaluates the model at (x, t_i), "
-                             f"t_i={self.t0:.6g}; its first call was at t={float(f64(t).reshape(-1)[0]):.6g}")
-        a, s, _ = point(self.schedule, self.t0)
-        m = x0 if self.form == "data" else (x - a * x0) / s
-        m_dc = self.transform(m)
-        self.seen.append(m if m_dc is None else m_dc)
-        if m_dc is None:
-            return x0
-        return m_dc if self.form == "data" else (x - s * m_dc) / a
-
-
 @register("dc_solver")
 @dataclass(frozen=True)
 class DynamicCompensation(Wrapper[DCState]):
@@ -291,11 +263,22 @@ class DynamicCompensation(Wrapper[DCState]):
             base_state = state.base if m_dc is None else dataclasses.replace(state.base, **{PENDING_FIELD: m_dc})
             x_next, base_next = self.base.step(problem, x, ts, i, base_state)
         else:  # the base evaluates at (x, t_i) first: serve the compensated output
-            fields = {f.name: getattr(problem, f.name) for f in dataclasses.fields(Problem)}
-            view = _FirstOutput(**fields, parent=problem, t0=t, form=self.form, transform=compensate)
+            buffered: list[Tensor] = []
+            a, s, _ = point(problem.schedule, t)
+
+            def serve(xx: Tensor, evaluate: Callable[[], Tensor]) -> Tensor:
+                x0 = evaluate()
+                m = x0 if self.form == "data" else (xx - a * x0) / s
+                m_dc = compensate(m)
+                buffered.append(m if m_dc is None else m_dc)
+                if m_dc is None:
+                    return x0
+                return m_dc if self.form == "data" else (xx - s * m_dc) / a  # the x0 giving m_dc
+
+            view = FirstEvaluation.of(problem, t, serve, "dynamic compensation")
             x_next, base_next = self.base.step(view, x, ts, i, state.base)
-            if not view.seen:
+            if not buffered:
                 raise ValueError(f"dynamic compensation: base {self.base.name!r} never evaluated the model at (x, t_i)")
-            m = view.seen[0]
+            m = buffered[0]
         k = self.dc_order
         return x_next, DCState(base_next, (state.ts + (t,))[-k:], (state.ms + (m,))[-k:])

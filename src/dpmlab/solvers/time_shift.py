@@ -32,7 +32,6 @@ from exact noise. The window is in training-index units of a time axis on ``[0, 
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -42,7 +41,7 @@ from torch import Tensor
 
 from .._utils import append_dims, f64
 from ..schedules import NoiseSchedule
-from .base import Problem, Solver, Wrapper, get, register
+from .base import FirstEvaluation, Problem, Solver, Wrapper, get, register
 
 __all__ = ["TimeShift", "shifted_time"]
 
@@ -60,30 +59,6 @@ def shifted_time(
     target = schedule.sigma(cand) ** 2 + data_var * schedule.alpha(cand) ** 2  # 1 - abar_tau (+ alpha^2 v0)
     j = (var[:, None] - target[None, :]).abs().argmin(dim=1)  # ties: the smallest time
     return cand[j]
-
-
-@dataclass(frozen=True)
-class _ServeFirst(Problem):
-    """The base's view: its first evaluation (which must be at ``(x~, t0)``) returns ``x0`` without a
-    model call; later calls go to ``parent``."""
-
-    parent: Problem | None = None
-    t0: float = 0.0
-    x0: Tensor | None = None
-    served: list[bool] = field(default_factory=list)
-
-    def denoise(self, x: Tensor, t: Tensor | float) -> Tensor:
-        assert self.parent is not None and self.x0 is not None
-        if self.served:
-            return self.parent.denoise(x, t)
-        t_first = f64(t).reshape(-1)
-        if not bool((t_first == self.t0).all()):
-            raise ValueError(
-                f"time_shift needs a base solver whose step first evaluates the model at (x, t_i), "
-                f"t_i={self.t0:.6g}; its first call was at t={float(t_first[0]):.6g}"
-            )
-        self.served.append(True)
-        return self.x0.to(x.dtype)
 
 
 @register("time_shift")
@@ -131,9 +106,8 @@ class TimeShift(Wrapper[Any]):
         a, s = float(sch.alpha(f64(t))), float(sch.sigma(f64(t)))
         moved = append_dims(t_s != t, x.ndim).to(x.device)
         x_nom = torch.where(moved, a * x0_s + s * eps_s, x)  # to the nominal t_i keeping (x0_s, eps_s)
-        fields = {f.name: getattr(problem, f.name) for f in dataclasses.fields(Problem)}
-        view = _ServeFirst(**fields, parent=problem, t0=t, x0=x0_s)
+        view = FirstEvaluation.of(problem, t, lambda xx, evaluate: x0_s.to(xx.dtype), "time_shift")
         x_next, state = self.base.step(view, x_nom, ts, i, state)
-        if not view.served:
+        if not view.answers:
             raise ValueError(f"time_shift: base solver {self.base.name!r} did not evaluate the model at (x, t_i)")
         return x_next, state

@@ -34,18 +34,16 @@ thing for eps-networks).
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .._utils import f64
 from ._expint import Interval, interval, phi
-from .base import Problem, Solver, get, register
+from .base import FirstEvaluation, Problem, Solver, get, register
 
 VARIANTS = ("bh1", "bh2")
 PREDICTIONS = ("data", "noise")
@@ -164,36 +162,6 @@ class UniPC(Solver[History]):
 
 
 # --- UniC after any solver ----------------------------------------------------------------------
-@dataclass(frozen=True)
-class _ReuseFirst(Problem):
-    """The base solver's view of the problem: its first evaluation (which must be at ``(x, t0)``)
-    returns the corrector's evaluation ``cached`` without a model call; ``seen`` records it."""
-
-    parent: Problem | None = None
-    t0: float = 0.0
-    cached: Tensor | None = None
-    prediction: str = "data"
-    seen: list[Tensor] = field(default_factory=list)
-
-    def denoise(self, x: Tensor, t: Tensor | float) -> Tensor:
-        assert self.parent is not None
-        if self.seen:
-            return self.parent.denoise(x, t)
-        t_first = float(f64(t).reshape(-1)[0])
-        if t_first != self.t0:
-            raise ValueError(
-                f"UniC needs a base solver whose step first evaluates the model at (x, t_i), "
-                f"t_i={self.t0:.6g}; its first call was at t={t_first:.6g}"
-            )
-        a, s = (float(v) for v in (self.schedule.alpha(f64(self.t0)), self.schedule.sigma(f64(self.t0))))
-        if self.cached is None:
-            x0 = self.parent.denoise(x, t)
-        else:  # hand over m(x~_t, t) in the corrector's form: x0 itself, or the x0 matching its eps at x
-            x0 = self.cached if self.prediction == "data" else (x - s * self.cached) / a
-        self.seen.append(_as_m(self.prediction, x, x0, a, s))
-        return x0
-
-
 @register("unic")
 @dataclass(frozen=True)
 class UniC(Solver[History]):
@@ -232,13 +200,19 @@ class UniC(Solver[History]):
 
     def step(self, problem: Problem, x: Tensor, ts: Tensor, i: int, state: History) -> tuple[Tensor, History]:
         c, n = interval(problem.schedule, ts, i), len(ts) - 1
-        fields = {f.name: getattr(problem, f.name) for f in dataclasses.fields(Problem)}
-        view = _ReuseFirst(**fields, parent=problem, t0=c.t, cached=state.m_next, prediction=self.prediction)
+
+        def reuse(xx: Tensor, evaluate: Callable[[], Tensor]) -> Tensor:
+            if state.m_next is None:
+                return evaluate()
+            # hand over m(x~_t, t) in the corrector's form: x0 itself, or the x0 matching its eps at x
+            return state.m_next if self.prediction == "data" else (xx - c.sigma * state.m_next) / c.alpha
+
+        view = FirstEvaluation.of(problem, c.t, reuse, "UniC")
         x_pred, base_state = self.base.step(view, x, ts, i, state.base)  # the base's predictor step
-        if not view.seen:
+        if not view.answers:
             raise ValueError(f"UniC: base solver {self.base.name!r} did not evaluate the model at (x, t_i)")
         lams = (state.lams + (c.lam,))[-self.p :]  # buffer of the last p outputs (m_0 = the base's first call)
-        ms = (state.ms + (view.seen[0],))[-self.p :]
+        ms = (state.ms + (_as_m(self.prediction, *view.answers[0], c.alpha, c.sigma),))[-self.p :]
         if c.sigma_next == 0 or (i == n - 1 and not self.final_corrector):
             return x_pred, History(lams, ms, None, base_state)
         m_t = _as_m(self.prediction, x_pred, problem.denoise(x_pred, c.t_next), c.alpha_next, c.sigma_next)
