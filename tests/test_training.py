@@ -1,8 +1,11 @@
-"""Training: losses fall, resume after a stop or a SIGKILL is bit-exact, two processes equal one, CLI."""
+"""Training: losses fall, resume after a stop or a SIGKILL is bit-exact, two processes equal one, CLI; ``fit``
+with a custom objective (frozen sub-module, export, refused resume)."""
 
+import dataclasses
 import inspect
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -12,11 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import dpmlab
 from dpmlab.cli import main
 from dpmlab.models.nets import ModelSpec
-from dpmlab.training import Recipe, load_recipe, make_loss, train
+from dpmlab.training import DiffusionObjective, Recipe, TrainConfig, TrainObjective, fit, load_recipe, make_loss, train
 from dpmlab.training.data import Dataset
 from dpmlab.training.trainer import read_checkpoint
 
@@ -230,3 +234,126 @@ def test_lr_schedule():
     tc = Recipe.from_dict({"name": "x", "train": {"steps": 110, "lr": 1.0, "warmup": 10, "lr_decay": "cosine"}}).train
     assert tc.lr_at(0) == pytest.approx(0.1) and tc.lr_at(9) == pytest.approx(1.0)
     assert tc.lr_at(60) == pytest.approx(0.5) and tc.lr_at(109) < 0.01
+
+
+# --- fit with a custom objective: linear regression through a frozen random projection ---------------------
+
+W_TRUE = torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
+
+
+class _LinRegNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.frozen = nn.Linear(4, 4).requires_grad_(False)  # a fixed, well-conditioned feature map
+        nn.init.orthogonal_(self.frozen.weight)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.head(self.frozen(x))
+
+
+class LinReg:
+    """y = x W + noise_scale * noise on 48 fixed inputs; MSE of the net's prediction."""
+
+    def __init__(self, noise_scale=0.01, meta=None):
+        torch.manual_seed(0)
+        self.name, self.module, self.noise_scale = "linreg", _LinRegNet(), noise_scale
+        self.x = torch.randn(48, 4, generator=torch.Generator().manual_seed(1))
+        self.meta = {"kind": json.dumps("linreg")} if meta is None else meta
+        self.exported = []
+
+    def __len__(self):
+        return len(self.x)
+
+    def config(self):
+        return {"kind": "linreg", "n": len(self.x), "noise_scale": self.noise_scale}
+
+    def draw(self, idx, g):
+        return {"x": self.x[idx], "noise": torch.randn(len(idx), 1, generator=g)}
+
+    def loss(self, module, batch):
+        y = batch["x"] @ W_TRUE + self.noise_scale * batch["noise"]
+        return (module(batch["x"]) - y).square().mean()
+
+    def export(self, ema, out_dir, card):
+        self.exported.append((ema, out_dir, card))
+        path = out_dir / "linreg.json"
+        path.write_text(json.dumps(card))
+        return path
+
+    def checkpoint_meta(self):
+        return self.meta
+
+
+LINREG_TRAIN = TrainConfig(steps=40, batch_size=16, lr=0.1, warmup=0, ema_decay=0.9, checkpoint_every=10,
+                           log_every=10, seed=5)
+
+
+def test_fit_custom_objective_trains_keeps_frozen_and_exports_the_ema(tmp_path):
+    obj: TrainObjective = LinReg()
+    frozen0 = {k: v.clone() for k, v in obj.module.frozen.state_dict().items()}
+    res = fit(obj, LINREG_TRAIN, tmp_path, progress=False)
+    assert res.step == 40 and not res.stopped and len(res.losses) == 4
+    assert res.losses[-1][1] < 0.05 * res.losses[0][1], res.losses
+    tensors, meta = _state(tmp_path)
+    assert meta["kind"] == "linreg" and meta["objective"] == obj.config()
+    assert meta["train"]["steps"] == 40 and meta["train"]["lr"] == 0.1
+    # the frozen sub-module is not optimised: two AdamW parameters (head weight, bias), frozen weights unchanged
+    assert [g["params"] for g in meta["optim"]["param_groups"]] == [[0, 1]]
+    assert {k.split("/")[1] for k in tensors if k.startswith("optim/")} == {"0", "1"}
+    for k, v in frozen0.items():
+        assert torch.equal(obj.module.frozen.state_dict()[k], v)
+        assert torch.equal(tensors[f"model/frozen.{k}"], v) and torch.equal(tensors[f"ema/frozen.{k}"], v)
+    assert not torch.equal(tensors["model/head.weight"], tensors["ema/head.weight"])  # EMA lags the model
+    # export: once, with the EMA copy (not the trained module) and the generic card
+    assert len(obj.exported) == 1
+    ema, out_dir, card = obj.exported[0]
+    assert ema is not obj.module and out_dir == tmp_path
+    for k, v in ema.state_dict().items():
+        assert torch.equal(v, tensors[f"ema/{k}"]), k
+    assert card["name"] == "linreg" and card["steps"] == 40 and card["seed"] == 5
+    assert [tuple(x) for x in card["losses"]] == list(res.losses) and card["final_loss"] == res.final_loss
+    assert card["parameters"] == 4 * 4 + 4 + 4 + 1 and card["train"] == meta["train"]
+    assert {"train_time_s", "train_cpu_time_s", "machine", "torch", "dpmlab"} <= set(card)
+    assert json.loads((tmp_path / "linreg.json").read_text())["steps"] == 40
+
+
+def test_diffusion_objective_checkpoint_header(reference):
+    """train() is fit(DiffusionObjective): the header keeps spec and recipe (dpmlab.load reads the spec) and
+    records the objective config: the recipe without train.steps."""
+    ref_out, _ = reference
+    meta = _state(ref_out)[1]
+    obj = DiffusionObjective(Recipe.from_dict(TINY), tiny_data())
+    assert meta["recipe"] == Recipe.from_dict(TINY).to_dict() and meta["spec"] == obj.spec.to_dict()
+    assert meta["objective"] == obj.config() and "steps" not in meta["objective"]["train"]
+    assert meta["train"] == {**TINY["train"], **{k: v for k, v in meta["train"].items() if k not in TINY["train"]}}
+    assert len(obj) == 20 and set(obj.draw(torch.arange(4), torch.Generator().manual_seed(0))) == \
+        {"x0", "t", "eps", "label"}
+
+
+def test_fit_resume_after_stop_is_bit_exact(tmp_path):
+    ref = fit(LinReg(), LINREG_TRAIN, tmp_path / "ref", progress=False)
+    obj = LinReg()
+    res = fit(obj, LINREG_TRAIN, tmp_path / "run", progress=False, callback=lambda s, loss: s == 27)
+    assert res.stopped and res.step == 27 and obj.exported == []  # a stop neither checkpoints nor exports
+    assert _state(tmp_path / "run")[1]["step"] == 20
+    res2 = fit(LinReg(), LINREG_TRAIN, tmp_path / "run", resume=True, progress=False)
+    assert res2.step == 40 and res2.losses == ref.losses
+    _assert_same(_state(tmp_path / "run"), _state(tmp_path / "ref"))
+
+
+def test_fit_resume_refuses_a_changed_config(tmp_path):
+    fit(LinReg(), dataclasses.replace(LINREG_TRAIN, steps=10), tmp_path, progress=False)
+    ckpt = tmp_path / "checkpoint.safetensors"
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(ckpt))}: .*objective 'linreg' config differs at "
+                                         r"noise_scale \(saved 0.01, now 0.5\)"):
+        fit(LinReg(noise_scale=0.5), LINREG_TRAIN, tmp_path, resume=True, progress=False)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(ckpt))}: .*train config differs at lr"):
+        fit(LinReg(), dataclasses.replace(LINREG_TRAIN, lr=0.2), tmp_path, resume=True, progress=False)
+    with pytest.raises(ValueError, match="exists; pass resume=True"):
+        fit(LinReg(), LINREG_TRAIN, tmp_path, progress=False)
+    assert fit(LinReg(), LINREG_TRAIN, tmp_path, resume=True, progress=False).step == 40  # steps may change
+    with pytest.raises(ValueError, match="checkpoint_meta\\(\\) key 'step' is the trainer's"):
+        fit(LinReg(meta={"step": "1"}), LINREG_TRAIN, tmp_path / "bad", progress=False)
+    with pytest.raises(ValueError, match="must be JSON text"):
+        fit(LinReg(meta={"kind": "linreg"}), LINREG_TRAIN, tmp_path / "bad", progress=False)

@@ -1,16 +1,22 @@
-"""Training loop: AdamW with linear warm-up, gradient clipping, EMA, tqdm progress, atomic safetensors
-checkpoints, bit-exact ``resume``, and multi-process data parallelism through ``accelerate``.
+"""Training loop: a generic core (``fit``) that trains any ``TrainObjective`` — AdamW with linear warm-up,
+gradient clipping, EMA, tqdm progress, atomic safetensors checkpoints, bit-exact ``resume``, multi-process
+data parallelism through ``accelerate`` — and the diffusion objective (``DiffusionObjective``, ``train``).
+
+An objective supplies the network (``module``), the number of examples, a JSON identity (``config``), the
+global batch of a step (``draw``), the loss and the export; ``fit`` owns everything else.
 
 Determinism by construction: the global batch of step ``s`` — which examples (an epoch-wise seeded
-permutation), their noise levels, noise and label drop-out — is a pure function of ``(seed, s)``, and
-the learning rate a pure function of ``s``. Each of ``W`` processes takes its ``B / W`` slice of the
-same global batch and the gradients are averaged, so a 2-process run equals a 1-process run up to
-float rounding, and resuming from a checkpoint (model, EMA, AdamW moments, step, torch RNG state)
-continues bit for bit.
+permutation) and whatever the objective draws from the step's generator (for diffusion: noise levels, noise,
+label drop-out) — is a pure function of ``(seed, s)``, and the learning rate a pure function of ``s``. Each
+of ``W`` processes takes its ``B / W`` slice of the same global batch and the gradients are averaged, so a
+2-process run equals a 1-process run up to float rounding, and resuming from a checkpoint (model, EMA, AdamW
+moments, step, torch RNG state) continues bit for bit.
 
 A checkpoint is one safetensors file written through a temporary file and ``os.replace``: a kill at any
 moment leaves the previous good checkpoint intact. Tensors: ``model/*``, ``ema/*``, ``optim/<i>/<key>``,
-``rng/torch`` (uint8); JSON metadata: spec, recipe, step, optimizer param groups, loss log, elapsed time.
+``rng/torch`` (uint8); JSON metadata: the objective's config, the train config, the objective's
+``checkpoint_meta()`` (diffusion: spec and recipe), step, optimizer param groups, loss log, elapsed time.
+Resume refuses a checkpoint whose objective config, or train config other than ``steps``, differs.
 
 EMA and warm-up as in DDPM (Ho et al. 2020, arXiv 2006.11239) and ADM (Dhariwal & Nichol 2021,
 arXiv 2105.05233); label drop-out for classifier-free guidance (Ho & Salimans 2022, arXiv 2207.12598).
@@ -30,18 +36,19 @@ import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from .._version import __version__
-from ..models.hub import CHECKPOINT_FORMAT, load_state, read_spec, save_model, write_safetensors
+from ..models.hub import CHECKPOINT_FORMAT, load_state, save_model, write_safetensors
 from ..models.nets import ModelSpec, Objective
 from .data import DataConfig, Dataset, load_data
 from .losses import DiffusionLoss, make_loss
 
-__all__ = ["TrainConfig", "ModelConfig", "Recipe", "TrainResult", "train", "load_recipe", "read_checkpoint"]
+__all__ = ["TrainConfig", "ModelConfig", "Recipe", "TrainResult", "TrainObjective", "DiffusionObjective", "fit",
+           "train", "load_recipe", "read_checkpoint"]
 
 CHECKPOINT = "checkpoint.safetensors"
 MODEL = "model.safetensors"
@@ -185,6 +192,45 @@ class TrainResult:
         return self.losses[-1][1] if self.losses else float("nan")
 
 
+class TrainObjective(Protocol):
+    """What ``fit`` trains: a network, a data set of ``len(objective)`` examples and a loss.
+
+    ``fit`` owns the optimisation (data order, per-step generator, learning rate, AdamW over the
+    ``requires_grad`` parameters of ``module``, clipping, EMA, checkpoints, resume, processes); the
+    objective owns everything about the data, the model and the loss. Build ``module`` under a seeded
+    global RNG (as ``DiffusionObjective`` does with ``torch.manual_seed(seed)``): ``fit`` saves and
+    restores the global torch RNG in checkpoints but does not reseed it.
+    """
+
+    name: str  # run name (progress bar, card)
+    module: nn.Module  # the trainable network: optimised (requires_grad parameters only), EMA'd, checkpointed
+
+    def __len__(self) -> int:
+        """Number of training examples: the epoch length of the seeded data order."""
+        ...
+
+    def config(self) -> dict[str, Any]:
+        """JSON-able identity (data, model, loss settings); resume refuses a checkpoint whose saved one differs."""
+        ...
+
+    def draw(self, idx: Tensor, g: torch.Generator) -> dict[str, Tensor]:
+        """The global batch of one step: ``idx`` the ``(B,)`` int64 example indices, ``g`` the step's generator
+        (seeded from ``(seed, step)``). Every returned tensor has leading dimension ``B``."""
+        ...
+
+    def loss(self, module: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+        """Scalar loss of this process's slice of the batch (on the device); ``module`` may be wrapped."""
+        ...
+
+    def export(self, ema: nn.Module, out_dir: Path, card: dict[str, Any]) -> Path:
+        """Write the final model from ``ema`` (the EMA copy of ``module``); ``card`` holds the generic facts."""
+        ...
+
+    def checkpoint_meta(self) -> dict[str, str]:
+        """Extra checkpoint header entries, each value JSON text (``json.dumps(...)``); may be ``{}``."""
+        ...
+
+
 def _spec_for(recipe: Recipe, ds: Dataset) -> ModelSpec:
     """The model spec of ``recipe`` on data ``ds``, checking that net and data fit together."""
     m = recipe.model
@@ -202,6 +248,60 @@ def _spec_for(recipe: Recipe, ds: Dataset) -> ModelSpec:
         raise ValueError(f"MLP data_shape {tuple(cfg.get('data_shape', (2,)))} differs from the data's {ds.shape}")
     return ModelSpec(m.net, cfg, Objective(m.objective), m.schedule, ds.shape, m.sigma_data,
                      ds.class_names if k else ())
+
+
+class DiffusionObjective:
+    """A diffusion model of ``recipe`` on ``dataset``: the net built from the recipe's spec (initialised
+    from ``torch.manual_seed(recipe.train.seed)``), the recipe's eps / x0 / v / EDM loss with label
+    drop-out to the null class, exported as ``model.safetensors`` + ``model.json`` (``dpmlab.load``)."""
+
+    def __init__(self, recipe: Recipe, dataset: Dataset) -> None:
+        self.recipe, self.dataset = recipe, dataset
+        self.name = recipe.name
+        self.spec = _spec_for(recipe, dataset)
+        tc = recipe.train
+        torch.manual_seed(tc.seed)
+        self.module: nn.Module = self.spec.build_net()
+        self.loss_fn: DiffusionLoss = make_loss(self.spec, p_mean=tc.p_mean, p_std=tc.p_std)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def config(self) -> dict[str, Any]:
+        """The recipe without ``train.steps`` (the one field a resumed run may change)."""
+        d = self.recipe.to_dict()
+        del d["train"]["steps"]
+        return d
+
+    def draw(self, idx: Tensor, g: torch.Generator) -> dict[str, Tensor]:
+        """``x0``, noise levels ``t``, noise ``eps`` and (conditional nets) ``label``, dropped to the null
+        class with probability ``train.label_dropout``; drawn from ``g`` in this order."""
+        b = len(idx)
+        t = self.loss_fn.draw(g, b)
+        eps = torch.randn((b, *self.dataset.shape), generator=g)
+        drop = torch.rand(b, generator=g) < self.recipe.train.label_dropout
+        batch = {"x0": self.dataset.x[idx], "t": t, "eps": eps}
+        if self.spec.class_names:
+            assert self.dataset.labels is not None
+            batch["label"] = torch.where(drop, len(self.spec.class_names), self.dataset.labels[idx])
+        return batch
+
+    def loss(self, module: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+        cond = {"label": batch["label"]} if "label" in batch else {}
+        return self.loss_fn(module, batch["x0"], batch["t"], batch["eps"], **cond).mean()
+
+    def export(self, ema: nn.Module, out_dir: Path, card: dict[str, Any]) -> Path:
+        ds, r = self.dataset, self.recipe
+        full = {"name": r.name, "description": r.description,
+                "data": {**r.data.to_dict(), "examples": len(ds), "shape": list(ds.shape),
+                         "skipped_files": len(ds.skipped)},
+                "recipe": r.to_dict(), **{k: v for k, v in card.items() if k not in ("name", "train")}}
+        dtype = torch.float16 if r.export_dtype == "float16" else torch.float32
+        return save_model(Path(out_dir) / MODEL, ema, self.spec, dtype=dtype, card=full)
+
+    def checkpoint_meta(self) -> dict[str, str]:
+        # "spec" lets dpmlab.load(<run folder>) rebuild the net from a checkpoint
+        return {"spec": json.dumps(self.spec.to_dict()), "recipe": json.dumps(self.recipe.to_dict())}
 
 
 class _Dist:
@@ -276,19 +376,70 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], di
     return tensors, decoded
 
 
-class _Run:
-    """One training run's mutable state (net, EMA, optimizer, step) and its checkpoint I/O."""
+# header entries the trainer writes itself; an objective's checkpoint_meta() may not use them
+_RESERVED_META = frozenset({"format", "objective", "train", "step", "optim", "losses", "window", "elapsed_s", "cpu_s",
+                            "world_size", "dpmlab"})
 
-    def __init__(self, recipe: Recipe, ds: Dataset, out: Path, dist: _Dist) -> None:
-        self.recipe, self.ds, self.out, self.dist = recipe, ds, out, dist
-        tc = recipe.train
-        self.spec = _spec_for(recipe, ds)
-        torch.manual_seed(tc.seed)
-        self.net = self.spec.build_net().to(dist.device)
+
+def _train_dict(tc: TrainConfig) -> dict[str, Any]:
+    d = dataclasses.asdict(tc)
+    d["adam_betas"] = list(tc.adam_betas)
+    return d
+
+
+def _differences(saved: Any, now: Any, prefix: str = "") -> list[str]:
+    """Dotted paths where two JSON values differ, each with both values."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        out: list[str] = []
+        for k in sorted(set(saved) | set(now)):
+            p = f"{prefix}.{k}" if prefix else k
+            if k in saved and k in now:
+                out += _differences(saved[k], now[k], p)
+            else:
+                out.append(f"{p} (saved {_shown(saved, k)}, now {_shown(now, k)})")
+        return out
+    if saved == now:
+        return []
+    return [f"{prefix or '<all>'} (saved {json.dumps(saved)[:80]}, now {json.dumps(now)[:80]})"]
+
+
+def _shown(d: Mapping[str, Any], k: str) -> str:
+    return json.dumps(d[k])[:80] if k in d else "absent"
+
+
+def _saved_configs(path: Path, meta: Mapping[str, Any]) -> tuple[Any, Any]:
+    """The objective and train configs a checkpoint was written with."""
+    if "objective" in meta and "train" in meta:
+        return meta["objective"], meta["train"]
+    recipe = meta.get("recipe")
+    if isinstance(recipe, dict) and isinstance(recipe.get("train"), dict):
+        # written by train() before fit() existed: the recipe held both (DiffusionObjective.config() is the
+        # recipe without train.steps)
+        obj = {**recipe, "train": {k: v for k, v in recipe["train"].items() if k != "steps"}}
+        return obj, recipe["train"]
+    raise ValueError(f"{path}: the checkpoint records no objective and train config; cannot resume from it")
+
+
+class _Run:
+    """One training run's mutable state (module, EMA, optimizer, step) and its checkpoint I/O."""
+
+    def __init__(self, objective: TrainObjective, tc: TrainConfig, out: Path, dist: _Dist) -> None:
+        self.obj, self.tc, self.out, self.dist = objective, tc, out, dist
+        self.n = len(objective)
+        if self.n < 1:
+            raise ValueError(f"objective {objective.name!r} has no training examples (len 0)")
+        try:
+            self.config = json.loads(json.dumps(objective.config()))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"objective {objective.name!r}: config() is not JSON-able ({e})") from None
+        self.train_config = _train_dict(tc)
+        self.net = objective.module.to(dist.device)
         self.ema = copy.deepcopy(self.net).requires_grad_(False)
-        self.opt = torch.optim.AdamW(self.net.parameters(), lr=tc.lr, betas=tc.adam_betas,
-                                     weight_decay=tc.weight_decay)
-        self.loss_fn: DiffusionLoss = make_loss(self.spec, p_mean=tc.p_mean, p_std=tc.p_std)
+        self.params = [p for p in self.net.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError(f"objective {objective.name!r}: the module has no parameters with requires_grad")
+        self.opt = torch.optim.AdamW(self.params, lr=tc.lr, betas=tc.adam_betas, weight_decay=tc.weight_decay)
+        self._extra_meta()  # a bad checkpoint_meta() fails now, not at the first checkpoint
         self.step = 0
         self.losses: list[tuple[int, float]] = []
         self.window: list[float] = []  # losses of the steps since the last logged mean
@@ -299,39 +450,60 @@ class _Run:
     # --- determinism: everything random about step s comes from (seed, s) -----------------------
     def _perm(self, epoch: int) -> Tensor:
         if epoch not in self._perm_cache:
-            g = torch.Generator().manual_seed((self.recipe.train.seed << 32) + 2 * epoch + 1)
+            g = torch.Generator().manual_seed((self.tc.seed << 32) + 2 * epoch + 1)
             self._perm_cache = {e: p for e, p in self._perm_cache.items() if e == epoch - 1}
-            self._perm_cache[epoch] = torch.randperm(len(self.ds), generator=g)
+            self._perm_cache[epoch] = torch.randperm(self.n, generator=g)
         return self._perm_cache[epoch]
 
-    def batch(self, step: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """This process's slice of the global batch of ``step``: ``(x0, t, eps, label)``."""
-        tc, n = self.recipe.train, len(self.ds)
-        pos = torch.arange(step * tc.batch_size, (step + 1) * tc.batch_size)
+    def batch(self, step: int) -> dict[str, Tensor]:
+        """This process's slice of the global batch of ``step``, on the device."""
+        b, n = self.tc.batch_size, self.n
+        pos = torch.arange(step * b, (step + 1) * b)
         idx = torch.cat([self._perm(int(e))[pos[pos // n == e] % n] for e in torch.unique(pos // n)])
-        g = torch.Generator().manual_seed((tc.seed << 32) + 2 * step)
-        t = self.loss_fn.draw(g, tc.batch_size)
-        eps = torch.randn((tc.batch_size, *self.ds.shape), generator=g)
-        drop = torch.rand(tc.batch_size, generator=g) < tc.label_dropout
-        label = None
-        if self.spec.class_names:
-            assert self.ds.labels is not None
-            label = torch.where(drop, len(self.spec.class_names), self.ds.labels[idx])
-        per = tc.batch_size // self.dist.world
+        g = torch.Generator().manual_seed((self.tc.seed << 32) + 2 * step)
+        drawn = self.obj.draw(idx, g)
+        per = b // self.dist.world
         sl = slice(self.dist.rank * per, (self.dist.rank + 1) * per)
-        dev = self.dist.device
-        return (self.ds.x[idx[sl]].to(dev), t[sl].to(dev), eps[sl].to(dev),
-                label[sl].to(dev) if label is not None else None)
+        out = {}
+        for k, v in drawn.items():
+            if not isinstance(v, Tensor) or v.dim() == 0 or v.shape[0] != b:
+                got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+                raise ValueError(f"objective {self.obj.name!r}: draw() gave {k!r} as {got}; every entry must be a "
+                                 f"tensor with leading dimension batch_size={b}")
+            out[k] = v[sl].to(self.dist.device)
+        return out
+
+    def update_ema(self) -> None:
+        decay = min(self.tc.ema_decay, (1 + self.step) / (10 + self.step))
+        with torch.no_grad():
+            for p_ema, p in zip(self.ema.parameters(), self.net.parameters()):
+                if p.requires_grad:  # frozen parameters never change: their EMA is the deep copy
+                    p_ema.lerp_(p, 1.0 - decay)
+            for b_ema, b in zip(self.ema.buffers(), self.net.buffers()):
+                b_ema.copy_(b)
 
     # --- checkpoints ----------------------------------------------------------------------------
+    def _extra_meta(self) -> dict[str, str]:
+        extra = self.obj.checkpoint_meta()
+        for k, v in extra.items():
+            if k in _RESERVED_META:
+                raise ValueError(f"objective {self.obj.name!r}: checkpoint_meta() key {k!r} is the trainer's; "
+                                 f"reserved: {', '.join(sorted(_RESERVED_META))}")
+            try:
+                json.loads(v)
+            except (TypeError, json.JSONDecodeError):
+                raise ValueError(f"objective {self.obj.name!r}: checkpoint_meta()[{k!r}] must be JSON text "
+                                 f"(json.dumps(...)), got {v!r:.80}") from None
+        return dict(extra)
+
     def save(self) -> None:
         tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
         tensors |= {f"ema/{k}": v.detach().cpu().contiguous() for k, v in self.ema.state_dict().items()}
         opt_tensors, opt_meta = _optim_tensors(self.opt)
         tensors |= opt_tensors
         tensors["rng/torch"] = torch.get_rng_state()
-        meta = {"format": CHECKPOINT_FORMAT, "spec": json.dumps(self.spec.to_dict()),
-                "recipe": json.dumps(self.recipe.to_dict()), "step": json.dumps(self.step),
+        meta = {"format": CHECKPOINT_FORMAT, "objective": json.dumps(self.config),
+                "train": json.dumps(self.train_config), **self._extra_meta(), "step": json.dumps(self.step),
                 "optim": json.dumps(opt_meta), "losses": json.dumps(self.losses), "window": json.dumps(self.window),
                 "elapsed_s": json.dumps(self.elapsed), "cpu_s": json.dumps(self.cpu),
                 "world_size": json.dumps(self.dist.world),
@@ -343,12 +515,15 @@ class _Run:
         if not path.is_file():
             raise ValueError(f"cannot resume: {path} does not exist")
         tensors, meta = read_checkpoint(path)
-        read_spec(path, {"format": CHECKPOINT_FORMAT, "spec": json.dumps(meta["spec"])})
-        saved = Recipe.from_dict(meta["recipe"])
-        if dataclasses.replace(saved, train=dataclasses.replace(saved.train, steps=self.recipe.train.steps)) \
-                != self.recipe:
-            raise ValueError(f"{path}: the checkpoint was written by a different recipe (only train.steps may "
-                             f"change on resume); saved: {json.dumps(meta['recipe'])}")
+        saved_obj, saved_train = _saved_configs(path, meta)
+        rule = "the checkpoint was written by a different recipe (only train.steps may change on resume)"
+        diff = _differences(saved_obj, self.config)
+        if diff:
+            raise ValueError(f"{path}: {rule}: objective {self.obj.name!r} config differs at {'; '.join(diff[:5])}")
+        diff = _differences({k: v for k, v in saved_train.items() if k != "steps"} if isinstance(saved_train, dict)
+                            else saved_train, {k: v for k, v in self.train_config.items() if k != "steps"})
+        if diff:
+            raise ValueError(f"{path}: {rule}: train config differs at {'; '.join(diff[:5])}")
         for prefix, module in (("model/", self.net), ("ema/", self.ema)):
             load_state(path, module, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
         try:
@@ -362,46 +537,56 @@ class _Run:
         self.elapsed = float(meta["elapsed_s"])
         self.cpu = float(meta.get("cpu_s", 0.0))
 
-    def export(self) -> Path:
-        params = sum(p.numel() for p in self.ema.parameters())
-        card = {"name": self.recipe.name, "description": self.recipe.description,
-                "data": {**self.recipe.data.to_dict(), "examples": len(self.ds), "shape": list(self.ds.shape),
-                         "skipped_files": len(self.ds.skipped)},
-                "recipe": self.recipe.to_dict(), "steps": self.step, "seed": self.recipe.train.seed,
-                "final_loss": self.losses[-1][1] if self.losses else None,
-                "loss_window_steps": self.recipe.train.log_every,
-                "losses": self.losses, "train_time_s": round(self.elapsed, 1),
-                "train_cpu_time_s": round(self.cpu, 1), "parameters": params,
+    def card(self) -> dict[str, Any]:
+        """The generic facts of the run, for the objective's export."""
+        return {"name": self.obj.name, "steps": self.step, "seed": self.tc.seed,
+                "final_loss": self.losses[-1][1] if self.losses else None, "loss_window_steps": self.tc.log_every,
+                "losses": list(self.losses), "train_time_s": round(self.elapsed, 1),
+                "train_cpu_time_s": round(self.cpu, 1), "parameters": sum(p.numel() for p in self.ema.parameters()),
                 "processes": self.dist.world, "torch_threads": torch.get_num_threads(),
                 "machine": f"{platform.machine()} {platform.processor() or platform.system()}",
-                "torch": torch.__version__, "dpmlab": __version__, "weights": "EMA"}
-        dtype = torch.float16 if self.recipe.export_dtype == "float16" else torch.float32
-        return save_model(self.out / MODEL, self.ema, self.spec, dtype=dtype, card=card)
+                "torch": torch.__version__, "dpmlab": __version__, "weights": "EMA",
+                "train": copy.deepcopy(self.train_config)}
 
 
-def train(
-    recipe: Recipe,
+def fit(
+    objective: TrainObjective,
+    train: TrainConfig,
     out_dir: str | os.PathLike[str],
     *,
     resume: bool = False,
-    dataset: Dataset | None = None,
     progress: bool = True,
     callback: Callable[[int, float], bool | None] | None = None,
 ) -> TrainResult:
-    """Train ``recipe`` into ``out_dir`` (``checkpoint.safetensors`` every ``checkpoint_every`` steps and
-    at the end; ``model.safetensors`` + ``model.json``: the EMA weights, loadable by
-    ``dpmlab.load(out_dir)``). ``resume`` continues from the checkpoint bit for bit. ``callback(step,
+    """Train ``objective.module`` on ``objective``'s loss with the optimisation settings ``train`` into
+    ``out_dir``: ``checkpoint.safetensors`` every ``train.checkpoint_every`` steps and at the end, then
+    ``objective.export(ema, out_dir, card)``. ``resume`` continues from the checkpoint bit for bit (refused
+    if the objective's ``config()`` or anything in ``train`` but ``steps`` changed). ``callback(step,
     loss)`` runs after every step; returning ``True`` stops at once, as if the process were killed.
     Launch with ``torchrun`` / ``accelerate`` (``WORLD_SIZE > 1``) for data-parallel training."""
-    out = Path(out_dir)
-    dist = _Dist()
-    ds = dataset if dataset is not None else load_data(recipe.data)
-    if ds.skipped and dist.main:
-        warnings.warn(f"{len(ds.skipped)} unreadable image files skipped (first: {ds.skipped[0]})", stacklevel=2)
-    tc = recipe.train
+    return _fit(objective, train, Path(out_dir), _Dist(), resume=resume, progress=progress, callback=callback)
+
+
+def _fit(
+    objective: TrainObjective,
+    tc: TrainConfig,
+    out: Path,
+    dist: _Dist,
+    *,
+    resume: bool,
+    progress: bool,
+    callback: Callable[[int, float], bool | None] | None,
+) -> TrainResult:
+    if not isinstance(tc, TrainConfig):
+        raise TypeError(f"fit needs a TrainConfig, got {type(tc).__name__}")
+    missing = [a for a in ("name", "module", "__len__", "config", "draw", "loss", "export", "checkpoint_meta")
+               if not hasattr(objective, a)]
+    if missing or not isinstance(objective.module, nn.Module):
+        raise TypeError(f"fit needs a TrainObjective; {type(objective).__name__} lacks "
+                        f"{', '.join(missing) or 'an nn.Module as module'}")
     if tc.batch_size % dist.world:
         raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the {dist.world} processes")
-    run = _Run(recipe, ds, out, dist)
+    run = _Run(objective, tc, out, dist)
     if resume:
         run.restore()
     elif (out / CHECKPOINT).exists():
@@ -413,32 +598,29 @@ def train(
 
     from tqdm import tqdm
 
-    bar = tqdm(total=tc.steps, initial=run.step, desc=recipe.name, unit="step", disable=not (progress and dist.main),
-               dynamic_ncols=True)
+    bar = tqdm(total=tc.steps, initial=run.step, desc=objective.name, unit="step",
+               disable=not (progress and dist.main), dynamic_ncols=True)
     t_start, step_start, cpu_start = time.perf_counter(), run.step, time.process_time()
     stopped = False
     net.train()
     try:
         while run.step < tc.steps:
-            x0, t, eps, label = run.batch(run.step)
+            batch = run.batch(run.step)
             for g in run.opt.param_groups:
                 g["lr"] = tc.lr_at(run.step)
-            cond = {"label": label} if label is not None else {}
-            loss = run.loss_fn(net, x0, t, eps, **cond).mean()
+            loss = objective.loss(net, batch)
+            if not isinstance(loss, Tensor) or loss.dim() != 0:
+                got = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+                raise ValueError(f"objective {objective.name!r}: loss() must return a scalar tensor, got {got}")
             opt.zero_grad(set_to_none=True)
             if dist.acc is not None:
                 dist.acc.backward(loss)
             else:
                 loss.backward()
             if tc.grad_clip:
-                torch.nn.utils.clip_grad_norm_(run.net.parameters(), tc.grad_clip)
+                torch.nn.utils.clip_grad_norm_(run.params, tc.grad_clip)
             opt.step()
-            decay = min(tc.ema_decay, (1 + run.step) / (10 + run.step))
-            with torch.no_grad():
-                for p_ema, p in zip(run.ema.parameters(), run.net.parameters()):
-                    p_ema.lerp_(p, 1.0 - decay)
-                for b_ema, b in zip(run.ema.buffers(), run.net.buffers()):
-                    b_ema.copy_(b)
+            run.update_ema()
             run.step += 1
             lv = float(loss.detach())
             run.window.append(lv)
@@ -464,6 +646,32 @@ def train(
         bar.close()
     if not stopped:
         if dist.main:
-            run.export()
+            objective.export(run.ema, out, run.card())
         dist.barrier()
     return TrainResult(out, run.step, tuple(run.losses), run.elapsed, stopped)
+
+
+def train(
+    recipe: Recipe,
+    out_dir: str | os.PathLike[str],
+    *,
+    resume: bool = False,
+    dataset: Dataset | None = None,
+    progress: bool = True,
+    callback: Callable[[int, float], bool | None] | None = None,
+) -> TrainResult:
+    """Train ``recipe`` into ``out_dir`` (``checkpoint.safetensors`` every ``checkpoint_every`` steps and
+    at the end; ``model.safetensors`` + ``model.json``: the EMA weights, loadable by
+    ``dpmlab.load(out_dir)``). ``resume`` continues from the checkpoint bit for bit. ``callback(step,
+    loss)`` runs after every step; returning ``True`` stops at once, as if the process were killed.
+    Launch with ``torchrun`` / ``accelerate`` (``WORLD_SIZE > 1``) for data-parallel training.
+    ``fit(DiffusionObjective(recipe, dataset), recipe.train, out_dir, ...)``."""
+    out = Path(out_dir)
+    dist = _Dist()
+    ds = dataset if dataset is not None else load_data(recipe.data)
+    if ds.skipped and dist.main:
+        warnings.warn(f"{len(ds.skipped)} unreadable image files skipped (first: {ds.skipped[0]})", stacklevel=2)
+    tc = recipe.train
+    if tc.batch_size % dist.world:
+        raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the {dist.world} processes")
+    return _fit(DiffusionObjective(recipe, ds), tc, out, dist, resume=resume, progress=progress, callback=callback)
