@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -31,6 +32,7 @@ __all__ = [
     "Flow",
     "betas_for_preset",
     "get_schedule",
+    "schedule_from_config",
     "SCHEDULES",
 ]
 
@@ -352,3 +354,26 @@ def get_schedule(name: str) -> NoiseSchedule:
     if name not in factories:
         raise ValueError(f"unknown schedule {name!r}; allowed: {', '.join(SCHEDULES)}")
     return factories[name]()
+
+
+_BETA_PRESETS = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
+
+
+def schedule_from_config(config: Mapping[str, Any]) -> DiscreteVP:
+    """The ``DiscreteVP`` of a diffusers scheduler config (no lambda clipping, as diffusers)."""
+    if config.get("rescale_betas_zero_snr", False):
+        raise ValueError("rescale_betas_zero_snr=True gives alpha = 0 at the last step; not supported by DiscreteVP")
+    if config.get("trained_betas") is not None:
+        return DiscreteVP(betas=f64(list(config["trained_betas"])))
+    n = int(config.get("num_train_timesteps", 1000))
+    kind = config.get("beta_schedule", "linear")
+    if kind not in _BETA_PRESETS:
+        raise ValueError(f"unsupported beta_schedule {kind!r}; allowed: {', '.join(_BETA_PRESETS)}")
+    start, end = float(config.get("beta_start", 1e-4)), float(config.get("beta_end", 0.02))
+    if kind == "linear":
+        betas = torch.linspace(start, end, n, dtype=torch.float64)
+    elif kind == "scaled_linear":
+        betas = torch.linspace(start**0.5, end**0.5, n, dtype=torch.float64) ** 2
+    else:
+        betas = betas_for_preset("cosine", n)
+    return DiscreteVP(betas=betas)

@@ -16,32 +16,10 @@ import torch
 from torch import Tensor
 
 from .._utils import f64
-from ..schedules import DiscreteVP, betas_for_preset
+from ..schedules import DiscreteVP, schedule_from_config
 from ..typing import DenoiserFn
 
 __all__ = ["schedule_from_config", "run_scheduler", "PeerRun", "scheduler_grid"]
-
-_BETA_PRESETS = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
-
-
-def schedule_from_config(config: Mapping[str, Any]) -> DiscreteVP:
-    """The ``DiscreteVP`` of a diffusers scheduler config (no lambda clipping, as diffusers)."""
-    if config.get("rescale_betas_zero_snr", False):
-        raise ValueError("rescale_betas_zero_snr=True gives alpha = 0 at the last step; not supported by DiscreteVP")
-    if config.get("trained_betas") is not None:
-        return DiscreteVP(betas=f64(list(config["trained_betas"])))
-    n = int(config.get("num_train_timesteps", 1000))
-    kind = config.get("beta_schedule", "linear")
-    if kind not in _BETA_PRESETS:
-        raise ValueError(f"unsupported beta_schedule {kind!r}; allowed: {', '.join(_BETA_PRESETS)}")
-    start, end = float(config.get("beta_start", 1e-4)), float(config.get("beta_end", 0.02))
-    if kind == "linear":
-        betas = torch.linspace(start, end, n, dtype=torch.float64)
-    elif kind == "scaled_linear":
-        betas = torch.linspace(start**0.5, end**0.5, n, dtype=torch.float64) ** 2
-    else:
-        betas = betas_for_preset("cosine", n)
-    return DiscreteVP(betas=betas)
 
 
 def scheduler_grid(timesteps: Tensor, schedule: DiscreteVP, final_t: float) -> Tensor:
