@@ -26,6 +26,23 @@ from .base import Problem, Solver, register
 VARIANCES = ("fixed_small", "fixed_large")
 
 
+def posterior(problem: Problem, x: Tensor, ts: Tensor, i: int) -> tuple[Tensor, float, float]:
+    """``(mean, var_small, var_large)`` of ``q(x_next | x, x0_hat(x, ts[i]))`` for the step ``ts[i] ->
+    ts[i + 1]`` (one model evaluation; the module docstring's formulas) — the one copy, also used by
+    edit-friendly inversion (``dpmlab.editing``)."""
+    c = interval(problem.schedule, ts, i)
+    if not c.t_next < c.t:
+        raise ValueError("DDPM ancestral sampling needs a decreasing grid")
+    x0 = problem.denoise(x, c.t)
+    if c.sigma_next == 0:
+        return c.alpha_next * x0, 0.0, 0.0
+    a_tn = c.alpha / c.alpha_next
+    # sigma_{t|n}^2 = sigma^2 (1 - e^{-2h}), computed with expm1 for small steps
+    var_tn = -(c.sigma**2) * math.expm1(-2.0 * c.h)
+    mean = (a_tn * c.sigma_next**2 / c.sigma**2) * x + (c.alpha_next * var_tn / c.sigma**2) * x0
+    return mean, var_tn * c.sigma_next**2 / c.sigma**2, var_tn
+
+
 @register("ddpm")
 @dataclass(frozen=True)
 class DDPM(Solver[None]):
@@ -40,15 +57,8 @@ class DDPM(Solver[None]):
             raise ValueError(f"unknown variance {self.variance!r}; allowed: {', '.join(VARIANCES)}")
 
     def step(self, problem: Problem, x: Tensor, ts: Tensor, i: int, state: None) -> tuple[Tensor, None]:
-        c = interval(problem.schedule, ts, i)
-        if not c.t_next < c.t:
-            raise ValueError("DDPM ancestral sampling needs a decreasing grid")
-        x0 = problem.denoise(x, c.t)
-        if c.sigma_next == 0:
-            return c.alpha_next * x0, None
-        a_tn = c.alpha / c.alpha_next
-        # sigma_{t|n}^2 = sigma^2 (1 - e^{-2h}), computed with expm1 for small steps
-        var_tn = -(c.sigma**2) * math.expm1(-2.0 * c.h)
-        mean = (a_tn * c.sigma_next**2 / c.sigma**2) * x + (c.alpha_next * var_tn / c.sigma**2) * x0
-        var = var_tn * c.sigma_next**2 / c.sigma**2 if self.variance == "fixed_small" else var_tn
+        mean, var_small, var_large = posterior(problem, x, ts, i)
+        if var_large == 0.0:  # the step to sigma = 0 adds no noise
+            return mean, None
+        var = var_small if self.variance == "fixed_small" else var_large
         return mean + math.sqrt(var) * problem.randn(i, x), None
