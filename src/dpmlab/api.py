@@ -55,6 +55,12 @@ def make_grid(
     return fn(schedule, steps, t_start=t_start, t_end=t_end)
 
 
+def _per_sample(v: Any, n: int) -> bool:
+    if isinstance(v, Tensor):
+        return bool(v.ndim) and v.shape[0] == n
+    return isinstance(v, list | tuple) and len(v) == n
+
+
 def sample(
     model: DenoiserFn | str,
     n: int = 64,
@@ -80,8 +86,9 @@ def sample(
     ``model``: a ``DenoiserFn`` carrying ``.schedule`` (and ``.data_shape``), or a model name for
     ``dpmlab.load``. ``grid``: a name in ``dpmlab.timesteps.GRIDS`` or an explicit decreasing tensor
     of times (then ``nfe`` may be ``None``). ``to_zero`` ends the grid at ``sigma = 0`` (default: only
-    the discrete spacings do). ``cond``: keyword arguments for the model, e.g. ``{"label": labels}``;
-    a tensor with one row per sample is split along with the batches. Returns ``(n, *shape)`` in
+    the discrete spacings do). ``cond``: keyword arguments for the model, e.g. ``{"label": labels}`` or
+    ``{"prompt": "a bold seven"}``; a tensor with one row per sample, or a list of ``n`` items (prompts),
+    is split along with the batches. Returns ``(n, *shape)`` in
     ``dtype`` promoted to >= float32.
     """
     if isinstance(model, str):
@@ -119,9 +126,9 @@ def sample(
     for lo in range(0, n, bs):
         idx = torch.arange(lo, min(n, lo + bs), dtype=torch.int64)
         x = sigma0 * counter_normal(seed, idx, 0, shp, dtype=dtype, device=device)
-        # per-sample conditioning (a tensor with one row per sample, e.g. labels) follows the batch
-        bcond = {k: v[lo : lo + len(idx)] if isinstance(v, Tensor) and v.ndim and v.shape[0] == n else v
-                 for k, v in (cond or {}).items()}
+        # per-sample conditioning (a tensor with one row per sample, e.g. labels, or a list of n prompts)
+        # follows the batch
+        bcond = {k: v[lo : lo + len(idx)] if _per_sample(v, n) else v for k, v in (cond or {}).items()}
         problem = Problem(model, sch, noise=SeededNoise(seed, idx), cond=bcond)
         out = run(problem, x, ts, slv, callback=callback)
         expected = slv.nfe(ts, sch)

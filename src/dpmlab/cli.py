@@ -193,10 +193,26 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if args.solver == "usf" and "plan" in options and options["plan"].ts is not None:
         grid = options["plan"].grid()  # a searched plan carries its own timesteps
     solver = get(args.solver, **options)
-    cond = _labels(model, args.label, args.n) if args.label else {}
-    if args.guidance != 1.0:
+    from .models.t2i import TextToImage
+
+    t2i = model if isinstance(model, TextToImage) else None
+    if t2i is None and (args.prompt or args.negative_prompt):
+        raise ValueError(f"--prompt/--negative-prompt need a text-to-image model; {args.model!r} is not one")
+    if t2i is not None:
+        if args.label:
+            raise ValueError(f"--label is for class-conditional models; {args.model!r} takes --prompt")
+        if args.negative_prompt and args.guidance == 1.0:
+            raise ValueError("--negative-prompt acts through classifier-free guidance: give --guidance other than 1")
+        t2i.encode_prompt([args.prompt, args.negative_prompt])  # refuse a bad prompt before any work
+        cond: dict[str, Any] = {"prompt": args.prompt}
+        if args.guidance != 1.0:
+            model = t2i.guided(args.guidance, negative_prompt=args.negative_prompt)
+    else:
+        cond = _labels(model, args.label, args.n) if args.label else {}
+    if args.guidance != 1.0 and t2i is None:
         if not args.label:
-            raise ValueError("--guidance needs --label (classifier-free guidance of a class-conditional model)")
+            raise ValueError("--guidance needs --label (classifier-free guidance of a class-conditional model) "
+                             "or a text-to-image model with --prompt")
         from .models.guidance import Unconditional, classifier_free
 
         model = classifier_free(model, Unconditional(model), args.guidance)
@@ -226,6 +242,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         callback=progress,
     )
     bar.close()
+    if t2i is not None:  # latents -> pixels
+        x = torch.cat([t2i.decode(x[i:i + 256]) for i in range(0, len(x), 256)])
     meta = {
         "model": args.model,
         "solver": json.dumps(solver.config()),
@@ -234,11 +252,16 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         "grid": args.grid,
         "label": args.label,
         "guidance": str(args.guidance),
+        "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt,
         "artifact": args.artifact,
         "dpmlab": __version__,
     }
     _save_raw(x, raw, meta)
-    _save_picture(x, out, f"{args.model}: {args.solver}, NFE={args.nfe}, n={args.n}, grid={args.grid}")
+    what = f" {args.prompt!r}" if t2i is not None else ""
+    if t2i is not None and args.guidance != 1.0:
+        what += f", w={args.guidance:g}" + (f", negative {args.negative_prompt!r}" if args.negative_prompt else "")
+    _save_picture(x, out, f"{args.model}{what}: {args.solver}, NFE={args.nfe}, n={args.n}, grid={args.grid}")
     if not args.quiet:
         print(f"wrote {out} and {raw} ({args.n} samples, shape {tuple(x.shape[1:])}, NFE {args.nfe})")
     return 0
@@ -404,7 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for small models)")
     ps.add_argument("-q", "--quiet", action="store_true")
     ps.add_argument("--guidance", type=float, default=1.0,
-                    help="classifier-free guidance scale (1 = none; diffusers' convention), needs --label")
+                    help="classifier-free guidance scale (1 = none; diffusers' convention), needs --label or a "
+                         "text-to-image model")
+    ps.add_argument("--prompt", default="", help="text-to-image models (mnist_t2i): the prompt, e.g. 'a bold seven'")
+    ps.add_argument("--negative-prompt", default="", help="text-to-image models: the negative prompt (with --guidance)")
     ps.add_argument("--artifact", default="",
                     help="fitted artifact for dpm_solver_v3 (EMS), dc_solver (DC ratios) or usf (S3 plan)")
     ps.set_defaults(func=_cmd_sample)

@@ -124,3 +124,25 @@ class Unconditional(_ModelWrapper):
 
 
 __all__ += ["Unconditional"]
+
+
+class WithCond(_ModelWrapper):
+    """The same model with some conditioning replaced: ``model(x, t, **{**cond, **override})`` — e.g. a
+    negative prompt as the ``uncond_model`` of classifier-free guidance."""
+
+    def __init__(self, model: DenoiserFn, **override: Any) -> None:
+        self.model, self.override = model, override
+
+    def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
+        return self.model(x, t, **{**cond, **self.override})
+
+    def __repr__(self) -> str:
+        return f"WithCond({self.model!r}, {', '.join(f'{k}={v!r}' for k, v in self.override.items())})"
+
+
+def with_cond(model: DenoiserFn, **override: Any) -> WithCond:
+    """``model`` with the keyword conditioning ``override`` replacing what the solver passes."""
+    return WithCond(model, **override)
+
+
+__all__ += ["WithCond", "with_cond"]

@@ -4,6 +4,8 @@
 * shipped trained weights in ``dpmlab/assets/<name>.safetensors`` (with a JSON card ``<name>.json``):
   ``digits8`` (unconditional 8x8 digits), ``mnist`` (class-conditional 28x28 MNIST, null class for
   classifier-free guidance);
+* ``mnist_t2i``: a diffusers-format Stable Diffusion folder (text-to-image on latents, ``models/t2i.py``);
+  any such folder loads by path too;
 * a local file or folder we wrote: a model file (``save_model``) or a training checkpoint
   (``dpmlab.training``; its EMA weights are used). A folder is searched for ``model.safetensors``,
   then ``checkpoint.safetensors``.
@@ -53,10 +55,13 @@ def _is_model_file(path: Path) -> bool:
 
 
 def shipped_models() -> list[str]:
-    """Names of the trained diffusion models in ``dpmlab/assets`` (other assets, e.g. classifiers, are
-    not listed)."""
+    """Names of the trained diffusion models in ``dpmlab/assets``: dpmlab model files and diffusers-format
+    folders (other assets, e.g. classifiers, are not listed)."""
     d = _assets()
-    return sorted(p.stem for p in d.glob("*.safetensors") if _is_model_file(p)) if d.is_dir() else []
+    if not d.is_dir():
+        return []
+    files = [p.stem for p in d.glob("*.safetensors") if _is_model_file(p)]
+    return sorted(files + [p.name for p in d.iterdir() if (p / "model_index.json").is_file()])
 
 
 def available_models() -> list[str]:
@@ -145,8 +150,11 @@ def load_state(path: str | os.PathLike[str], module: nn.Module, state: Mapping[s
 
 def _resolve(name: str | os.PathLike[str]) -> Path | None:
     if isinstance(name, str) and name in shipped_models():
-        return _assets() / f"{name}.safetensors"
+        folder = _assets() / name
+        return folder if folder.is_dir() else _assets() / f"{name}.safetensors"
     p = Path(name)
+    if (p / "model_index.json").is_file():
+        return p  # a diffusers-format folder
     if p.is_dir():
         for cand in ("model.safetensors", "checkpoint.safetensors"):
             if (p / cand).is_file():
@@ -161,14 +169,21 @@ def load(
     name: str | os.PathLike[str], *, schedule: NoiseSchedule | None = None
 ) -> AnalyticDenoiser | Denoiser:
     """A ready-to-sample model (``.schedule``, ``.data_shape``) by name (see ``available_models()``) or
-    path of a model file, checkpoint or folder we wrote. Trained networks are returned in float32 and
-    eval mode; pass ``schedule`` to sample on another schedule."""
+    path of a model file, checkpoint or folder we wrote, or of a diffusers-format Stable Diffusion folder
+    (a latent ``TextToImage`` denoiser, ``dpmlab.models.t2i``). Trained networks are returned in float32
+    and eval mode; pass ``schedule`` to sample on another schedule."""
     if isinstance(name, str) and name in PRESETS:
         return preset(name).denoiser(schedule)
     path = _resolve(name)
     if path is None:
         raise ValueError(f"unknown model {str(name)!r}: neither a name ({', '.join(available_models())}) "
                          "nor an existing file or folder")
+    if path.is_dir():
+        from .t2i import load_text_to_image
+
+        if schedule is not None:
+            raise ValueError("schedule= is not supported for diffusers folders (their scheduler config fixes it)")
+        return load_text_to_image(path, name=str(name))
     tensors, meta = _read(path)
     spec = read_spec(path, meta)
     if meta["format"] == CHECKPOINT_FORMAT:
