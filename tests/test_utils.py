@@ -51,3 +51,20 @@ def test_atomic_write_never_leaves_partial_files(tmp_path):
     with atomic_write(target) as tmp:
         tmp.write_text("new")
     assert target.read_text() == "new"
+
+
+def test_atomic_folder_replaces_or_leaves_the_old_folder(tmp_path):
+    from dpmlab._utils import atomic_folder
+
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "old.json").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_folder(target) as tmp:
+            (tmp / "half.json").write_text("half")
+            raise RuntimeError("killed")
+    assert os.listdir(target) == ["old.json"] and os.listdir(tmp_path) == ["model"]
+    with atomic_folder(target) as tmp:
+        (tmp / "new.json").write_text("new")
+    assert os.listdir(target) == ["new.json"] and os.listdir(tmp_path) == ["model"]
+    assert oct(target.stat().st_mode & 0o777) != oct(0o700)  # normal permissions, not mkdtemp's

@@ -6,6 +6,7 @@
 * ``counter_normal``   counter-based (stateless) Gaussian noise: the value for sample ``i`` depends
                        only on ``(seed, i, stream)``, never on batch size, order or device.
 * ``atomic_write``     write a file through a temporary sibling and ``os.replace``.
+* ``atomic_folder``    the same for a folder (e.g. a diffusers ``save_pretrained`` folder).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -21,7 +23,8 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-__all__ = ["append_dims", "f64", "interp1d", "counter_normal", "atomic_write", "state_dtype", "dataclass_from_dict"]
+__all__ = ["append_dims", "f64", "interp1d", "counter_normal", "atomic_write", "atomic_folder", "state_dtype",
+           "dataclass_from_dict"]
 
 
 def append_dims(v: Tensor, ndim: int) -> Tensor:
@@ -135,6 +138,30 @@ def atomic_write(path: str | os.PathLike[str], suffix: str | None = None) -> Ite
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """``atomic_write`` for a folder: yield a temporary sibling folder; on success it replaces ``path``
+    (an existing folder there is removed first), on any error it is deleted."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 T = TypeVar("T")

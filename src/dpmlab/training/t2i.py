@@ -30,8 +30,6 @@ import argparse
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._utils import atomic_folder
 from ..models.nets import Objective
 from ..schedules import DiscreteVP
 from .captions import (
@@ -268,17 +267,9 @@ class LatentDiffusionObjective(_Stage):
 
 def _save_pretrained(module: Any, folder: Path, card: Mapping[str, Any]) -> Path:
     """``save_pretrained`` (safetensors) into a temporary sibling, then renamed: never half-written."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    try:
+    with atomic_folder(folder) as tmp:
         module.save_pretrained(str(tmp), safe_serialization=True)
         (tmp / "train_card.json").write_text(json.dumps(_jsonable(card), indent=2) + "\n")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return folder
 
 
@@ -336,9 +327,7 @@ def assemble(run_dir: str | os.PathLike[str], folder: str | os.PathLike[str], re
     from diffusers import DPMSolverMultistepScheduler
 
     run, target = Path(run_dir), Path(folder)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
+    with atomic_folder(target) as tmp:
         clip = _load_stage(run, "clip")
         _text_tower(clip).to(torch.float16).save_pretrained(str(tmp / "text_encoder"))
         clip.to(torch.float16).save_pretrained(str(tmp / "clip"))
@@ -360,12 +349,6 @@ def assemble(run_dir: str | os.PathLike[str], folder: str | os.PathLike[str], re
         card = {"name": recipe.name, "prediction": recipe.prediction, "schedule": SCHEDULE,
                 "weights_dtype": "float16", "captions": "dpmlab.training.captions", "stages": cards}
         (tmp / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return target
 
 
