@@ -57,10 +57,13 @@ class TextToImage(Denoiser):
 
     def _eps_or_v(self, x: Tensor, t: Tensor, *, prompt: str | Sequence[str] | None = None,
                   encoder_hidden_states: Tensor | None = None) -> Tensor:
-        if (prompt is None) == (encoder_hidden_states is None):
+        if prompt is not None and encoder_hidden_states is None:
+            states = self.encode_prompt(prompt, x.shape[0])
+        elif encoder_hidden_states is not None and prompt is None:
+            states = encoder_hidden_states
+        else:
             raise ValueError("give exactly one of prompt= (the empty string for unconditional) or "
                              "encoder_hidden_states=")
-        states = encoder_hidden_states if encoder_hidden_states is not None else self.encode_prompt(prompt, x.shape[0])
         if states.shape[0] != x.shape[0]:
             raise ValueError(f"encoder_hidden_states has {states.shape[0]} rows for a batch of {x.shape[0]}")
         return self.unet(x, t, encoder_hidden_states=states.to(x.device, self.unet.dtype)).sample
@@ -118,8 +121,9 @@ class TextToImage(Denoiser):
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
         """Images in ``[-1, 1]`` (clamped) of scaled ``latents``."""
-        if tuple(latents.shape[1:]) != self.data_shape:
-            raise ValueError(f"latents must be (N, {', '.join(map(str, self.data_shape))}), got {tuple(latents.shape)}")
+        shape = tuple(self.data_shape or ())
+        if tuple(latents.shape[1:]) != shape:
+            raise ValueError(f"latents must be (N, {', '.join(map(str, shape))}), got {tuple(latents.shape)}")
         return self.vae.decode((latents / self.scaling_factor).to(self.vae.dtype)).sample.float().clamp(-1, 1)
 
 

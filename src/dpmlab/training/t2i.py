@@ -119,7 +119,7 @@ class _Stage:
     """What the three objectives share: the captioned training split and the trainer's protocol."""
 
     name: str
-    module: nn.Module
+    module: Any  # a diffusers / transformers model (an nn.Module with their config and methods)
 
     def __init__(self, data: CaptionedMNIST, settings: Mapping[str, Any]) -> None:
         self.data = data
@@ -158,7 +158,7 @@ class CLIPObjective(_Stage):
         attrs = self.data.attrs[ex]
         return {"images": self.data.images[ex], "attrs": attrs, "caption": draw_caption_ids(attrs, g)}
 
-    def loss(self, module: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+    def loss(self, module: Any, batch: Mapping[str, Tensor]) -> Tensor:
         txt = module.get_text_features(input_ids=self.tokens.to(batch["caption"].device)[batch["caption"]])
         img = module.get_image_features(pixel_values=batch["images"])
         txt = F.normalize(getattr(txt, "pooler_output", txt), dim=-1)
@@ -169,7 +169,7 @@ class CLIPObjective(_Stage):
         t2i = -(pos / pos.sum(0, keepdim=True) * logits.log_softmax(0)).sum(0).mean()
         return 0.5 * (i2t + t2i)
 
-    def export(self, ema: nn.Module, out_dir: Path, card: dict[str, Any]) -> Path:
+    def export(self, ema: Any, out_dir: Path, card: dict[str, Any]) -> Path:
         return _save_pretrained(ema, out_dir / "clip", card)
 
 
@@ -191,7 +191,7 @@ class VAEObjective(_Stage):
         x = self.data.images[self.idx[idx]]
         return {"images": x, "noise": torch.randn((x.shape[0], *self.latent_shape), generator=g)}
 
-    def loss(self, module: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+    def loss(self, module: Any, batch: Mapping[str, Tensor]) -> Tensor:
         x = batch["images"]
         post = module.encode(x).latent_dist
         z = post.mean + post.std * batch["noise"]
@@ -199,7 +199,7 @@ class VAEObjective(_Stage):
         kl = post.kl().mean() / math.prod(self.latent_shape)
         return F.mse_loss(rec, x) + self.kl_weight * kl
 
-    def export(self, ema: nn.Module, out_dir: Path, card: dict[str, Any]) -> Path:
+    def export(self, ema: Any, out_dir: Path, card: dict[str, Any]) -> Path:
         ema.eval()
         x = self.data.images
         with torch.no_grad():
@@ -215,7 +215,7 @@ class VAEObjective(_Stage):
         return _save_pretrained(ema, out_dir / "vae", card)
 
 
-def _encode(vae: nn.Module, x: Tensor, batch: int = 500) -> Any:
+def _encode(vae: Any, x: Tensor, batch: int = 500) -> Any:
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     params = torch.cat([vae.encode(x[i:i + batch]).latent_dist.parameters for i in range(0, len(x), batch)])
@@ -227,7 +227,7 @@ class LatentDiffusionObjective(_Stage):
 
     name = "unet"
 
-    def __init__(self, recipe: T2IRecipe, data: CaptionedMNIST, vae: nn.Module, text_encoder: nn.Module) -> None:
+    def __init__(self, recipe: T2IRecipe, data: CaptionedMNIST, vae: Any, text_encoder: Any) -> None:
         from diffusers import UNet2DConditionModel
 
         super().__init__(data, {"unet": recipe.unet, "prediction": recipe.prediction,
@@ -252,7 +252,7 @@ class LatentDiffusionObjective(_Stage):
                 "noise": torch.randn(self.post_mean[idx].shape, generator=g), "t": self.loss_fn.draw(g, n),
                 "eps": torch.randn(self.post_mean[idx].shape, generator=g), "caption": cap}
 
-    def loss(self, module: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+    def loss(self, module: Any, batch: Mapping[str, Tensor]) -> Tensor:
         z0 = self.scale * (batch["mean"] + batch["std"] * batch["noise"])
         states = self.text.to(z0.device)[batch["caption"]]
 
@@ -261,7 +261,7 @@ class LatentDiffusionObjective(_Stage):
 
         return self.loss_fn(net, z0, batch["t"], batch["eps"]).mean()
 
-    def export(self, ema: nn.Module, out_dir: Path, card: dict[str, Any]) -> Path:
+    def export(self, ema: Any, out_dir: Path, card: dict[str, Any]) -> Path:
         return _save_pretrained(ema, out_dir / "unet", card)
 
 
@@ -335,7 +335,7 @@ def assemble(run_dir: str | os.PathLike[str], folder: str | os.PathLike[str], re
             _load_stage(run, stage).to(torch.float16).save_pretrained(str(tmp / stage))
         build_tokenizer(tmp / "tokenizer")
         pred = "v_prediction" if recipe.prediction == "v" else "epsilon"
-        scheduler = DPMSolverMultistepScheduler(**SCHEDULE, prediction_type=pred, steps_offset=1)
+        scheduler: Any = DPMSolverMultistepScheduler(**SCHEDULE, prediction_type=pred, steps_offset=1)
         scheduler.save_pretrained(str(tmp / "scheduler"))
         index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
                  "feature_extractor": [None, None], "image_encoder": [None, None],
