@@ -44,7 +44,8 @@ SOURCES = ("data", "noise")
 
 def _jvp(fn: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
     try:
-        return torch.func.jvp(fn, primals, tangents)
+        res = torch.func.jvp(fn, primals, tangents)  # typed as a 2- or 3-tuple (has_aux); here (out, tangent)
+        return res[0], res[1]
     except (RuntimeError, NotImplementedError):  # e.g. ops without forward-mode AD: double backward
         out, tan = torch.autograd.functional.jvp(fn, primals, tangents)
         return out.detach(), tan.detach()
@@ -131,10 +132,10 @@ def fit_ems(
     dl = torch.gradient(l, spacing=(lam.to(dev),), dim=0)[0]  # l' = dl/dlam (central differences)
     half = round(smooth * grid_size / float(lam[-1] - lam[0]))  # half-width in knots
     if half > 0:  # moving average, truncated at the ends (authors' code)
-        c = torch.cat([torch.zeros_like(dl[:1]), dl.cumsum(0)])
+        cs = torch.cat([torch.zeros_like(dl[:1]), dl.cumsum(0)])
         i = torch.arange(grid_size + 1, device=dev)
         lo_, hi_ = (i - half).clamp(min=0), (i + half + 1).clamp(max=grid_size + 1)
-        dl = (c[hi_] - c[lo_]) / append_dims((hi_ - lo_).to(dl), dl.ndim)
+        dl = (cs[hi_] - cs[lo_]) / append_dims((hi_ - lo_).to(dl), dl.ndim)
     cov = {k: m[k] - m[k[0]] * m[k[1]] for k in ("ee", "ed", "ex", "dx", "xx")}
     lamc = append_dims(lam.to(dev), l.ndim)
     alpha = append_dims(schedule.alpha(ts).to(dev), l.ndim)

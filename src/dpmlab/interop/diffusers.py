@@ -155,7 +155,7 @@ def _scheduler_class() -> type:
         """
 
         order = 1
-        config_name = "scheduler_config.json"
+        config_name = "scheduler_config.json"  # type: ignore[assignment]  # diffusers declares it as `= None`
         _compatibles: list[str] = []
 
         @register_to_config
@@ -186,8 +186,8 @@ def _scheduler_class() -> type:
             self._generator: torch.Generator | None = None
 
         def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
-            steps = self.solver.steps_for_nfe(int(num_inference_steps), self.config.to_zero)
-            self._ts = make_grid(self.schedule, self.config.grid, steps, to_zero=self.config.to_zero)
+            steps = self.solver.steps_for_nfe(int(num_inference_steps), self.config["to_zero"])
+            self._ts = make_grid(self.schedule, self.config["grid"], steps, to_zero=self.config["to_zero"])
             self._eval_t = self._dry_run(self._ts)
             self.timesteps = self.schedule.t_to_index(f64(self._eval_t)).to(torch.float32)
             if device is not None:
@@ -219,7 +219,7 @@ def _scheduler_class() -> type:
         def _to_x0(self, out: Tensor, x: Tensor, t: float) -> Tensor:
             a = float(self.schedule.alpha(f64(t)))
             s = float(self.schedule.sigma(f64(t)))
-            kind = self.config.prediction_type
+            kind = self.config["prediction_type"]
             if kind == "sample":
                 return out
             if kind == "epsilon":
@@ -274,7 +274,7 @@ def _scheduler_class() -> type:
             return self.schedule.add_noise(original_samples, noise, t.to(original_samples.device))
 
         def __len__(self) -> int:
-            return self.config.num_train_timesteps
+            return self.config["num_train_timesteps"]
 
     return DPMLabScheduler
 

@@ -73,9 +73,9 @@ def sampler(name: str) -> Callable[..., Tensor]:
         sch = edm_schedule_for(sigmas)
         last: dict[str, Tensor] = {}
 
-        def x0_fn(xx: Tensor, t: Tensor, **cond: Any) -> Tensor:
-            sigma = t.to(xx.dtype)
-            out = model(xx, sigma, **cond)
+        def x0_fn(x: Tensor, t: Tensor, **cond: Any) -> Tensor:  # parameter names as in DenoiserFn
+            sigma = t.to(x.dtype)
+            out = model(x, sigma, **cond)
             last["denoised"] = out
             return out
 

@@ -313,7 +313,7 @@ class Nearest(NamedTuple):
     """Per-sample nearest training point: L2 ``distance (B,)`` (float64) and its ``index (B,)``."""
 
     distance: Tensor
-    index: Tensor
+    index: Tensor  # type: ignore[assignment]  # public field name; shadows tuple.index on purpose
 
 
 def nearest_train_distance(samples: Tensor, train: Tensor, *, batch_size: int = 1024) -> Nearest:

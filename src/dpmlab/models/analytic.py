@@ -48,7 +48,7 @@ class GaussianMixture:
         name: str = "gmm",
     ) -> None:
         w = f64(weights)
-        mu = f64(means)
+        mu = torch.as_tensor(means, dtype=torch.float64)  # = f64(means); f64 is typed for flat sequences only
         if mu.ndim != 2:
             raise ValueError(f"means must have shape (K, D), got {tuple(mu.shape)}")
         k, d = mu.shape
@@ -189,7 +189,7 @@ class EmpiricalData(GaussianMixture):
     """The ideal denoiser of a finite data set: a uniform mixture of Diracs at ``points`` (N, D)."""
 
     def __init__(self, points: Tensor | Sequence[Sequence[float]], *, name: str = "empirical") -> None:
-        p = f64(points)
+        p = torch.as_tensor(points, dtype=torch.float64)  # = f64(points); f64 is typed for flat sequences only
         if p.ndim != 2 or p.shape[0] < 1:
             raise ValueError(f"points must have shape (N, D) with N >= 1, got {tuple(p.shape)}")
         super().__init__(torch.ones(p.shape[0], dtype=torch.float64), p, 0.0, name=name)

@@ -195,5 +195,7 @@ def load(
     load_state(path, net, tensors)
     net.eval().requires_grad_(False)
     den = spec.denoiser(net, schedule)
-    den.spec = spec  # class names, objective, network config: what the file says about the model
+    # class names, objective, network config: what the file says about the model. torch types
+    # nn.Module.__setattr__ as Tensor | Module only; plain attributes are fine at runtime.
+    den.spec = spec  # type: ignore[assignment]
     return den

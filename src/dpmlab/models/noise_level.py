@@ -31,6 +31,8 @@ __all__ = ["NoiseLevelClassifier", "fit_noise_level_classifier"]
 class NoiseLevelClassifier(nn.Module):
     """Logits ``(B, K)`` over the noise levels ``levels`` (K times, noisiest first) from ``x``."""
 
+    levels: Tensor  # buffer, registered in __init__
+
     def __init__(self, data_shape: Sequence[int], levels: Tensor, *, width: int = 256, depth: int = 3) -> None:
         super().__init__()
         self.data_shape = tuple(int(s) for s in data_shape)

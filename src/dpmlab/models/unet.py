@@ -136,6 +136,13 @@ class FeatureHooks:
     features: dict[str, list[Tensor]] = field(default_factory=dict)
 
 
+def _zero_init(conv: nn.Conv2d) -> None:
+    """Zero a conv's weight and bias (ADM's zero-initialised output layers)."""
+    nn.init.zeros_(conv.weight)
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+
+
 class ResBlock(nn.Module):
     """ADM residual block: ``h = conv(SiLU(GN(x))); h = GN(h) * (1 + scale) + shift; out = skip(x) +
     conv(dropout(SiLU(h)))`` with the last conv zero-initialised."""
@@ -148,8 +155,7 @@ class ResBlock(nn.Module):
         self.norm2 = nn.GroupNorm(groups, c_out)
         self.drop = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
-        nn.init.zeros_(self.conv2.weight)
-        nn.init.zeros_(self.conv2.bias)
+        _zero_init(self.conv2)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
         self.same_shape = c_in == c_out
 
@@ -169,8 +175,7 @@ class AttnBlock(nn.Module):
         self.norm = nn.GroupNorm(groups, c)
         self.qkv = nn.Conv2d(c, 3 * c, 1)
         self.proj = nn.Conv2d(c, c, 1)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
+        _zero_init(self.proj)
         self.heads = heads
         self.same_shape = True
 
@@ -251,8 +256,7 @@ class UNet(nn.Module):
                 up_names.append(f"up.{lvl}.upsample")
         self.norm_out = nn.GroupNorm(g, c)
         self.conv_out = nn.Conv2d(c, cfg.in_channels, 3, padding=1)
-        nn.init.zeros_(self.conv_out.weight)
-        nn.init.zeros_(self.conv_out.bias)
+        _zero_init(self.conv_out)
         self.down_names, self.up_names = tuple(down_names), tuple(up_names)
         self._skip_set = frozenset(self.skip_sources())
         self.num_skips = len(self._skip_set)

@@ -161,13 +161,18 @@ class Solver(ABC, Generic[S]):
     """Base of every solver. Subclasses are frozen dataclasses whose fields are the paper's options."""
 
     name: ClassVar[str] = ""
-    order: ClassVar[int] = 1  # convergence order of the deterministic solver
     evals_per_step: ClassVar[int] = 1
     stochastic: ClassVar[bool] = False
     paper: ClassVar[str] = ""
     # options under which the registry-driven convergence test measures ``order`` (e.g. switch off
-    # lower-order final steps); subclasses override. ``order`` may also be an instance field.
+    # lower-order final steps); subclasses override.
     order_test_options: ClassVar[dict[str, Any]] = {}
+
+    @property
+    def order(self) -> int:
+        """Convergence order of the deterministic solver (read-only). Subclasses override it with a
+        class constant (``order = 2``), a dataclass field (``order: int = 3``) or a property."""
+        return 1
 
     def is_stochastic(self) -> bool:
         return self.stochastic
@@ -218,7 +223,7 @@ class Wrapper(Solver[S]):
     DualFast, dynamic compensation): the declared order, stochasticity and NFE are the base's."""
 
     @property
-    def order(self) -> int:  # type: ignore[override]
+    def order(self) -> int:
         return self.base.order  # type: ignore[attr-defined,no-any-return]
 
     def is_stochastic(self) -> bool:

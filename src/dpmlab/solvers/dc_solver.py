@@ -151,7 +151,8 @@ class DCRatios:
         if set(tensors) != {"ratios"} or tensors["ratios"].ndim != 1:
             raise ValueError(f"{path}: a dc_ratios artifact holds one 1-d tensor 'ratios', got {sorted(tensors)}")
         try:
-            return cls(tensors["ratios"], meta["dc_order"], meta["guidance"], meta["model"], meta["solver"])
+            ratios = tuple(tensors["ratios"].tolist())
+            return cls(ratios, meta["dc_order"], meta["guidance"], meta["model"], meta["solver"])
         except KeyError as e:
             raise ValueError(f"{path}: dc_ratios metadata lacks {e}") from e
 
@@ -196,7 +197,7 @@ class CPRModel:
         if set(tensors) != {"coeffs"}:
             raise ValueError(f"{path}: a dc_cpr artifact holds exactly one tensor 'coeffs', got {sorted(tensors)}")
         try:
-            c = tensors["coeffs"].reshape(-1)
+            c = tuple(tensors["coeffs"].reshape(-1).tolist())
             return cls(c, meta["dc_order"], meta["cfg_scale"], meta["nfe_scale"], meta["model"])
         except KeyError as e:
             raise ValueError(f"{path}: dc_cpr metadata lacks {e}") from e

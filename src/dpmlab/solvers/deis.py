@@ -82,7 +82,7 @@ class DEIS(Solver[EpsHistory]):
         """``C_j`` for the nodes ``us`` (oldest first) over the step ``c``; the last node is at ``c.t``."""
         if len(us) == 1:
             return [c.sigma_next / c.alpha_next - c.sigma / c.alpha]  # rho_next - rho
-        z, w = (f64(v) for v in _gauss_legendre(_NODES))
+        z, w = (torch.as_tensor(v, dtype=torch.float64) for v in _gauss_legendre(_NODES))
         lam_q = c.lam + 0.5 * c.h * (z + 1.0)  # quadrature nodes in lam
         drho = -torch.exp(-lam_q) * (0.5 * c.h) * w  # drho = -e^-lam dlam, times the weights
         u_q = self._u(problem, lam_q)

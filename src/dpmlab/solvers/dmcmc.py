@@ -185,9 +185,11 @@ def dmcmc_sample(
         assert nfe_budget is not None
         integrator_steps = solver.steps_for_nfe(nfe_budget - langevin_steps, to_zero)
     lv = f64(levels)
-    t_end = schedule.t_zero if to_zero else schedule.t_min
-    if to_zero and t_end is None:
-        raise ValueError(f"{schedule!r} never reaches sigma = 0; to_zero=True is impossible")
+    t_end = schedule.t_min
+    if to_zero:
+        if schedule.t_zero is None:
+            raise ValueError(f"{schedule!r} never reaches sigma = 0; to_zero=True is impossible")
+        t_end = schedule.t_zero
     if grid not in CONTINUOUS_GRIDS:
         raise ValueError(f"grid must be one of {CONTINUOUS_GRIDS} (the start time varies per level), got {grid!r}")
     if not float(lv.min()) > t_end:

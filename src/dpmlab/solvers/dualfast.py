@@ -62,7 +62,8 @@ class _Recorder:
     """A model wrapper that records every call ``(x, t, x0)`` (no extra evaluation)."""
 
     def __init__(self, model: Any) -> None:
-        self.model, self.calls = model, []
+        self.model = model
+        self.calls: list[tuple[Tensor, Tensor, Tensor]] = []
 
     def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
         out = self.model(x, t, **cond)
@@ -115,9 +116,10 @@ class DualFast(Wrapper[DualFastState]):
         rec = _Recorder(problem.model)
         x_next, base_state = self.base.step(dataclasses.replace(problem, model=rec), x, ts, i, state.base)
         now = rec.at(c.t)  # the base's evaluation at t_i, or the one it reused from the last step (UniPC)
-        x_i, x0 = now[0] if now and (rec.calls[0][1] == c.t).all() else state.pending or (None, None)
-        if x0 is None:
+        pair = now[0] if now and (rec.calls[0][1] == c.t).all() else state.pending
+        if pair is None:
             raise ValueError(f"dualfast: base solver {self.base.name!r} made no model evaluation at t_i")
+        x_i, x0 = pair
         x0 = x0.to(x.dtype)  # x0(x_i, t_i): the output in the base's first-order term
         m = x0 if self.prediction == "data" else (x_i - c.alpha * x0) / c.sigma  # the mixed output, plain
         m_tau = state.m_first if self.tau == "first" else state.m_prev

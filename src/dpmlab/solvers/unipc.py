@@ -136,7 +136,7 @@ class UniPC(Solver[History]):
         _check(self.variant, self.prediction)
 
     @property
-    def order(self) -> int:  # type: ignore[override]
+    def order(self) -> int:
         return self.predictor_order + (1 if self.use_corrector else 0)
 
     def init(self, problem: Problem, x: Tensor, ts: Tensor) -> History:
@@ -189,7 +189,7 @@ class UniC(Solver[History]):
         return self.base.order if self.corrector_order is None else self.corrector_order
 
     @property
-    def order(self) -> int:  # type: ignore[override]
+    def order(self) -> int:
         return min(self.p, self.base.order) + 1
 
     def init(self, problem: Problem, x: Tensor, ts: Tensor) -> History:

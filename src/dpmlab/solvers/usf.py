@@ -327,7 +327,7 @@ class USF(Solver[USFState]):
         return {"name": self.name, "plan": dataclasses.asdict(self.plan)}
 
     @property
-    def order(self) -> int:  # type: ignore[override]
+    def order(self) -> int:
         p = self.plan
         if isinstance(p, Plan):
             return p.order

@@ -140,6 +140,8 @@ def toy2d(name: str, n: int = 10000, *, seed: int = 0, noise: float = 0.05) -> D
     """2-D toy data ``(n, 2)`` from a seeded generator; roughly zero mean and unit scale."""
     g = torch.Generator().manual_seed(seed)
     u = torch.rand(n, generator=g, dtype=torch.float64)
+    labels: Tensor | None
+    names: tuple[str, ...]
     if name == "moons":  # two interleaving half circles (as scikit-learn's make_moons)
         upper = torch.rand(n, generator=g) < 0.5
         a = math.pi * u
@@ -192,9 +194,8 @@ def image_folder(
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ValueError(f"image folder {str(root)!r} holds no {'/'.join(IMAGE_SUFFIXES)} images")
-    parents = {p.parent.relative_to(root).parts[0] if p.parent != root else None for p in files}
-    labelled = None not in parents
-    class_names = tuple(sorted(parents)) if labelled else ()  # type: ignore[type-var]
+    labelled = all(p.parent != root for p in files)  # every image sits in a sub-folder
+    class_names = tuple(sorted({p.parent.relative_to(root).parts[0] for p in files})) if labelled else ()
     arrays, labels, skipped = [], [], []
     target = (size, size) if size is not None else None
     for p in files:
