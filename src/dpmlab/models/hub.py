@@ -122,6 +122,13 @@ def _read(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
 def read_spec(path: str | os.PathLike[str], meta: Mapping[str, str]) -> ModelSpec:
     """The ``ModelSpec`` stored in a file's metadata (clear errors for missing or bad JSON)."""
     fmt = meta.get("format")
+    if "method" in meta:  # written by dpmlab.methods (a layer above this one)
+        try:
+            name = json.loads(meta["method"]).get("name", "?")
+        except (json.JSONDecodeError, AttributeError):
+            name = "?"
+        raise ValueError(f"{path}: a model of the method {name!r}; load it with dpmlab.methods.load(path) and sample "
+                         "with its .sample() (dpmlab.load and `dpmlab sample` take diffusion models)")
     if fmt not in (MODEL_FORMAT, CHECKPOINT_FORMAT):
         raise ValueError(f"{path}: not a dpmlab model or checkpoint (format {fmt!r}; expected {MODEL_FORMAT!r} "
                          f"or {CHECKPOINT_FORMAT!r})")

@@ -154,7 +154,8 @@ class Recipe:
         d = dict(d)
         unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
-            raise ValueError(f"unknown recipe fields: {', '.join(unknown)}")
+            hint = "; a 'method' section makes a method recipe (dpmlab.methods.load_recipe)" if "method" in d else ""
+            raise ValueError(f"unknown recipe fields: {', '.join(unknown)}{hint}")
         if "name" not in d:
             raise ValueError("a recipe needs a name")
         d["data"] = DataConfig.from_dict(d.get("data", {}))
