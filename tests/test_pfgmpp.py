@@ -204,7 +204,7 @@ def test_recipe_trains_through_the_cli_and_samples(tmp_path, capsys):
     assert sliced_wasserstein(model.sample(2000, nfe=21, seed=1, alpha=0.1), data) < sw_noise
     # the plain loader refuses the file (it would sample the D = inf prior); the checkpoint loads here too
     assert main(["sample", "--model", str(out), "-n", "4", "--out", str(tmp_path / "s.png"), "-q"]) == 2
-    assert "dpmlab.method/1" in capsys.readouterr().err
+    assert "dpmlab.methods.load(path)" in capsys.readouterr().err
     ck = load(out / "checkpoint.safetensors")
     torch.testing.assert_close(ck.sample(8, nfe=5), model.sample(8, nfe=5))
     # resume continues on the same trainer (only train.steps may change)

