@@ -126,6 +126,7 @@ def test_per_sample_prompts_follow_batches_and_guidance_uses_the_negative_prompt
     assert not torch.allclose(with_cond(model, prompt="bold")(x, t, prompt="a seven"), model(x, t, prompt=""))
     states = model.encode_prompt(["a seven", "a seven"])
     assert torch.equal(model(x, t, encoder_hidden_states=states), c)
+    assert torch.equal(model(x, t), model(x, t, prompt=""))  # no conditioning: the unconditional model
 
 
 def test_vae_round_trip_on_held_out_digits(model):
@@ -161,8 +162,8 @@ def test_bad_prompts_get_clear_errors(model):
         model.encode_prompt("a bold thin left right slanted upright seven eight nine")
     with pytest.raises(ValueError, match="got 2 prompts for a batch of 3"):
         model(torch.randn(3, 4, 8, 8), 0.5, prompt=["a one", "a two"])
-    with pytest.raises(ValueError, match="exactly one of prompt="):
-        model(torch.randn(1, 4, 8, 8), 0.5)
+    with pytest.raises(ValueError, match="not both"):
+        model(torch.randn(1, 4, 8, 8), 0.5, prompt="a one", encoder_hidden_states=model.encode_prompt("a one"))
     with pytest.raises(ValueError, match=r"latents must be \(N, 4, 8, 8\)"):
         model.decode(torch.randn(1, 4, 4, 4))
 

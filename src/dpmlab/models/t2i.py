@@ -6,9 +6,10 @@ transformers' own classes — the shipped ``mnist_t2i`` or a real Stable Diffusi
 and returns a ``TextToImage`` denoiser on the latents:
 
 * conditioning ``prompt=`` (a string for every sample, or one per sample) or ``encoder_hidden_states=``
-  (``(B, L, D)``, e.g. from ``encode_prompt``); prompts are tokenised and encoded as diffusers' Stable
-  Diffusion pipelines do (padded to the tokenizer's context, the text encoder's last hidden states) and
-  cached per prompt;
+  (``(B, L, D)``, e.g. from ``encode_prompt``); neither is the unconditional model (the empty prompt,
+  which training drops 10% of captions to), so ``guidance.Unconditional`` works; prompts are tokenised
+  and encoded as diffusers' Stable Diffusion pipelines do (padded to the tokenizer's context, the text
+  encoder's last hidden states) and cached per prompt;
 * ``guided(scale, negative_prompt="")``: classifier-free guidance with a negative prompt
   (diffusers' ``guidance_scale`` convention; the empty prompt is the unconditional model);
 * ``encode(images)`` / ``decode(latents)``: the VAE, with its latent scaling factor.
@@ -57,13 +58,12 @@ class TextToImage(Denoiser):
 
     def _eps_or_v(self, x: Tensor, t: Tensor, *, prompt: str | Sequence[str] | None = None,
                   encoder_hidden_states: Tensor | None = None) -> Tensor:
-        if prompt is not None and encoder_hidden_states is None:
-            states = self.encode_prompt(prompt, x.shape[0])
-        elif encoder_hidden_states is not None and prompt is None:
+        if prompt is not None and encoder_hidden_states is not None:
+            raise ValueError("give prompt= or encoder_hidden_states=, not both")
+        if encoder_hidden_states is not None:
             states = encoder_hidden_states
-        else:
-            raise ValueError("give exactly one of prompt= (the empty string for unconditional) or "
-                             "encoder_hidden_states=")
+        else:  # no conditioning is the unconditional model: the empty prompt (as guidance.Unconditional expects)
+            states = self.encode_prompt("" if prompt is None else prompt, x.shape[0])
         if states.shape[0] != x.shape[0]:
             raise ValueError(f"encoder_hidden_states has {states.shape[0]} rows for a batch of {x.shape[0]}")
         return self.unet(x, t, encoder_hidden_states=states.to(x.device, self.unet.dtype)).sample
