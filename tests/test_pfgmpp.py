@@ -176,7 +176,7 @@ def test_settings_errors_are_clear():
     with pytest.raises(ValueError, match="unknown PFGM\\+\\+ method fields: N; allowed: D, net"):
         PFGMPP.from_dict({"N": 3})
     assert PFGMPP.from_dict(PFGMPP(D="inf").to_dict()).D == math.inf and PFGMPP(D="inf").to_dict()["D"] == "inf"
-    with pytest.raises(ValueError, match="unknown method 'pfgm'; allowed: pfgmpp, rddm"):
+    with pytest.raises(ValueError, match="unknown method 'pfgm'; allowed: .*pfgmpp"):
         MethodRecipe.from_dict({"name": "x", "method": {"name": "pfgm"}})
     with pytest.raises(ValueError, match="a 'method' section makes a method recipe"):
         dpmlab.training.load_recipe(ROOT / "recipes" / "methods" / "pfgmpp_digits8.json")

@@ -6,6 +6,10 @@ resume, processes) and a model class that samples the trained file, registered h
   sampled by any deterministic dpmlab solver from the heavy-tailed prior (``PFGMPPModel``).
 * ``rddm`` — Residual Denoising Diffusion Models (Liu et al., CVPR 2024): dual residual/noise diffusion for
   generation (input 0) and restoration (input = the degraded image), its own sampler (``RDDMModel``).
+* ``diffusevae_vae`` / ``diffusevae`` — DiffuseVAE (Pandey et al., TMLR 2022): a conv VAE, then a DDPM
+  conditioned on its reconstruction (Form-1 / Form-2), a ``Denoiser`` for every solver (``DiffuseVAEModel``).
+* ``dpm_ot`` — DPM-OT (Li et al., ICCV 2023): semi-discrete OT to noised data at sigma_k, then a short solver
+  tail on a given diffusion model (``DPMOTModel``).
 
 A *method recipe* (``recipes/methods/*.json`` or ``.toml``) is a training recipe whose ``method`` section names
 a registered method and holds its settings::
@@ -231,5 +235,9 @@ def load(path: str | os.PathLike[str]) -> Any:
 
 
 # the methods register themselves (they import the helpers above)
+from . import diffusevae as diffusevae  # noqa: E402
+from . import dpm_ot as dpm_ot  # noqa: E402
+from . import ld_pruner as ld_pruner  # noqa: E402
+from . import mmd_ddm as mmd_ddm  # noqa: E402
 from . import pfgmpp as pfgmpp  # noqa: E402
 from . import rddm as rddm  # noqa: E402

@@ -23,6 +23,7 @@ from .features import load_mnist_classifier as load_mnist_classifier
 from .features import mnist_5k as mnist_5k
 from .features import mnist_5k_split as mnist_5k_split
 from .features import train_mnist_classifier as train_mnist_classifier
+from .mode_mixture import ModeMixture, classifier_mode_mixture, mode_mixture_ratio
 
 __all__ = [
     "KID", "Nearest", "PrecisionRecall", "feature_stats", "frechet_distance",
@@ -30,4 +31,5 @@ __all__ = [
     "precision_recall", "sliced_wasserstein", "FeatureExtractor", "Flatten", "MNISTClassifier",
     "MNISTFeatures", "classifier_accuracy", "fd_mnist", "load_mnist_classifier", "mnist_5k",
     "mnist_5k_split", "train_mnist_classifier",
+    "ModeMixture", "classifier_mode_mixture", "mode_mixture_ratio",
 ]

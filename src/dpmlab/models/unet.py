@@ -20,6 +20,10 @@ Feature hooks (``UNet.hooks``), used by the editing / analysis / pruning methods
   one), as in ScaleLong (Huang et al. 2023, arXiv 2310.13545) / FreeU.
 * ``bypass``: blocks from ``prunable_blocks()`` replaced by the identity (structural pruning,
   e.g. LD-Pruner, Castells et al. 2024, arXiv 2404.11936).
+
+Concatenated image conditioning (``cond_channels > 0``): ``x_cond`` ``(B, cond_channels, H, W)`` is stacked
+onto the input channels before the first convolution, as in SR3 / ADM's ``SuperResModel`` and DiffuseVAE's
+conditional DDPM; ``x_cond=None`` feeds zeros (the null condition of classifier-free guidance).
 """
 
 from __future__ import annotations
@@ -86,9 +90,12 @@ class UNetConfig:
     num_classes: int = 0  # 0: unconditional; else labels 0..num_classes-1 plus null class num_classes
     groups: int = 8  # GroupNorm groups (must divide every channel count)
     time_scale: float = 1.0  # multiplies the network's time before embedding (e.g. 1000 for t in [0, 1])
+    cond_channels: int = 0  # extra input channels ``x_cond`` concatenated to ``x`` (0: none)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channel_mult", tuple(int(m) for m in self.channel_mult))
+        if not (isinstance(self.cond_channels, int) and self.cond_channels >= 0):
+            raise ValueError(f"UNetConfig.cond_channels must be an int >= 0, got {self.cond_channels!r}")
         for name in ("image_size", "in_channels", "model_channels", "num_heads", "groups"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"UNetConfig.{name} must be >= 1, got {getattr(self, name)!r}")
@@ -208,9 +215,10 @@ class Upsample(nn.Module):
 
 
 class UNet(nn.Module):
-    """``eps = net(x, t, label=None)``: ``x`` ``(B, C, H, W)`` with ``H = W = image_size``, ``t`` ``(B,)``
-    (the network's own time: the training index for discrete schedules), ``label`` ``(B,)`` ints in
-    ``[0, num_classes]`` or ``None`` (the null class). Returns ``(B, C, H, W)``."""
+    """``eps = net(x, t, label=None, x_cond=None)``: ``x`` ``(B, C, H, W)`` with ``H = W = image_size``, ``t``
+    ``(B,)`` (the network's own time: the training index for discrete schedules), ``label`` ``(B,)`` ints in
+    ``[0, num_classes]`` or ``None`` (the null class), ``x_cond`` ``(B, cond_channels, H, W)`` or ``None``
+    (zeros; only for ``cond_channels > 0``). Returns ``(B, C, H, W)``."""
 
     def __init__(self, config: UNetConfig) -> None:
         super().__init__()
@@ -219,7 +227,7 @@ class UNet(nn.Module):
         emb_dim = 4 * ch
         self.time_embed = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.label_embed = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes else None
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+        self.conv_in = nn.Conv2d(cfg.in_channels + cfg.cond_channels, ch, 3, padding=1)
         levels = len(cfg.channel_mult)
         self.down = nn.ModuleList()
         down_names: list[str] = []
@@ -326,12 +334,20 @@ class UNet(nn.Module):
         return h
 
     # --- forward ---------------------------------------------------------------------------------
-    def forward(self, x: Tensor, t: Tensor, label: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, label: Tensor | None = None, x_cond: Tensor | None = None) -> Tensor:
         cfg = self.config
         if x.ndim != 4 or x.shape[1] != cfg.in_channels or x.shape[2] != cfg.image_size or x.shape[3] != cfg.image_size:
             raise ValueError(f"UNet expects (B, {cfg.in_channels}, {cfg.image_size}, {cfg.image_size}), "
                              f"got {tuple(x.shape)}")
         b = x.shape[0]
+        if cfg.cond_channels:
+            want = (b, cfg.cond_channels, cfg.image_size, cfg.image_size)
+            if x_cond is not None and tuple(x_cond.shape) != want:
+                raise ValueError(f"UNet x_cond must have shape {want}, got {tuple(x_cond.shape)}")
+            x = torch.cat([x, torch.zeros(want, dtype=x.dtype, device=x.device) if x_cond is None
+                           else x_cond.to(x.dtype)], dim=1)
+        elif x_cond is not None:
+            raise ValueError("this UNet takes no x_cond (cond_channels=0)")
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(b)

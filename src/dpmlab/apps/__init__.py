@@ -1,0 +1,22 @@
+"""Applications: papers that use a model for a downstream job. Each is one module, imported lazily so that
+``import dpmlab.apps`` loads nothing (and no optional dependency) until a module is asked for:
+
+* ``selective_labels`` — Balachandar, Garg & Pierson, "Domain constraints improve risk prediction when outcome
+  data is missing" (ICLR 2024): a Bayesian model of tests and outcomes with prevalence and expertise
+  constraints, inferred with Pyro (NUTS, MAP). Not a diffusion model; it imports nothing from dpmlab.
+
+Command lines: ``python -m dpmlab.apps.<module> --help``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+__all__ = ["selective_labels"]
+
+
+def __getattr__(name: str) -> ModuleType:
+    if name in __all__:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}; applications: {', '.join(__all__)}")
