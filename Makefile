@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/dpmlab sample --model mnist --label grid --solver ddim --nfe 20 -n 100 --seed 0 --out demo/mnist.png
+	$(VENV)/bin/dpmlab sample --model mnist --label grid --solver ddim --nfe 20 -n 100 --seed 0 --out demo/mnist.png --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q

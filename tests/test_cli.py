@@ -25,7 +25,10 @@ def test_sample_writes_picture_and_raw(tmp_path, capsys):
         main(["sample", "--model", "gmm2d", "--solver", "ddim", "--nfe", "10", "-n", "300", "--out", str(out), "-q"])
         == 0
     )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.png"]  # only the file the user named
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["sample", "--model", "gmm2d", "--nfe", "10", "-n", "300", "--out", str(out), "--raw",
+                 str(tmp_path / "s.npz"), "-q", "--overwrite"]) == 0
     raw = np.load(tmp_path / "s.npz")
     assert raw["samples"].shape == (300, 2)
     st = tmp_path / "r.safetensors"
@@ -45,6 +48,7 @@ def test_sample_writes_picture_and_raw(tmp_path, capsys):
                 "--raw",
                 str(st),
                 "-q",
+                "--overwrite",
             ]
         )
         == 0
@@ -76,7 +80,7 @@ def test_calibrate_then_sample_with_each_artifact(tmp_path, capsys):
     for solver, art in (("dpm_solver_v3", ems), ("dc_solver", dc), ("usf", plan)):
         out = tmp_path / f"{solver}.png"
         args = ["sample", "--model", "gmm16", "--solver", solver, "--artifact", str(art), "--nfe", "5", "-n", "20"]
-        assert main([*args, "--out", str(out), "-q"]) == 0, solver
+        assert main([*args, "--out", str(out), "--raw", str(out.with_suffix(".npz")), "-q"]) == 0, solver
         assert np.isfinite(np.load(out.with_suffix(".npz"))["samples"]).all()
     capsys.readouterr()
     # an artifact fitted on another model is refused, naming both
@@ -124,6 +128,8 @@ def test_classifier_free_guidance_on_the_shipped_mnist_model(tmp_path, capsys):
                 "4",
                 "--out",
                 str(out),
+                "--raw",
+                str(out.with_suffix(".npz")),
                 "-q",
             ]
         )
@@ -131,4 +137,6 @@ def test_classifier_free_guidance_on_the_shipped_mnist_model(tmp_path, capsys):
     )
     assert np.load(out.with_suffix(".npz"))["samples"].shape == (4, 1, 28, 28)
     assert main(["sample", "--model", "gmm16", "--guidance", "3", "--out", str(out)]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert main(["sample", "--model", "gmm16", "--guidance", "3", "--out", str(out), "--overwrite"]) == 2
     assert "--guidance needs --label" in capsys.readouterr().err

@@ -98,7 +98,7 @@ def test_bad_options(tmp_path, capsys):
     src = _png(tmp_path / "one.png", _digit_one())
     for extra, match in ((["--target-label", "x"], "unknown --target-label 'x'; allowed: 0, 1"),
                          (["--target-label", "3", "--skip", "1.0"], r"--skip .* in \[0, 1\)"),
-                         (["--target-label", "3", "--out", str(tmp_path / "o.jpg")], "--out must be a .png or .npz"),
+                         (["--target-label", "3", "--out", str(tmp_path / "o.jpg")], "--out must name a .png or .npz file"),
                          (["--target-label", "1", "--method", "boundary", "--source-label", "1"], "already a '1'")):
         argv = ["edit", "--image", str(src), "--out", str(tmp_path / "o.png"), *extra]
         assert main(argv) == 2
@@ -112,7 +112,7 @@ def test_bad_options(tmp_path, capsys):
 def test_sample_with_classifier_guidance(tmp_path, capsys):
     out = tmp_path / "g.png"
     assert main(["sample", "--model", "mnist", "--label", "3", "--classifier-guidance", "1.0", "-n", "4", "--nfe", "6",
-                 "--out", str(out), "-q"]) == 0
+                 "--out", str(out), "--raw", str(tmp_path / "g.npz"), "-q"]) == 0
     raw = np.load(tmp_path / "g.npz")
     assert raw["samples"].shape == (4, 1, 28, 28) and np.isfinite(raw["samples"]).all()
     assert main(["sample", "--model", "mnist", "--classifier-guidance", "1.0", "-n", "2", "--nfe", "4",

@@ -31,7 +31,7 @@ def test_nfe_budget_that_cannot_be_met():
         dpmlab.sample("gmm16", 4, solver="heun", nfe=10, to_zero=True)
     with pytest.raises(ValueError, match="cannot use exactly nfe=3.*nearest possible budgets: 2, 4"):
         dpmlab.sample("gmm16", 4, solver="heun", nfe=3)
-    with pytest.raises(ValueError, match="nfe must be a positive int"):
+    with pytest.raises(ValueError, match="nfe must be a whole number >= 1, got 0"):
         dpmlab.sample("gmm16", 4, solver="ddim", nfe=0)
 
 

@@ -67,10 +67,13 @@ def test_cli_sample_label_grid(tmp_path, capsys):
     assert main(["sample", "--model", "mnist", "--nfe", "3", "-n", "12", "--label", "grid", "--out", str(out),
                  "-q"]) == 0
     assert out.read_bytes()[:4] == b"\x89PNG"
-    assert main(["sample", "--model", "mnist", "--nfe", "3", "-n", "2", "--label", "7", "--out", str(out), "-q"]) == 0
-    assert main(["sample", "--model", "mnist", "--nfe", "3", "-n", "2", "--label", "x", "--out", str(out)]) == 2
+    assert main(["sample", "--model", "mnist", "--nfe", "3", "-n", "2", "--label", "7", "--out", str(out), "-q",
+                 "--overwrite"]) == 0
+    assert main(["sample", "--model", "mnist", "--nfe", "3", "-n", "2", "--label", "x", "--out", str(out),
+                 "--overwrite"]) == 2
     assert "unknown --label 'x'" in capsys.readouterr().err
-    assert main(["sample", "--model", "digits8", "--nfe", "3", "-n", "2", "--label", "1", "--out", str(out)]) == 2
+    assert main(["sample", "--model", "digits8", "--nfe", "3", "-n", "2", "--label", "1", "--out", str(out),
+                 "--overwrite"]) == 2
     assert "class-conditional" in capsys.readouterr().err
 
 

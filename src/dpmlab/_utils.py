@@ -125,7 +125,9 @@ def atomic_write(path: str | os.PathLike[str], suffix: str | None = None) -> Ite
     on any error it is deleted — a file the user asked for is never left half-written."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=suffix or target.suffix)
+    remove_orphans(target)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.{os.getpid()}.",
+                               suffix=suffix or target.suffix)
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -146,7 +148,8 @@ def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
     (an existing folder there is removed first), on any error it is deleted."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    remove_orphans(target)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.{os.getpid()}."))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
@@ -156,6 +159,35 @@ def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def remove_orphans(target: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary siblings ``.{name}.{pid}.*`` of ``target`` that ``atomic_write`` /
+    ``atomic_folder`` left behind when process ``pid`` was killed (SIGKILL, power loss); those of live
+    processes are kept. Returns what was removed."""
+    t = Path(target)
+    removed: list[Path] = []
+    if not t.parent.is_dir():
+        return removed
+    head = f".{t.name}."
+    for p in t.parent.iterdir():
+        if not p.name.startswith(head):
+            continue
+        pid = p.name[len(head):].split(".", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def _umask() -> int:

@@ -61,6 +61,13 @@ def _per_sample(v: Any, n: int) -> bool:
     return isinstance(v, list | tuple) and len(v) == n
 
 
+def _whole(name: str, value: Any, lo: int, hi: int | None = None) -> None:
+    """``value`` must be an int (not a bool, not a float) in ``[lo, hi]``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        rng = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name} must be a whole number {rng}, got {value!r}")
+
+
 def sample(
     model: DenoiserFn | str,
     n: int = 64,
@@ -99,8 +106,16 @@ def sample(
     shp = shape if shape is not None else getattr(model, "data_shape", None)
     if shp is None:
         raise ValueError("the model carries no .data_shape; pass shape=")
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+    _whole("n", n, 1)
+    _whole("seed", seed, 0, 2**63 - 1)
+    if nfe is not None:
+        _whole("nfe", nfe, 1)
+    if batch_size is not None:
+        _whole("batch_size", batch_size, 1)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch dtype (float16, bfloat16, float32, float64), got {dtype!r}")
+    if to_zero is not None and not isinstance(to_zero, bool):
+        raise ValueError(f"to_zero must be True, False or None, got {to_zero!r}")
     slv = get(solver, **solver_options) if isinstance(solver, str) else solver
     if solver_options and not isinstance(solver, str):
         raise ValueError("solver options are only accepted with a solver name; configure the instance instead")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +25,43 @@ from .timesteps import GRIDS
 __all__ = ["main"]
 
 
+def _solver_options(name: str) -> list[dict[str, str]]:
+    """A solver's options: name, type, default (its dataclass fields)."""
+    import dataclasses
+
+    from .solvers.base import _hint_name, _option_hints
+
+    cls = solver_class(name)
+    hints = _option_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = repr(f.default_factory())
+        else:
+            default = "(required)"
+        kind = _hint_name(hints[f.name]) if f.name in hints else str(f.type)
+        out.append({"option": f.name, "type": kind, "default": default})
+    return out
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
+    if args.solver:  # one solver's options
+        cls = solver_class(args.solver)
+        opts = _solver_options(args.solver)
+        if args.json:
+            print(json.dumps({"name": args.solver, "paper": cls.paper, "options": opts}, indent=2))
+            return 0
+        doc = (cls.__doc__ or "").strip()
+        doc = "" if not doc or doc.startswith(f"{cls.__name__}(") else doc.splitlines()[0] + "\n"
+        print(f"{args.solver}: {cls.paper}\n{doc}")
+        if not opts:
+            print("no options")
+        for o in opts:
+            print(f"  {o['option']:<22} {o['type']:<40} default {o['default']}")
+        print(f"\nset them with: dpmlab sample --solver {args.solver} --options '{{\"<option>\": <value>}}'")
+        return 0
     rows = []
     for name in available():
         cls = solver_class(name)
@@ -53,7 +90,11 @@ def _stochastic(cls: type[Solver[Any]]) -> str:
     return "option" if "is_stochastic" in cls.__dict__ else "no"
 
 
-def _save_picture(x: Tensor, path: Path, title: str) -> None:
+def _save_picture(x: Tensor, path: Path, title: str, labels: Sequence[str] = ()) -> None:
+    """A scatter plot (2-d samples) or an image grid (at most 100 images, ``labels[k]`` over image k); the
+    title is wrapped to the figure's width, never cut off."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -65,25 +106,58 @@ def _save_picture(x: Tensor, path: Path, title: str) -> None:
             fig, ax = plt.subplots(figsize=(5, 5), dpi=120)
             ax.scatter(arr[:, 0], arr[:, 1], s=2, alpha=0.5)
             ax.set_aspect("equal")
-            ax.set_title(title, fontsize=9)
+            ax.set_title(textwrap.fill(title, width=70), fontsize=9)
         elif arr.ndim == 4 or (arr.ndim == 3):
             imgs = arr if arr.ndim == 4 else arr[:, None]
             n = min(len(imgs), 100)
             cols = int(np.ceil(np.sqrt(n)))
             rows = int(np.ceil(n / cols))
-            fig, axes = plt.subplots(rows, cols, figsize=(cols, rows), dpi=100, squeeze=False)
+            width = max(cols, 4)
+            text = textwrap.fill(title, width=int(width * 13))
+            head = 0.2 * (text.count("\n") + 1) + 0.15
+            fig, axes = plt.subplots(rows, cols, figsize=(width, rows * (1.15 if labels else 1) + head), dpi=100,
+                                     squeeze=False)
             for k, ax in enumerate(axes.flat):
                 ax.axis("off")
                 if k < n:
                     img = np.clip((imgs[k].transpose(1, 2, 0) + 1) / 2, 0, 1)
                     ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
-            fig.suptitle(title, fontsize=9)
+                    if k < len(labels):
+                        ax.set_title(labels[k], fontsize=7, pad=2)
+            fig.suptitle(text, fontsize=9)
+            fig.tight_layout(rect=(0, 0, 1, 1 - head / (rows * (1.15 if labels else 1) + head)))
         else:
             fig, ax = plt.subplots(figsize=(5, 5), dpi=120)
             ax.scatter(arr[:, 0], arr[:, 1], s=2, alpha=0.5)
-            ax.set_title(f"{title} (first two of {arr.shape[1]} dims)", fontsize=9)
+            ax.set_title(textwrap.fill(f"{title} (first two of {arr.shape[1]} dims)", width=70), fontsize=9)
         fig.savefig(tmp, format="png")
         plt.close(fig)
+
+
+def check_outputs(outputs: Sequence[tuple[Path, str, Sequence[str]]], overwrite: bool) -> None:
+    """Validate every file a command will write BEFORE any work: ``(path, flag, allowed suffixes)``. The rule,
+    everywhere: dpmlab writes only files named on the command line (a model file's ``.json`` card counts as
+    named with it); a path must not be a folder nor lie under a file, its folder must be writable (missing
+    folders are created), and an existing file is replaced only with ``--overwrite``."""
+    seen: dict[Path, str] = {}
+    for path, flag, suffixes in outputs:
+        if path.is_dir():
+            raise ValueError(f"{flag} {str(path)!r} is a folder; name a file inside it")
+        if suffixes and path.suffix.lower() not in suffixes:
+            raise ValueError(f"{flag} must name a {' or '.join(suffixes)} file, got {str(path)!r}")
+        key = path.absolute()
+        if key in seen:
+            raise ValueError(f"{flag} and {seen[key]} name the same file {str(path)!r}")
+        seen[key] = flag
+        parent = path.absolute().parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise ValueError(f"{flag} {str(path)!r} lies under {str(parent)!r}, which is a file, not a folder")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ValueError(f"{flag} {str(path)!r}: the folder {str(parent)!r} is not writable")
+        if path.exists() and not overwrite:
+            raise ValueError(f"{flag} {str(path)!r} exists; pass --overwrite to replace it")
 
 
 def _save_raw(x: Tensor, path: Path, meta: dict[str, str]) -> None:
@@ -116,7 +190,16 @@ def _labels(model: Any, label: str, n: int) -> dict[str, Tensor]:
 
 # --- fitted artifacts: dpmlab calibrate ems|dc|s3, dpmlab sample --artifact ----------------------------
 def _apply_artifact(solver_name: str, options: dict[str, Any], path: str, model_name: str, nfe: int) -> None:
-    """Put the artifact at ``path`` into the solver ``options``, validated against the model (and NFE)."""
+    """Put the artifact at ``path`` into the solver ``options``, validated against the model (and NFE).
+    ``path == "none"``: run the solver without one, on purpose (recorded in the picture title and metadata)."""
+    keys = ARTIFACT_OPTIONS.get(solver_name)
+    if keys is None:
+        raise ValueError(f"solver {solver_name!r} takes no artifact; artifacts are for {', '.join(ARTIFACT_OPTIONS)}")
+    clash = [k for k in keys if k in options]
+    if clash:
+        raise ValueError(f"--options sets {', '.join(clash)} and --artifact gives it too; use one of them")
+    if path == "none":
+        return
     if solver_name == "dpm_solver_v3":
         from .solvers.dpm_solver_v3 import EMS
 
@@ -136,15 +219,19 @@ def _apply_artifact(solver_name: str, options: dict[str, Any], path: str, model_
         from .solvers.usf import Plan
 
         options["plan"] = Plan.load(path, model=model_name, nfe=nfe)
-    else:
-        raise ValueError(f"solver {solver_name!r} takes no artifact; artifacts are for dpm_solver_v3, dc_solver, usf")
+
+
+# solvers that run from a fitted artifact, and the options the artifact fills
+ARTIFACT_OPTIONS = {"dpm_solver_v3": ("ems",), "dc_solver": ("ratios", "dc_order"), "usf": ("plan",)}
+NEEDS_ARTIFACT = {"dpm_solver_v3": "ems", "dc_solver": "ratios"}  # without it they are their base solver
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    check_outputs([(out, "--out", (".json",) if args.kind == "s3" else (".safetensors",))], args.overwrite)
     model = load(args.model)
     schedule = model.schedule
-    out = Path(args.out)
     if args.kind == "ems":
         from .calibrate.ems import fit_ems
         from .models.analytic import AnalyticDenoiser
@@ -184,10 +271,22 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 def _cmd_sample(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    options = json.loads(args.options) if args.options else {}
+    out, raw = Path(args.out), (Path(args.raw) if args.raw else None)
+    check_outputs([(out, "--out", (".png",))] + ([(raw, "--raw", (".npz", ".safetensors"))] if raw else []),
+                  args.overwrite)
+    try:
+        options = json.loads(args.options) if args.options else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--options is not valid JSON ({e}): {args.options!r}") from None
     if not isinstance(options, dict):
         raise ValueError(f"--options must be a JSON object, got {args.options!r}")
+    need = NEEDS_ARTIFACT.get(args.solver)
+    if need and not args.artifact and need not in options:
+        raise ValueError(f"--solver {args.solver} runs from a fitted artifact: give --artifact FILE (dpmlab calibrate "
+                         f"{'ems' if need == 'ems' else 'dc'}) or --artifact none (then it is its base solver: "
+                         f"{'DPM-Solver++' if need == 'ems' else 'the uncompensated base'})")
     model: Any = load(args.model)
+    class_names = getattr(getattr(model, "spec", None), "class_names", ())
     if args.artifact:
         _apply_artifact(args.solver, options, args.artifact, args.model, args.nfe)
     grid: Any = args.grid
@@ -228,10 +327,6 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         from .models.guidance import Unconditional, classifier_free
 
         model = classifier_free(model, Unconditional(model), args.guidance)
-    out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        raise ValueError(f"--out must be a .png picture, got {out.name!r} (raw samples go to --raw)")
-    raw = Path(args.raw) if args.raw else out.with_suffix(".npz")
 
     from tqdm import tqdm
 
@@ -241,19 +336,21 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         bar.n = min(info.nfe, bar.total)
         bar.refresh()
 
-    x = sample(
-        model,
-        args.n,
-        solver=solver,
-        nfe=args.nfe,
-        seed=args.seed,
-        grid=grid,
-        to_zero=args.to_zero or None,
-        batch_size=args.batch_size,
-        cond=cond,
-        callback=progress,
-    )
-    bar.close()
+    try:
+        x = sample(
+            model,
+            args.n,
+            solver=solver,
+            nfe=args.nfe,
+            seed=args.seed,
+            grid=grid,
+            to_zero=args.to_zero or None,
+            batch_size=args.batch_size,
+            cond=cond,
+            callback=progress,
+        )
+    finally:  # an error or Ctrl-C is printed on a clean line, not onto the bar
+        bar.close()
     if t2i is not None:  # latents -> pixels
         x = torch.cat([t2i.decode(x[i:i + 256]) for i in range(0, len(x), 256)])
     meta = {
@@ -270,13 +367,23 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         "artifact": args.artifact,
         "dpmlab": __version__,
     }
-    _save_raw(x, raw, meta)
+    if raw is not None:
+        _save_raw(x, raw, meta)
     what = f" {args.prompt!r}" if t2i is not None else ""
     if t2i is not None and args.guidance != 1.0:
         what += f", w={args.guidance:g}" + (f", negative {args.negative_prompt!r}" if args.negative_prompt else "")
-    _save_picture(x, out, f"{args.model}{what}: {args.solver}, NFE={args.nfe}, n={args.n}, grid={args.grid}")
+    config = ", ".join(f"{k}={v}" for k, v in solver.config().items() if k != "name")
+    title = (f"{args.model}{what}: {args.solver}" + (f" ({config})" if config else "")
+             + f", NFE={args.nfe}, n={args.n}, grid={args.grid}{', to zero' if args.to_zero else ''}, seed={args.seed}"
+             + (f", label={args.label}" if args.label else "")
+             + (f", CFG w={args.guidance:g}" if args.guidance != 1.0 and t2i is None else "")
+             + (f", classifier guidance {args.classifier_guidance:g}" if args.classifier_guidance else "")
+             + (f", artifact={args.artifact}" if args.artifact else ""))
+    labels = [class_names[int(i)] for i in cond["label"]] if "label" in cond and class_names else []
+    _save_picture(x, out, title, labels)
     if not args.quiet:
-        print(f"wrote {out} and {raw} ({args.n} samples, shape {tuple(x.shape[1:])}, NFE {args.nfe})")
+        also = f" and {raw}" if raw else ""
+        print(f"wrote {out}{also} ({args.n} samples, shape {tuple(x.shape[1:])}, NFE {args.nfe})")
     return 0
 
 
@@ -357,12 +464,42 @@ def _train_recipe(args: argparse.Namespace) -> tuple[Any, Any]:
     return Recipe.from_dict(base), ds
 
 
+def _check_method_kind(recipe: str, kind: str) -> None:
+    """``dpmlab finetune|prune|distill --recipe R``: R must be a method recipe of that kind."""
+    from .methods import _read_text, available_methods, method_kind
+
+    d = _read_text(recipe)
+    m = d.get("method") if isinstance(d, dict) else None
+    name = m.get("name") if isinstance(m, dict) else None
+    allowed = ", ".join(available_methods(kind))
+    if name is None:
+        raise ValueError(f"{recipe}: dpmlab {kind} needs a method recipe (a 'method' section naming one of: {allowed})")
+    if method_kind(name) != kind:
+        raise ValueError(f"{recipe}: method {name!r} is run with `dpmlab {method_kind(name)}`, not `dpmlab {kind}` "
+                         f"(dpmlab {kind} runs: {allowed})")
+
+
+def _cmd_module(args: argparse.Namespace) -> int:
+    """``dpmlab apps NAME ...`` / ``dpmlab analyze NAME ...``: the module's own command line."""
+    import importlib
+
+    module = importlib.import_module(f"dpmlab.{args.package}.{args.module}")
+    return int(module.main(args.args))
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from .methods import is_method_recipe
     from .training import train
 
+    if args.export:
+        dst = Path(args.export)
+        check_outputs([(dst, "--export", (".safetensors",)), (dst.with_suffix(".json"), "--export's card", ())],
+                      args.overwrite)
+    kind = getattr(args, "kind", "train")
+    if kind != "train":  # finetune / prune / distill: a method recipe of that kind
+        _check_method_kind(args.recipe, kind)
     if args.recipe and is_method_recipe(args.recipe):  # dpmlab.methods: PFGM++, RDDM, ...
         name, out, res = _train_method(args)
     else:
@@ -373,8 +510,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
         res = train(recipe, out, resume=args.resume, dataset=ds, progress=not args.quiet)
     if args.export:
         dst = Path(args.export)
-        if dst.suffix != ".safetensors":
-            raise ValueError(f"--export must name a .safetensors file, got {dst.name!r}")
         with atomic_write(dst) as tmp:
             tmp.write_bytes((out / "model.safetensors").read_bytes())
         card = json.loads((out / "model.json").read_text())
@@ -411,10 +546,20 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from .schedules import DiscreteVP
 
     torch.set_num_threads(args.threads)
+    stem = Path(args.out) if args.out else None
+    if stem is not None:
+        check_outputs([(stem.with_suffix(x), "--out", ()) for x in (".csv", ".json", ".png")], args.overwrite)
     if args.quick:
         nfes, n = [5, 10, 20], min(args.n, 64)
     else:
-        nfes, n = [int(k) for k in args.nfe.split(",")], args.n
+        try:
+            nfes = [int(k) for k in args.nfe.split(",")]
+        except ValueError:
+            raise ValueError(f"--nfe takes comma-separated whole numbers, got {args.nfe!r}") from None
+        bad = [k for k in nfes if not 1 <= k <= MAX_NFE]
+        if bad:
+            raise ValueError(f"--nfe budgets must lie in [1, {MAX_NFE}], got {bad[0]}")
+        n = args.n
     names = [s for s in args.solvers.split(",") if s] if args.solvers else None
     entries = default_entries(names)
     schedule = DiscreteVP.from_preset(args.schedule)
@@ -440,9 +585,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if over:
         mean_over = sum(r.overhead_ms for r in over) / len(over)
         print(f"mean dpmlab sampler overhead: {mean_over:.3f} ms/step (free model, shape {shape})")
-    out = Path(args.out) if args.out else Path("bench") / args.model
-    for p in result.write(out):
-        print(f"wrote {p}")
+    if stem is not None:
+        for p in result.write(stem):
+            print(f"wrote {p}")
     return 0
 
 
@@ -536,10 +681,9 @@ def _edit_boundary(model: Any, x0: Tensor, src: int, tgt: int, args: argparse.Na
 def _cmd_edit(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    outputs = [(out, "--out")] + ([(Path(args.reconstruction), "--reconstruction")] if args.reconstruction else [])
-    for p, flag in outputs:
-        if p.suffix.lower() not in (".png", ".npz"):
-            raise ValueError(f"{flag} must be a .png or .npz file, got {p.name!r}")
+    check_outputs([(out, "--out", (".png", ".npz"))] + ([(Path(args.reconstruction), "--reconstruction",
+                                                          (".png", ".npz"))] if args.reconstruction else []),
+                  args.overwrite)
     if not 0.0 <= args.skip < 1.0:
         raise ValueError(f"--skip is the fraction of the steps left out at the noisy end, in [0, 1); got {args.skip}")
     model = load(args.model)
@@ -591,12 +735,78 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_in(lo: int, hi: int | None = None, what: str = "") -> Any:
+    """An argparse type: a whole number in ``[lo, hi]`` (bools and fractions refused by ``int``)."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if v < lo or (hi is not None and v > hi):
+            rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+            raise argparse.ArgumentTypeError(f"{v} is out of range: {what or 'allowed'} {rng}")
+        return v
+
+    parse.__name__ = "integer"
+    return parse
+
+
+SEED = _int_in(0, 2**63 - 1, "seeds lie in")
+NFE = _int_in(1, 10_000, "NFE budgets lie in")  # MAX_NFE: a sanity limit
+POSITIVE = _int_in(1)
+
+
+def _add_train_arguments(pt: argparse.ArgumentParser) -> None:
+    """The options ``train`` shares with ``finetune`` / ``prune`` / ``distill``."""
+    pt.add_argument("--out", default="", help="run folder for checkpoint and model (default: runs/<name>)")
+    pt.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
+    pt.add_argument("--export", default="", help="also copy the final model (.safetensors + .json card) here")
+    pt.add_argument("--name", default=None, help="run name")
+    pt.add_argument("--data", default=None, help="digits8, mnist, moons, swiss_roll, rings, gaussian_mixture, folder")
+    pt.add_argument("--data-path", default=None, help="image folder (with --data folder)")
+    pt.add_argument("--image-size", type=POSITIVE, default=None, help="folder images are resized to this side")
+    pt.add_argument("--channels", type=int, default=None, choices=(1, 3), help="folder images: 1 gray, 3 RGB")
+    pt.add_argument("--unconditional", action="store_true", help="ignore the data's labels")
+    pt.add_argument("--net", default=None, choices=("unet", "mlp"))
+    pt.add_argument("--objective", default=None, choices=("eps", "x0", "v", "edm"))
+    pt.add_argument("--schedule", default=None, help="noise schedule name (default linear)")
+    pt.add_argument("--steps", type=POSITIVE, default=None)
+    pt.add_argument("--batch-size", type=POSITIVE, default=None)
+    pt.add_argument("--lr", type=float, default=None)
+    pt.add_argument("--warmup", type=_int_in(0), default=None)
+    pt.add_argument("--ema-decay", type=float, default=None)
+    pt.add_argument("--seed", type=SEED, default=None)
+    pt.add_argument("--checkpoint-every", type=POSITIVE, default=None)
+    pt.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override any recipe field, e.g. --set model.net_config.model_channels=16 (JSON values)")
+    pt.add_argument("--threads", type=POSITIVE, default=1, help="torch threads (1 is fastest for small models)")
+    pt.add_argument("-q", "--quiet", action="store_true")
+    pt.add_argument("--overwrite", action="store_true", help="replace an existing --export file")
+
+
+MAX_NFE = 10_000  # a sanity limit on one sample's network evaluations (bench, sample)
+
+# modules of dpmlab.apps / dpmlab.analysis with their own command line (``main(argv)``)
+_MODULE_COMMANDS = ("selective_labels", "change_detection", "sda", "unlearn_attack", "intrinsic_dimension")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Sub-command parsers whose ``--help`` shows every default."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dpmlab", description="Fast, training-free sampling for diffusion models.")
     p.add_argument("--version", action="version", version=f"dpmlab {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks instead of one-line errors")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     pl = sub.add_parser("list", help="list registered solvers")
+    pl.add_argument("solver", nargs="?", default="", help="show this solver's options (types, defaults, paper)")
     pl.add_argument("--json", action="store_true", help="machine-readable output")
     pl.set_defaults(func=_cmd_list)
 
@@ -604,16 +814,16 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--model", default="gmm2d", help=f"model name ({', '.join(available_models())})")
     ps.add_argument("--solver", default="ddim", help="solver name (see `dpmlab list`)")
     ps.add_argument("--options", default="", help="solver options as JSON, e.g. '{\"eta\": 1.0}'")
-    ps.add_argument("--nfe", type=int, default=10, help="network evaluations per sample (exact)")
-    ps.add_argument("-n", type=int, default=1000, help="number of samples")
-    ps.add_argument("--seed", type=int, default=0)
+    ps.add_argument("--nfe", type=NFE, default=10, help="network evaluations per sample (exact)")
+    ps.add_argument("-n", type=POSITIVE, default=1000, help="number of samples")
+    ps.add_argument("--seed", type=SEED, default=0)
     ps.add_argument("--grid", default=DEFAULT_GRID, choices=sorted(GRIDS))
     ps.add_argument("--to-zero", action="store_true", help="end the grid at sigma = 0")
-    ps.add_argument("--batch-size", type=int, default=None)
+    ps.add_argument("--batch-size", type=POSITIVE, default=None)
     ps.add_argument("--label", default="", help="class-conditional models: a class name, or 'grid' (a class per row)")
     ps.add_argument("--out", default="samples.png", help="picture (.png)")
-    ps.add_argument("--raw", default="", help="raw samples (.npz or .safetensors; default: next to --out)")
-    ps.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for small models)")
+    ps.add_argument("--raw", default="", help="also write the raw samples here (.npz or .safetensors)")
+    ps.add_argument("--threads", type=POSITIVE, default=1, help="torch threads (1 is fastest for small models)")
     ps.add_argument("-q", "--quiet", action="store_true")
     ps.add_argument("--guidance", type=float, default=1.0,
                     help="classifier-free guidance scale (1 = none; diffusers' convention), needs --label or a "
@@ -625,50 +835,50 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--negative-prompt", default="", help="text-to-image models: the negative prompt (with --guidance)")
     ps.add_argument("--artifact", default="",
                     help="fitted artifact for dpm_solver_v3 (EMS), dc_solver (DC ratios) or usf (S3 plan)")
+    ps.add_argument("--overwrite", action="store_true", help="replace existing output files")
     ps.set_defaults(func=_cmd_sample)
 
     pc = sub.add_parser("calibrate", help="fit a solver artifact: ems (DPM-Solver-v3), dc (DC-Solver), s3 (USF plan)")
     pc.add_argument("kind", choices=["ems", "dc", "s3"])
     pc.add_argument("--model", default="gmm16", help=f"model name ({', '.join(available_models())})")
-    pc.add_argument("--nfe", type=int, default=6, help="NFE budget the artifact is for (dc, s3)")
-    pc.add_argument("-n", type=int, default=0, help="points (ems: 1024), ground-truth trajectories (dc: 10), "
+    pc.add_argument("--nfe", type=NFE, default=6, help="NFE budget the artifact is for (dc, s3)")
+    pc.add_argument("-n", type=_int_in(0), default=0, help="points (ems: 1024), ground-truth trajectories (dc: 10), "
                     "search samples (s3: 256)")
-    pc.add_argument("--grid-size", type=int, default=200, help="ems: lambda knots - 1")
+    pc.add_argument("--grid-size", type=POSITIVE, default=200, help="ems: lambda knots - 1")
     pc.add_argument("--base", default="unipc", help="dc: the predictor-corrector solver to compensate")
     pc.add_argument("--grid", default=DEFAULT_GRID, choices=sorted(GRIDS), help="dc: the grid to fit on")
-    pc.add_argument("--generations", type=int, default=10, help="s3: evolutionary generations")
-    pc.add_argument("--seed", type=int, default=0)
+    pc.add_argument("--generations", type=POSITIVE, default=10, help="s3: evolutionary generations")
+    pc.add_argument("--seed", type=SEED, default=0)
     pc.add_argument("--out", required=True, help="artifact file (.safetensors for ems/dc, .json for s3)")
-    pc.add_argument("--threads", type=int, default=1)
+    pc.add_argument("--threads", type=POSITIVE, default=1)
+    pc.add_argument("--overwrite", action="store_true", help="replace existing output files")
     pc.set_defaults(func=_cmd_calibrate)
 
     pt = sub.add_parser("train", help="train a model from a recipe (recipes/*.json|toml) and/or flags")
     pt.add_argument("--recipe", default="", help="recipe file (.json or .toml), e.g. recipes/digits8.json; a "
                     "method recipe (recipes/methods/*.json) trains a dpmlab.methods model")
-    pt.add_argument("--out", default="", help="run folder for checkpoint and model (default: runs/<name>)")
-    pt.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
-    pt.add_argument("--export", default="", help="also copy the final model (.safetensors + .json card) here")
-    pt.add_argument("--name", default=None, help="run name")
-    pt.add_argument("--data", default=None, help="digits8, mnist, moons, swiss_roll, rings, gaussian_mixture, folder")
-    pt.add_argument("--data-path", default=None, help="image folder (with --data folder)")
-    pt.add_argument("--image-size", type=int, default=None, help="folder images are resized to this side")
-    pt.add_argument("--channels", type=int, default=None, choices=(1, 3), help="folder images: 1 gray, 3 RGB")
-    pt.add_argument("--unconditional", action="store_true", help="ignore the data's labels")
-    pt.add_argument("--net", default=None, choices=("unet", "mlp"))
-    pt.add_argument("--objective", default=None, choices=("eps", "x0", "v", "edm"))
-    pt.add_argument("--schedule", default=None, help="noise schedule name (default linear)")
-    pt.add_argument("--steps", type=int, default=None)
-    pt.add_argument("--batch-size", type=int, default=None)
-    pt.add_argument("--lr", type=float, default=None)
-    pt.add_argument("--warmup", type=int, default=None)
-    pt.add_argument("--ema-decay", type=float, default=None)
-    pt.add_argument("--seed", type=int, default=None)
-    pt.add_argument("--checkpoint-every", type=int, default=None)
-    pt.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override any recipe field, e.g. --set model.net_config.model_channels=16 (JSON values)")
-    pt.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for small models)")
-    pt.add_argument("-q", "--quiet", action="store_true")
-    pt.set_defaults(func=_cmd_train)
+    _add_train_arguments(pt)
+    pt.set_defaults(func=_cmd_train, kind="train")
+    from .methods import available_methods
+
+    for kind, what in (("finetune", "fine-tune a trained model with a method recipe"),
+                       ("prune", "prune a trained model and fine-tune what is kept, from a method recipe"),
+                       ("distill", "distil a trained model into a faster one, from a method recipe")):
+        names = ", ".join(available_methods(kind))
+        pk = sub.add_parser(kind, help=f"{what} ({names})")
+        pk.add_argument("--recipe", required=True, help=f"method recipe (recipes/methods/*.json) of: {names}")
+        _add_train_arguments(pk)
+        pk.set_defaults(func=_cmd_train, kind=kind)
+
+    from . import analysis, apps
+
+    for package, modules, what in (("apps", apps.__all__, "applications"), ("analysis", analysis.__all__, "analysis")):
+        runnable = [m for m in modules if m in _MODULE_COMMANDS]
+        cmd = "apps" if package == "apps" else "analyze"
+        pm = sub.add_parser(cmd, help=f"{what}: {', '.join(runnable)} (`dpmlab {cmd} NAME --help`)", add_help=True)
+        pm.add_argument("module", choices=runnable, help="which one")
+        pm.add_argument("args", nargs=argparse.REMAINDER, help=f"its own arguments (see `dpmlab {cmd} NAME --help`)")
+        pm.set_defaults(func=_cmd_module, package=package)
 
     pe = sub.add_parser("edit", help="edit real images toward a class: edit-friendly DDPM inversion, DDIM inversion "
                         "or BoundaryDiffusion")
@@ -679,47 +889,72 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--target-label", required=True, help="the class to edit toward, e.g. 3")
     pe.add_argument("--source-label", default="", help="the image's class (ddpm/ddim: default unconditional; "
                     "boundary: default the shipped classifier's prediction)")
-    pe.add_argument("--steps", type=int, default=100, help="ddpm/ddim: inversion grid steps (the paper: 100)")
+    pe.add_argument("--steps", type=POSITIVE, default=100, help="ddpm/ddim: inversion grid steps (the paper: 100)")
     pe.add_argument("--skip", type=float, default=0.36, help="ddpm/ddim: fraction of the steps skipped at the "
                     "noisy end (the paper: 36 of 100)")
     pe.add_argument("--guidance-src", type=float, default=3.5, help="ddpm/ddim: CFG scale of the inversion")
     pe.add_argument("--guidance-tar", type=float, default=15.0, help="ddpm/ddim: CFG scale of the generation")
     pe.add_argument("--t0", type=float, default=0.5, help="boundary: the mixing step (schedule time)")
-    pe.add_argument("--boundary-steps", type=int, default=20, help="boundary: DDIM steps between data and t0")
-    pe.add_argument("--boundary-images", type=int, default=50, help="boundary: labelled images per class for the SVM")
+    pe.add_argument("--boundary-steps", type=POSITIVE, default=20, help="boundary: DDIM steps between data and t0")
+    pe.add_argument("--boundary-images", type=POSITIVE, default=50,
+                    help="boundary: labelled images per class for the SVM")
     pe.add_argument("--distance", type=float, default=None, help="boundary: signed distance to move onto (default: "
                     "the median distance of the target class's latents, per space)")
-    pe.add_argument("--seed", type=int, default=0)
+    pe.add_argument("--seed", type=SEED, default=0)
     pe.add_argument("--out", required=True, help="the edited image(s): .png (side by side) or .npz")
     pe.add_argument("--reconstruction", default="", help="also write the reconstruction (.png or .npz) here")
-    pe.add_argument("--threads", type=int, default=1)
+    pe.add_argument("--threads", type=POSITIVE, default=1)
     pe.add_argument("-q", "--quiet", action="store_true")
+    pe.add_argument("--overwrite", action="store_true", help="replace existing output files")
     pe.set_defaults(func=_cmd_edit)
 
     pb = sub.add_parser("bench", help="error vs NFE of solvers (and diffusers peers) against a reference")
     pb.add_argument("--model", default="gmm16", help=f"model name ({', '.join(available_models())})")
     pb.add_argument("--solvers", default="", help="comma-separated dpmlab solvers (default: all deterministic)")
     pb.add_argument("--nfe", default="4,5,6,8,10,15,20", help="comma-separated NFE budgets")
-    pb.add_argument("-n", type=int, default=256, help="number of samples")
-    pb.add_argument("--seed", type=int, default=0)
+    pb.add_argument("-n", type=POSITIVE, default=256, help="number of samples")
+    pb.add_argument("--seed", type=SEED, default=0)
     pb.add_argument("--schedule", default="linear", choices=["linear", "scaled_linear", "cosine"],
                     help="discrete training schedule (shared with the diffusers peers)")
     pb.add_argument("--no-peers", action="store_true", help="skip diffusers")
     pb.add_argument("--quick", action="store_true", help="NFE 5,10,20 and 64 samples (about 30 s)")
-    pb.add_argument("--out", default="", help="output stem for .csv/.json/.png (default: bench/<model>)")
-    pb.add_argument("--threads", type=int, default=1)
+    pb.add_argument("--out", default="", help="also write STEM.csv, STEM.json and STEM.png (default: print only)")
+    pb.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    pb.add_argument("--threads", type=POSITIVE, default=1)
     pb.set_defaults(func=_cmd_bench)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The error boundary: a user mistake exits 2 with one line, Ctrl-C exits 130 with one line, a file-system
+    failure exits 1 naming the path; ``--debug`` (anywhere before the command) re-raises with the traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv[: next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))]
+    if debug:
+        argv.remove("--debug")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
+    except KeyboardInterrupt as e:
+        if debug:
+            raise
+        print(f"\ndpmlab: interrupted{f' ({e})' if str(e) else ''}", file=sys.stderr)
+        return 130
     except (ValueError, TypeError, FloatingPointError) as e:
+        if debug:
+            raise
         print(f"dpmlab: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `dpmlab list | head`: the reader left; nothing to report
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps the interpreter's final flush quiet
+        return 0
+    except OSError as e:  # unwritable / missing folders, a folder where a file was named, disk full
+        if debug:
+            raise
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"dpmlab: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

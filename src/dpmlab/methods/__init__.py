@@ -46,9 +46,11 @@ from ..models.hub import CHECKPOINT_FORMAT, write_safetensors
 from ..training.data import DataConfig, Dataset, load_data
 from ..training.trainer import TrainConfig, TrainObjective, TrainResult, fit
 
-__all__ = ["METHOD_FORMAT", "Method", "MethodRecipe", "register_method", "available_methods", "load_recipe",
-           "is_method_recipe", "train_recipe", "load", "save_method_model", "net_config_for"]
+__all__ = ["METHOD_FORMAT", "METHOD_KINDS", "method_kind", "Method", "MethodRecipe", "register_method",
+           "available_methods", "load_recipe", "is_method_recipe", "train_recipe", "load", "save_method_model",
+           "net_config_for"]
 
+METHOD_KINDS = ("train", "finetune", "prune", "distill")  # train: from scratch; the others start from a model
 METHOD_FORMAT = "dpmlab.method/1"  # tensors: the network's state dict; metadata "method": name, settings, shape
 
 
@@ -61,6 +63,11 @@ class Method:
     settings: type[Any]  # frozen dataclass with to_dict() and from_dict()
     objective: Callable[[MethodRecipe, Dataset], TrainObjective]
     from_file: Callable[[Path, Mapping[str, Any], Mapping[str, Tensor]], Any]  # (path, "method" meta, weights)
+    kind: str = "train"  # METHOD_KINDS: the command that runs it (dpmlab train | finetune | prune | distill)
+
+    def __post_init__(self) -> None:
+        if self.kind not in METHOD_KINDS:
+            raise ValueError(f"method kind {self.kind!r} not allowed; allowed: {', '.join(METHOD_KINDS)}")
 
 
 _REGISTRY: dict[str, Method] = {}
@@ -74,8 +81,16 @@ def register_method(method: Method) -> Method:
     return method
 
 
-def available_methods() -> list[str]:
-    return sorted(_REGISTRY)
+def available_methods(kind: str | None = None) -> list[str]:
+    """Registered method names (of one ``kind`` of ``METHOD_KINDS`` if given)."""
+    if kind is not None and kind not in METHOD_KINDS:
+        raise ValueError(f"method kind {kind!r} not allowed; allowed: {', '.join(METHOD_KINDS)}")
+    return sorted(n for n, m in _REGISTRY.items() if kind is None or m.kind == kind)
+
+
+def method_kind(name: str) -> str:
+    """The kind (``METHOD_KINDS``) of the registered method ``name``."""
+    return _method(name).kind
 
 
 def _method(name: Any) -> Method:

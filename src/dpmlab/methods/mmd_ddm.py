@@ -260,4 +260,4 @@ class MMDDDMModel:
         return cls(den, MMDDDM.from_dict(info["settings"]))
 
 
-register_method(Method("mmd_ddm", MMDDDM, MMDDDMObjective, MMDDDMModel.from_file))
+register_method(Method("mmd_ddm", MMDDDM, MMDDDMObjective, MMDDDMModel.from_file, kind="finetune"))

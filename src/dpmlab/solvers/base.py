@@ -9,6 +9,8 @@ that moves ``x`` from ``ts[i]`` to ``ts[i + 1]``. The solver calls the model thr
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -272,7 +274,52 @@ def get(name: str, **options: Any) -> Solver[Any]:
         raise ValueError(
             f"solver {name!r} has no option(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed)) or 'none'}"
         )
+    hints = _option_hints(cls)
+    for key, value in options.items():
+        hint = hints.get(key)
+        if hint is not None and _matches(value, hint) is False:
+            raise ValueError(f"solver {name!r} option {key}={value!r} ({type(value).__name__}) has the wrong type; "
+                             f"allowed: {_hint_name(hint)}")
     return cls(**options)
+
+
+def _option_hints(cls: type) -> dict[str, Any]:
+    """The dataclass fields' resolved annotations ({} if one cannot be resolved: then nothing is checked)."""
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001 - an annotation naming a type-checking-only import
+        return {}
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.name in hints}
+
+
+def _matches(value: Any, hint: Any) -> bool | None:
+    """Whether ``value`` fits the annotation ``hint``: bools are not numbers, ints are floats, JSON lists are
+    tuples; ``None`` where the annotation is not one of those simple kinds (not checked)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if origin is typing.Literal:  # the right type: the solver's own check names the allowed values
+        return None if any(type(value) is type(a) for a in args) else False
+    if origin is typing.Union or origin is types.UnionType:
+        found = [_matches(value, a) for a in args]
+        return True if any(found) else (False if all(f is False for f in found) else None)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if hint in (tuple, list) or origin in (tuple, list):
+        return isinstance(value, (tuple, list))
+    return None
+
+
+def _hint_name(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
 
 
 # --- the loop ------------------------------------------------------------------------------------

@@ -30,6 +30,8 @@ import json
 import math
 import os
 import platform
+import signal
+import threading
 import time
 import tomllib
 import warnings
@@ -517,12 +519,14 @@ class _Run:
             raise ValueError(f"cannot resume: {path} does not exist")
         tensors, meta = read_checkpoint(path)
         saved_obj, saved_train = _saved_configs(path, meta)
-        rule = "the checkpoint was written by a different recipe (only train.steps may change on resume)"
-        diff = _differences(saved_obj, self.config)
+        rule = ("the checkpoint was written by a different recipe (only train.steps and train.checkpoint_every may "
+                "change on resume)")
+        diff = [d for d in _differences(saved_obj, self.config) if not d.startswith("train.")]  # compared below
         if diff:
             raise ValueError(f"{path}: {rule}: objective {self.obj.name!r} config differs at {'; '.join(diff[:5])}")
-        diff = _differences({k: v for k, v in saved_train.items() if k != "steps"} if isinstance(saved_train, dict)
-                            else saved_train, {k: v for k, v in self.train_config.items() if k != "steps"})
+        free = ("steps", "checkpoint_every")  # neither changes the trained weights
+        diff = _differences({k: v for k, v in saved_train.items() if k not in free} if isinstance(saved_train, dict)
+                            else saved_train, {k: v for k, v in self.train_config.items() if k not in free})
         if diff:
             raise ValueError(f"{path}: {rule}: train config differs at {'; '.join(diff[:5])}")
         for prefix, module in (("model/", self.net), ("ema/", self.ema)):
@@ -548,6 +552,28 @@ class _Run:
                 "machine": f"{platform.machine()} {platform.processor() or platform.system()}",
                 "torch": torch.__version__, "dpmlab": __version__, "weights": "EMA",
                 "train": copy.deepcopy(self.train_config)}
+
+
+class _Interrupts:
+    """While training: SIGINT / SIGTERM only set ``signal`` (the loop checkpoints between steps and stops); a
+    second SIGINT interrupts at once. Installed only in the main thread; ``restore`` puts the handlers back."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self.previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
 
 
 def fit(
@@ -590,6 +616,9 @@ def _fit(
     run = _Run(objective, tc, out, dist)
     if resume:
         run.restore()
+        if run.step >= tc.steps:
+            raise ValueError(f"{out / CHECKPOINT} is at step {run.step}, train.steps={tc.steps}: nothing to resume; "
+                             f"give more steps (--steps > {run.step}) to continue training")
     elif (out / CHECKPOINT).exists():
         raise ValueError(f"{out / CHECKPOINT} exists; pass resume=True (--resume) or choose another folder")
     net: nn.Module = run.net
@@ -604,8 +633,17 @@ def _fit(
     t_start, step_start, cpu_start = time.perf_counter(), run.step, time.process_time()
     stopped = False
     net.train()
+    interrupt = _Interrupts()  # SIGINT / SIGTERM: finish the step, write the checkpoint, raise KeyboardInterrupt
     try:
         while run.step < tc.steps:
+            if interrupt.signal is not None:
+                run.elapsed += time.perf_counter() - t_start
+                run.cpu += time.process_time() - cpu_start
+                if dist.main:
+                    run.save()
+                bar.close()
+                raise KeyboardInterrupt(f"{interrupt.signal}: checkpoint written at step {run.step} to "
+                                        f"{out / CHECKPOINT}; continue with resume=True (--resume)")
             batch = run.batch(run.step)
             for g in run.opt.param_groups:
                 g["lr"] = tc.lr_at(run.step)
@@ -644,6 +682,7 @@ def _fit(
                     run.save()
                 dist.barrier()
     finally:
+        interrupt.restore()
         bar.close()
     if not stopped:
         if dist.main:
