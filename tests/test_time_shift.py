@@ -95,9 +95,9 @@ def test_config_round_trip_and_errors():
     s = TimeShift(base=get("dpm_solver_pp", order=3), window=10, cutoff=550)
     assert get(**s.config()) == s
     assert s.order == 3 and not s.is_stochastic()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="window must be an int >= 0, got -1"):
         TimeShift(window=-1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="base must be a Solver, got 'ddim'"):
         TimeShift(base="ddim")  # type: ignore[arg-type]
     unipc = TimeShift(base=get("unipc"), window=40, cutoff=0)  # its step starts from the corrector's call
     with pytest.raises(ValueError, match="first evaluates the model"):
