@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import dpmlab.solvers as S
-from dpmlab.api import make_grid
 from dpmlab.calibrate.s3 import fit_s3_plan, initial_plans
 from dpmlab.models.analytic import preset
 from dpmlab.schedules import DiscreteVP, LinearVP
@@ -27,7 +26,7 @@ from dpmlab.solvers.usf import (
     Step,
     Taylor,
 )
-from dpmlab.timesteps import uniform_lambda
+from dpmlab.timesteps import make_grid, uniform_lambda
 
 torch.set_num_threads(1)
 SCH = DiscreteVP.from_preset("linear")

@@ -18,41 +18,11 @@ from .models.hub import load
 from .schedules import NoiseSchedule
 from .solvers.base import Problem, SeededNoise, Solver, StepInfo, get
 from .solvers.base import sample as run
-from .timesteps import GRIDS, check_grid, get_grid
+from .timesteps import DEFAULT_GRID, DISCRETE_GRIDS, GRIDS, check_grid, make_grid
 from .typing import DenoiserFn
 
 __all__ = ["sample", "make_grid", "DISCRETE_GRIDS", "DEFAULT_GRID"]
 
-DISCRETE_GRIDS = ("linspace", "leading", "trailing")
-# Measured best most often across solvers at NFE 4-20 on the analytic mixtures
-# (docs/benchmarks/solvers.md): quadratic in time beats uniform-lambda, uniform-time and Karras there.
-DEFAULT_GRID = "quadratic_time"
-
-
-def make_grid(
-    schedule: NoiseSchedule,
-    grid: str,
-    steps: int,
-    *,
-    to_zero: bool = False,
-    t_start: float | None = None,
-    t_end: float | None = None,
-) -> Tensor:
-    """A named grid of ``steps`` steps; ``to_zero`` ends it at ``sigma = 0``."""
-    fn = get_grid(grid)
-    if grid in DISCRETE_GRIDS:
-        if t_start is not None or t_end is not None:
-            raise ValueError(f"grid {grid!r} is fixed by the training indices; t_start/t_end are not allowed")
-        return fn(schedule, steps, final=0.0 if to_zero else schedule.t_min)
-    if to_zero:
-        if schedule.t_zero is None:
-            raise ValueError(f"{schedule!r} never reaches sigma = 0; to_zero=True is impossible")
-        if t_end is not None:
-            raise ValueError("give either t_end or to_zero=True, not both")
-        if grid == "karras":
-            return fn(schedule, steps, t_start=t_start, to_zero=True)
-        return fn(schedule, steps, t_start=t_start, t_end=schedule.t_zero)
-    return fn(schedule, steps, t_start=t_start, t_end=t_end)
 
 
 def _per_sample(v: Any, n: int) -> bool:
@@ -66,6 +36,19 @@ def _whole(name: str, value: Any, lo: int, hi: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
         rng = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
         raise ValueError(f"{name} must be a whole number {rng}, got {value!r}")
+
+
+def _to_device(model: Any, device: torch.device | str) -> Any:
+    """A named model moved to ``device``: networks by ``.to``, analytic mixtures rebuilt there."""
+    from .models.analytic import AnalyticDenoiser, GaussianMixture
+
+    if isinstance(model, torch.nn.Module):
+        return model.to(device)
+    if isinstance(model, AnalyticDenoiser):
+        gm = model.model
+        moved = GaussianMixture(gm.weights.to(device), gm.means.to(device), gm.stds.to(device), name=gm.name)
+        return AnalyticDenoiser(moved, model.schedule)
+    return model
 
 
 def sample(
@@ -99,7 +82,7 @@ def sample(
     ``dtype`` promoted to >= float32.
     """
     if isinstance(model, str):
-        model = load(model)
+        model = _to_device(load(model), device)
     sch = schedule if schedule is not None else getattr(model, "schedule", None)
     if not isinstance(sch, NoiseSchedule):
         raise ValueError("the model carries no .schedule; pass schedule=")

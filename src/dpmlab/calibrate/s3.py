@@ -27,11 +27,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..api import make_grid
 from ..models.reference import reference_solution
 from ..schedules import NoiseSchedule
 from ..solvers.base import Problem, sample
 from ..solvers.usf import AFS, MAX_ORDER, USF, Corrector, Plan, Prediction, Preset, Relaxation, Step, Taylor
+from ..timesteps import make_grid
 from ..typing import DenoiserFn
 
 __all__ = ["S3Result", "fit_s3_plan", "initial_plans"]

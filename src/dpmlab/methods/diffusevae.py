@@ -47,7 +47,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._utils import append_dims, counter_normal, dataclass_from_dict
-from ..api import DEFAULT_GRID, DISCRETE_GRIDS, make_grid
 from ..models.denoiser import Denoiser, Prediction
 from ..models.guidance import classifier_free, with_cond
 from ..models.hub import load_state, write_safetensors
@@ -56,6 +55,7 @@ from ..models.unet import UNet, UNetConfig
 from ..schedules import DiscreteVP, get_schedule
 from ..solvers.base import Problem, SeededNoise, Solver, get
 from ..solvers.base import sample as run
+from ..timesteps import DEFAULT_GRID, DISCRETE_GRIDS, make_grid
 from ..training.data import Dataset
 from ..training.losses import PredictionLoss
 from ..typing import DenoiserFn

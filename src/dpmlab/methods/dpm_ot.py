@@ -49,11 +49,11 @@ import torch
 from torch import Tensor, nn
 
 from .._utils import counter_normal, dataclass_from_dict
-from ..api import make_grid
 from ..models.hub import load as load_model
 from ..models.hub import load_state
 from ..solvers.base import Problem, SeededNoise, Solver, get
 from ..solvers.base import sample as run
+from ..timesteps import make_grid
 from ..training.data import Dataset
 from ..typing import DenoiserFn
 from . import Method, MethodRecipe, register_method, save_method_model

@@ -46,7 +46,6 @@ import torch
 from torch import Tensor, nn
 
 from .._utils import dataclass_from_dict
-from ..api import make_grid
 from ..api import sample as api_sample
 from ..metrics.distances import PolynomialKernel, RBFKernel, mmd2_unbiased
 from ..metrics.features import load_mnist_classifier
@@ -56,6 +55,7 @@ from ..models.hub import load_state, save_model
 from ..models.nets import ModelSpec
 from ..solvers.base import Problem, Solver, get
 from ..solvers.differentiable import sample_with_grad
+from ..timesteps import make_grid
 from ..training.data import Dataset
 from . import Method, MethodRecipe, register_method
 

@@ -51,13 +51,13 @@ import torch
 from torch import Tensor, nn
 
 from .._utils import append_dims, counter_normal, dataclass_from_dict
-from ..api import make_grid
 from ..models.denoiser import Denoiser
 from ..models.hub import load_state
 from ..models.nets import ModelSpec
 from ..schedules import EDM
 from ..solvers.base import Problem, SeededNoise, Solver, Wrapper, get
 from ..solvers.base import sample as run
+from ..timesteps import make_grid
 from ..training.data import Dataset
 from ..training.trainer import DiffusionObjective, ModelConfig, Recipe
 from ..typing import DenoiserFn
