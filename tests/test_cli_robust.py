@@ -183,7 +183,7 @@ def test_artifact_solvers_need_an_artifact_or_an_explicit_none(tmp_path, capsys)
     assert json.loads(str(np.load(raw)["meta"]))["artifact"] == "none"
     assert main(["sample", "--model", "gmm2d", "--solver", "dpm_solver_v3", "--artifact", "none", "--options",
                  '{"ems": null}', "--nfe", "6", "--out", str(tmp_path / "b.png")]) == 2
-    assert "--options sets ems and --artifact gives it too" in capsys.readouterr().err
+    assert "the solver options set ems and the artifact gives it too" in capsys.readouterr().err
     assert main(["sample", "--model", "gmm2d", "--solver", "ddim", "--artifact", "none", "--out",
                  str(tmp_path / "c.png")]) == 2
     assert "takes no artifact" in capsys.readouterr().err

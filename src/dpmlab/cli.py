@@ -188,44 +188,6 @@ def _labels(model: Any, label: str, n: int) -> dict[str, Tensor]:
     return {"label": torch.full((n,), names.index(label), dtype=torch.long)}
 
 
-# --- fitted artifacts: dpmlab calibrate ems|dc|s3, dpmlab sample --artifact ----------------------------
-def _apply_artifact(solver_name: str, options: dict[str, Any], path: str, model_name: str, nfe: int) -> None:
-    """Put the artifact at ``path`` into the solver ``options``, validated against the model (and NFE).
-    ``path == "none"``: run the solver without one, on purpose (recorded in the picture title and metadata)."""
-    keys = ARTIFACT_OPTIONS.get(solver_name)
-    if keys is None:
-        raise ValueError(f"solver {solver_name!r} takes no artifact; artifacts are for {', '.join(ARTIFACT_OPTIONS)}")
-    clash = [k for k in keys if k in options]
-    if clash:
-        raise ValueError(f"--options sets {', '.join(clash)} and --artifact gives it too; use one of them")
-    if path == "none":
-        return
-    if solver_name == "dpm_solver_v3":
-        from .solvers.dpm_solver_v3 import EMS
-
-        EMS.load(path, model=model_name)  # validates format, shapes and the model name
-        options["ems"] = path
-    elif solver_name == "dc_solver":
-        from .solvers.dc_solver import DCRatios
-
-        ratios = DCRatios.load(path)
-        if ratios.model and ratios.model != model_name:
-            raise ValueError(f"{path} holds DC ratios fitted for model {ratios.model!r}, not {model_name!r}")
-        options["ratios"] = ratios.ratios
-        options["dc_order"] = ratios.dc_order
-        if ratios.solver:
-            options.setdefault("base", json.loads(ratios.solver))
-    elif solver_name == "usf":
-        from .solvers.usf import Plan
-
-        options["plan"] = Plan.load(path, model=model_name, nfe=nfe)
-
-
-# solvers that run from a fitted artifact, and the options the artifact fills
-ARTIFACT_OPTIONS = {"dpm_solver_v3": ("ems",), "dc_solver": ("ratios", "dc_order"), "usf": ("plan",)}
-NEEDS_ARTIFACT = {"dpm_solver_v3": "ems", "dc_solver": "ratios"}  # without it they are their base solver
-
-
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -280,6 +242,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         raise ValueError(f"--options is not valid JSON ({e}): {args.options!r}") from None
     if not isinstance(options, dict):
         raise ValueError(f"--options must be a JSON object, got {args.options!r}")
+    from .calibrate import NEEDS_ARTIFACT, artifact_options
+
     need = NEEDS_ARTIFACT.get(args.solver)
     if need and not args.artifact and need not in options:
         raise ValueError(f"--solver {args.solver} runs from a fitted artifact: give --artifact FILE (dpmlab calibrate "
@@ -288,7 +252,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     model: Any = load(args.model)
     class_names = getattr(getattr(model, "spec", None), "class_names", ())
     if args.artifact:
-        _apply_artifact(args.solver, options, args.artifact, args.model, args.nfe)
+        options = artifact_options(args.solver, args.artifact, model=args.model, nfe=args.nfe, options=options)
     grid: Any = args.grid
     if args.solver == "usf" and "plan" in options and options["plan"].ts is not None:
         grid = options["plan"].grid()  # a searched plan carries its own timesteps
@@ -437,6 +401,7 @@ def _train_method(args: argparse.Namespace) -> tuple[str, Path, Any]:
 def _train_recipe(args: argparse.Namespace) -> tuple[Any, Any]:
     """The recipe (file + flags + ``--set`` overrides) and its dataset."""
     from .training import Recipe, load_data, load_recipe
+    from .training.trainer import net_config_for
 
     base: dict[str, Any] = load_recipe(args.recipe).to_dict() if args.recipe else {"name": args.data or "run"}
     derive_net = "net_config" not in base.get("model", {})  # no recipe: size the network for the data
@@ -452,15 +417,9 @@ def _train_recipe(args: argparse.Namespace) -> tuple[Any, Any]:
     ds = load_data(data_only.data)
     model: dict[str, Any] = base.setdefault("model", {})
     if derive_net:  # a network sized for the data, updated by any --set model.net_config.* values
-        k = ds.num_classes if ds.labels is not None else 0
         net = model.setdefault("net", "unet" if len(ds.shape) == 3 else "mlp")
-        if net == "unet":
-            if len(ds.shape) != 3:
-                raise ValueError(f"--net unet needs image data; {ds.name!r} has samples of shape {ds.shape}")
-            derived: dict[str, Any] = {"image_size": ds.shape[-1], "in_channels": ds.shape[0], "num_classes": k}
-        else:
-            derived = {"data_shape": list(ds.shape), "num_classes": k}
-        model["net_config"] = {**derived, **model.get("net_config", {})}
+        model["net_config"] = net_config_for(net, model.get("net_config", {}), ds.shape,
+                                             num_classes=ds.num_classes if ds.labels is not None else 0)
     return Recipe.from_dict(base), ds
 
 

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from .._utils import atomic_write
 from ..models.hub import CHECKPOINT_FORMAT, write_safetensors
 from ..training.data import DataConfig, Dataset, load_data
-from ..training.trainer import TrainConfig, TrainObjective, TrainResult, fit
+from ..training.trainer import TrainConfig, TrainObjective, TrainResult, fit, net_config_for
 
 __all__ = ["METHOD_FORMAT", "METHOD_KINDS", "method_kind", "Method", "MethodRecipe", "register_method",
            "available_methods", "load_recipe", "is_method_recipe", "train_recipe", "load", "save_method_model",
@@ -190,20 +190,6 @@ def train_recipe(
     ds = dataset if dataset is not None else load_data(recipe.data)
     objective = _method(recipe.method).objective(recipe, ds)
     return fit(objective, recipe.train, out_dir, resume=resume, progress=progress, callback=callback)
-
-
-def net_config_for(net: str, config: Mapping[str, Any], shape: tuple[int, ...], channels: int = 1) -> dict[str, Any]:
-    """``config`` with the data-dependent fields a method's network needs filled in (not overriding given
-    ones): the MLP's ``data_shape``, the UNet's ``image_size`` / ``in_channels``; ``channels`` multiplies the
-    first data dimension (RDDM: input and output are two stacked images)."""
-    shp = (shape[0] * channels, *shape[1:])
-    if net == "mlp":
-        return {"data_shape": list(shp), **config}
-    if net == "unet":
-        if len(shape) != 3:
-            raise ValueError(f"a UNet needs image data (C, H, W), the data has shape {shape}")
-        return {"image_size": shape[-1], "in_channels": shp[0], **config}
-    raise ValueError(f"unknown network kind {net!r}; allowed: mlp, unet")
 
 
 def save_method_model(out_dir: Path, net: nn.Module, info: Mapping[str, Any], recipe: MethodRecipe, dataset: Dataset,

@@ -35,7 +35,7 @@ import threading
 import time
 import tomllib
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -552,6 +552,25 @@ class _Run:
                 "machine": f"{platform.machine()} {platform.processor() or platform.system()}",
                 "torch": torch.__version__, "dpmlab": __version__, "weights": "EMA",
                 "train": copy.deepcopy(self.train_config)}
+
+
+def net_config_for(net: str, config: Mapping[str, Any], shape: Sequence[int], channels: int = 1, *,
+                   num_classes: int | None = None) -> dict[str, Any]:
+    """``config`` with the data-dependent fields of network kind ``net`` filled in (given ones win): the MLP's
+    ``data_shape``, the UNet's ``image_size`` / ``in_channels``, and ``num_classes`` if given. ``channels``
+    multiplies the first data dimension (RDDM: input and output are two stacked images)."""
+    shp = (shape[0] * channels, *shape[1:])
+    if net == "mlp":
+        derived: dict[str, Any] = {"data_shape": list(shp)}
+    elif net == "unet":
+        if len(shape) != 3:
+            raise ValueError(f"a UNet needs image data (C, H, W); the data has samples of shape {tuple(shape)}")
+        derived = {"image_size": shape[-1], "in_channels": shp[0]}
+    else:
+        raise ValueError(f"unknown network kind {net!r}; allowed: mlp, unet")
+    if num_classes is not None:
+        derived["num_classes"] = num_classes
+    return {**derived, **config}
 
 
 class _Interrupts:
