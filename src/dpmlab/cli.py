@@ -206,7 +206,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             x = torch.randn(n, *tuple(model.data_shape or ()), generator=torch.Generator().manual_seed(args.seed))
             source = "noise"
         ems = fit_ems(model, schedule, x, n_points=n, grid_size=args.grid_size, source=source, seed=args.seed,
-                      model_name=args.model)
+                      model_name=args.model, progress=True)
         ems.save(out)
         print(f"wrote {out}: EMS of {args.model} on {args.grid_size + 1} lambda knots from {n} {source} points")
     elif args.kind == "dc":
@@ -224,7 +224,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         from .calibrate.s3 import fit_s3_plan
 
         res = fit_s3_plan(model, schedule, args.nfe, n_samples=args.n or 256, seed=args.seed, model_name=args.model,
-                          generations=args.generations, to_zero=False)
+                          generations=args.generations, to_zero=False, progress=True)
         res.plan.save(out)
         print(f"wrote {out}: S3 plan for {args.model} at NFE {args.nfe} (fitness {res.fitness:.4g})")
     return 0

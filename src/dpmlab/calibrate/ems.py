@@ -67,6 +67,7 @@ def fit_ems(
     model_name: str | None = None,
     guidance_scale: float | None = None,
     cond: Mapping[str, Any] | None = None,
+    progress: bool = False,
 ) -> EMS:
     """EMS of ``model`` (``x0 = model(x, t, **cond)``) on ``grid_size + 1`` knots uniform in ``lam``
     between ``t_start`` (default ``t_max``) and ``t_end`` (default ``t_min``), from the first
@@ -116,8 +117,13 @@ def fit_ems(
     dla = _jvp(la, (lam,), (torch.ones_like(lam),))[1].tolist()  # dlog alpha / dlam at the knots
     names = ("e", "d", "x", "ee", "ed", "ex", "dx", "xx")
     acc = {k: torch.zeros(grid_size + 1, *shape, dtype=torch.float64, device=dev) for k in ("l", *names)}
+    from tqdm import tqdm
+
+    bar = tqdm(total=-(-n_points // batch_size) * (grid_size + 1), desc="EMS", unit="knot", disable=not progress,
+               leave=False)
     for lo in range(0, n_points, batch_size):
         for j, x, c in states(slice(lo, min(n_points, lo + batch_size))):
+            bar.update(1)
             lam_j = lam[j].to(dev).expand(x.shape[0])
             sigma = float(schedule.sigma(ts[j]))
             v = (torch.randint(0, 2, x.shape, generator=gen) * 2 - 1).to(x)  # Rademacher
@@ -127,6 +133,7 @@ def fit_ems(
             acc["l"][j] += (sigma * jv * v).sum(0)
             for k, val in zip(names, (e, d, x, e * e, e * d, e * x, d * x, x * x)):
                 acc[k][j] += val.detach().sum(0)
+    bar.close()
     m = {k: v / n_points for k, v in acc.items()}
     l = m["l"]
     dl = torch.gradient(l, spacing=(lam.to(dev),), dim=0)[0]  # l' = dl/dlam (central differences)

@@ -184,6 +184,7 @@ def fit_s3_plan(
     search_seed: int = 0,
     initial: dict[str, Plan] | None = None,
     ref_tol: float = 1e-10,
+    progress: bool = False,
 ) -> S3Result:
     """Search a USF plan of exactly ``nfe`` evaluations for ``model`` (see module docstring)."""
     shape = shape or getattr(model, "data_shape", None)
@@ -218,7 +219,9 @@ def fit_s3_plan(
         pop.append(search.mutate(search.rng.choice(pop)))
     width = nfe + 1
     history = []
-    for _ in range(generations):
+    from tqdm import tqdm
+
+    for _ in tqdm(range(generations), desc="S3 search", unit="generation", disable=not progress, leave=False):
         pop = sorted(pop, key=fitness)
         parents = pop[: max(2, population // 2)]
         n_new = population - elite
