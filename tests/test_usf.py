@@ -162,3 +162,41 @@ def test_s3_search_never_worse_than_its_initial_presets(tmp_path):
     res2 = fit_s3_plan(MODEL, SCH, 5, n_samples=64, population=6, generations=2, elite=2, initial=init,
                        predictor=True, proposals=3)
     assert res2.fitness <= min(res2.baselines.values())
+
+
+def test_s3_selects_on_fresh_noise_and_reports_on_a_third_set():
+    """A searched plan over-fits its search noise: with select_n the returned plan is the best of the final elite
+    and the presets on a second noise set, and report_n measures it on a third set used for nothing else."""
+    init = {k: v for k, v in initial_plans(SCH, 5, True, "gmm16").items() if "uniform_time" in k}
+    res = fit_s3_plan(MODEL, SCH, 5, n_samples=16, population=6, generations=2, elite=2, initial=init,
+                      model_name="gmm16", select_n=16, report_n=16)
+    assert res.selection is not None and res.held_out is not None
+    t0 = float(SCH.sigma(torch.tensor(SCH.t_max, dtype=torch.float64)))
+    from dpmlab.models.reference import reference_solution
+
+    def err(plan, k):
+        x = torch.randn(16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(k)) * t0
+        ref = reference_solution(MODEL, SCH, x, SCH.t_max, SCH.t_zero, rtol=1e-10, atol=1e-10).x
+        return float((S.sample(S.Problem(MODEL, SCH), x, plan.grid(), USF(plan)) - ref).pow(2).mean().sqrt())
+
+    assert abs(err(res.plan, 1) - res.selection) < 1e-12 and abs(err(res.plan, 2) - res.held_out) < 1e-12
+    assert res.selection <= min(err(p, 1) for p in init.values()) + 1e-12  # the presets were candidates too
+    with pytest.raises(ValueError, match="select_n must be a whole number >= 0, got -1"):
+        fit_s3_plan(MODEL, SCH, 5, n_samples=4, generations=1, select_n=-1)
+
+
+def test_s3_corrector_order_is_the_predictor_order_plus_one():
+    """The authors' rule (their code): a pseudo corrector after a predictor of order k has order k + 1."""
+    import random
+
+    from dpmlab.calibrate.s3 import _Search
+
+    plan = initial_plans(SCH, 6, True, "gmm16")["dpm_solver_pp_2m@uniform_time"]
+    search = _Search(SCH, 6, True, random.Random(0), 1.0)
+    seen = 0
+    for _ in range(200):
+        for st in search.mutate(plan).steps:
+            if st.correction is not None:
+                seen += 1
+                assert st.correction.order == min(st.predictor.order + 1, 4), st
+    assert seen > 0

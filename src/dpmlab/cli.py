@@ -223,10 +223,13 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     else:
         from .calibrate.s3 import fit_s3_plan
 
-        res = fit_s3_plan(model, schedule, args.nfe, n_samples=args.n or 256, seed=args.seed, model_name=args.model,
-                          generations=args.generations, to_zero=False, progress=True)
+        n = args.n or 256
+        res = fit_s3_plan(model, schedule, args.nfe, n_samples=n, seed=args.seed, model_name=args.model,
+                          generations=args.generations, to_zero=False, progress=True, select_n=n, report_n=n)
         res.plan.save(out)
-        print(f"wrote {out}: S3 plan for {args.model} at NFE {args.nfe} (fitness {res.fitness:.4g})")
+        print(f"wrote {out}: S3 plan for {args.model} at NFE {args.nfe}: RMS error {res.fitness:.4g} on the search "
+              f"noise, {res.selection:.4g} on the selection noise, {res.held_out:.4g} on held-out noise "
+              f"({n} samples each)")
     return 0
 
 

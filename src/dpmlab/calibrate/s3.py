@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from ..models.reference import reference_solution
 from ..schedules import NoiseSchedule
@@ -49,6 +50,8 @@ class S3Result:
     baselines: dict[str, float]  # fitness of every initial preset/grid
     history: tuple[float, ...]  # best fitness after each generation
     evaluations: int  # fitness evaluations made
+    selection: float | None = None  # select_n > 0: the plan's RMS error on the selection noise (a second set)
+    held_out: float | None = None  # report_n > 0: its RMS error on a third set, used for nothing else
 
 
 def initial_plans(schedule: NoiseSchedule, nfe: int, to_zero: bool, model: str = "") -> dict[str, Plan]:
@@ -127,8 +130,8 @@ class _Search:
             elif what == "relaxation" and s.predictor.order == 2:
                 tay = dataclasses.replace(s.predictor, relaxation=rng.choice(RELAXATIONS))
                 s = dataclasses.replace(s, predictor=tay)
-            elif what == "corrector":
-                kc = rng.randint(2, MAX_ORDER)
+            elif what == "corrector":  # the authors' rule: the corrector's order is the predictor's + 1
+                kc = min(s.predictor.order + 1, MAX_ORDER)
                 s = Step(s.prediction, s.predictor, *((Corrector.NONE, None) if s.correction else
                                                       (Corrector.PSEUDO, Taylor.full(kc))))
             steps[i] = s
@@ -185,28 +188,44 @@ def fit_s3_plan(
     initial: dict[str, Plan] | None = None,
     ref_tol: float = 1e-10,
     progress: bool = False,
+    select_n: int = 0,
+    report_n: int = 0,
 ) -> S3Result:
-    """Search a USF plan of exactly ``nfe`` evaluations for ``model`` (see module docstring)."""
+    """Search a USF plan of exactly ``nfe`` evaluations for ``model`` (see module docstring). The search
+    scores candidates on ``n_samples`` noises drawn from ``seed``; with ``select_n > 0`` the returned plan is
+    the best of the final elite and the initial presets on ``select_n`` *other* noises (a searched plan
+    over-fits its search noise), and ``report_n > 0`` measures the returned plan on a third set used for
+    nothing else. The three sets are disjoint draws (generators ``seed``, ``seed + 1``, ``seed + 2``)."""
     shape = shape or getattr(model, "data_shape", None)
     if shape is None:
         raise ValueError("pass shape=: the model has no data_shape")
     if not 1 <= elite < population:
         raise ValueError(f"need 1 <= elite < population, got elite={elite}, population={population}")
+    for name, v in (("n_samples", n_samples), ("select_n", select_n), ("report_n", report_n)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "n_samples" else 0):
+            raise ValueError(f"{name} must be a whole number >= {1 if name == 'n_samples' else 0}, got {v!r}")
     t0 = schedule.t_max
     t1 = schedule.t_zero if to_zero and schedule.t_zero is not None else schedule.t_min
-    x = torch.randn(n_samples, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-    x = x * float(schedule.sigma(torch.tensor(t0, dtype=torch.float64)))
-    ref = reference_solution(model, schedule, x, t0, t1, rtol=ref_tol, atol=ref_tol).x
+
+    def noise_set(n: int, k: int) -> tuple[Tensor, Tensor]:  # (start noise, reference end point)
+        x = torch.randn(n, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + k))
+        x = x * float(schedule.sigma(torch.tensor(t0, dtype=torch.float64)))
+        return x, reference_solution(model, schedule, x, t0, t1, rtol=ref_tol, atol=ref_tol).x
+
+    def error(plan: Plan, xr: tuple[Tensor, Tensor]) -> float:
+        try:
+            out = sample(Problem(model, schedule), xr[0], plan.grid(), USF(plan))
+            err = float((out - xr[1]).pow(2).mean().sqrt())
+        except (FloatingPointError, ValueError, RuntimeError):
+            err = math.inf
+        return err if math.isfinite(err) else math.inf
+
+    search_set = noise_set(n_samples, 0)
     seen: dict[Plan, float] = {}
 
     def fitness(plan: Plan) -> float:
         if plan not in seen:
-            try:
-                out = sample(Problem(model, schedule), x, plan.grid(), USF(plan))
-                err = float((out - ref).pow(2).mean().sqrt())
-            except (FloatingPointError, ValueError, RuntimeError):
-                err = math.inf
-            seen[plan] = err if math.isfinite(err) else math.inf
+            seen[plan] = error(plan, search_set)
         return seen[plan]
 
     init = initial or initial_plans(schedule, nfe, to_zero, model_name)
@@ -234,4 +253,13 @@ def fit_s3_plan(
         pop = pop[:elite] + kids[:n_new]
         history.append(min(fitness(p) for p in pop))
     best = min(pop, key=fitness)
-    return S3Result(best, fitness(best), baselines, tuple(history), len(seen))
+    selection = held_out = None
+    if select_n:  # choose on a second noise set among the elite and the presets
+        select_set = noise_set(select_n, 1)
+        candidates = list(dict.fromkeys(sorted(pop, key=fitness)[:elite] + list(init.values())))
+        scored = {p: error(p, select_set) for p in candidates}
+        best = min(candidates, key=lambda p: scored[p])
+        selection = scored[best]
+    if report_n:
+        held_out = error(best, noise_set(report_n, 2))
+    return S3Result(best, fitness(best), baselines, tuple(history), len(seen), selection, held_out)
