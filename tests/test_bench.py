@@ -70,3 +70,66 @@ def test_bench_quality_column_and_diverged_rows():
         mean_gap, torch.zeros(2, 3), torch.zeros(2, 3)
     )
     assert run_bench(model, sch, (16,), [Entry("ddim", get("ddim"))], [5], n=8, peers=False).fd_table() is None
+
+
+# --- peers on the benchmarked model's own ODE; held-out selection ---------------------------------
+@pytest.mark.parametrize("name", ["linear", "scaled_linear", "cosine"])
+def test_every_peer_is_built_on_the_benchmarked_schedule(name):
+    from dpmlab.bench.harness import PEERS, peer_scheduler
+
+    sch = DiscreteVP.from_preset(name)  # cosine: lambda clipped at -5.1, the top indices removed
+    k = round(sch.t_max * sch.n_train)
+    for label, cls_name, kwargs in PEERS:
+        peer = peer_scheduler(cls_name, kwargs, sch)
+        assert len(peer.alphas_cumprod) == k, label
+        assert torch.allclose(peer.alphas_cumprod.double(), sch.alphas_cumprod[:k], rtol=1e-3), label
+
+
+def test_peer_row_is_the_same_algorithm_on_the_same_ode():
+    """A peer row equals dpmlab's DDIM on the peer's own grid, on the model's (scaled-linear)
+    schedule, from the reference's starting state: the harness compares like with like."""
+    from dpmlab.bench.harness import peer_rows
+    from dpmlab.interop.diffusers import scheduler_grid
+
+    sch = DiscreteVP.from_preset("scaled_linear")
+    model = preset("gmm16").denoiser(sch)
+    x = torch.randn(16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    x0 = x * float(sch.sigma(torch.tensor(sch.t_max)))
+    ref = reference_solution(model, sch, x0, sch.t_max, 0.0, rtol=1e-10, atol=1e-10).x  # DDIM ends at alpha=1
+    peer = ("DDIM trailing", "DDIMScheduler", {"clip_sample": False, "timestep_spacing": "trailing"})
+    (row,) = peer_rows(model, sch, x0, {0.0: ref}, [8], peers=[peer])
+    from diffusers import DDIMScheduler
+
+    grid_src = DDIMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, timestep_spacing="trailing"
+    )
+    grid_src.set_timesteps(8)
+    out = sample(Problem(model, sch), x0, scheduler_grid(grid_src.timesteps, sch, 0.0), get("ddim"))
+    assert row.rms == pytest.approx(float((out - ref).pow(2).mean().sqrt()), rel=1e-4)
+
+
+def test_peers_refuse_a_schedule_they_cannot_share():
+    from dpmlab.schedules import LinearVP
+
+    model = preset("gmm16").denoiser(LinearVP())
+    with pytest.raises(ValueError, match="diffusers peers need a discrete VP schedule"):
+        run_bench(model, LinearVP(), (16,), [Entry("ddim", get("ddim"))], [5], n=4, peers=True)
+
+
+def test_best_config_is_chosen_on_one_noise_set_and_reported_on_another():
+    from dpmlab.bench.harness import held_out_best
+
+    sch = DiscreteVP.from_preset("linear")
+    model = preset("gmm16").denoiser(sch)
+    entries = [Entry(s, get(s)) for s in ("ddim", "unipc", "dpm_solver_pp")]
+    a = run_bench(model, sch, (16,), entries, [5, 8], n=8, seed=1, peers=False)
+    b = run_bench(model, sch, (16,), entries, [5, 8], n=8, seed=2, peers=False)
+    held = held_out_best(a, b)
+    assert len(held.rows) == 2 and held.seed == 2
+    for row in held.rows:
+        chosen = a.best("dpmlab", row.nfe)
+        assert row.label == f"best: {chosen.label}"
+        (same,) = [r for r in b.rows if r.label == chosen.label and r.nfe == row.nfe]
+        assert row.rms == same.rms != chosen.rms
+    with pytest.raises(ValueError, match="both have seed=1"):
+        held_out_best(a, a)

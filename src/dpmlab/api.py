@@ -38,12 +38,12 @@ def _whole(name: str, value: Any, lo: int, hi: int | None = None) -> None:
         raise ValueError(f"{name} must be a whole number {rng}, got {value!r}")
 
 
-def _to_device(model: Any, device: torch.device | str) -> Any:
+def _to_device(model: DenoiserFn, device: torch.device | str) -> DenoiserFn:
     """A named model moved to ``device``: networks by ``.to``, analytic mixtures rebuilt there."""
     from .models.analytic import AnalyticDenoiser, GaussianMixture
 
     if isinstance(model, torch.nn.Module):
-        return model.to(device)
+        return model.to(device)  # type: ignore[no-any-return]
     if isinstance(model, AnalyticDenoiser):
         gm = model.model
         moved = GaussianMixture(gm.weights.to(device), gm.means.to(device), gm.stds.to(device), name=gm.name)

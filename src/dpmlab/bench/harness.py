@@ -6,8 +6,13 @@ reference solution.
 * Error: RMS over samples and dimensions of ``x_solver - x_ref`` at the grid's end (``sigma = 0``).
 * Overhead: wall-clock time per step of the solver with a free model (``x0 = 0``), i.e. what the
   sampler itself costs, on the model's data shape.
-* Peers: diffusers schedulers, run unchanged on the same discrete schedule (``interop.diffusers``),
-  each with its default configuration and a tuned one; the NFE of a peer is counted, not assumed.
+* Peers: diffusers schedulers, run unchanged on the benchmarked model's own discrete schedule
+  (``peer_scheduler``: its betas as ``trained_betas``, cut where a ``lambda_min`` truncates it) and
+  from the reference's starting state, each with its default configuration and a tuned one; the NFE
+  of a peer is counted, not assumed. Any other schedule with peers raises: both sides must solve
+  the same ODE.
+* Selection bias: ``held_out_best`` picks the best configuration per NFE on one run (one noise set)
+  and reports its error from another run (another seed).
 """
 
 from __future__ import annotations
@@ -30,7 +35,17 @@ from ..schedules import DiscreteVP, NoiseSchedule
 from ..solvers.base import Problem, Solver, get, sample
 from ..typing import DenoiserFn
 
-__all__ = ["Entry", "Row", "BenchResult", "run_bench", "default_entries", "PEERS", "peer_rows"]
+__all__ = [
+    "Entry",
+    "Row",
+    "BenchResult",
+    "run_bench",
+    "default_entries",
+    "PEERS",
+    "peer_rows",
+    "peer_scheduler",
+    "held_out_best",
+]
 
 
 @dataclass(frozen=True)
@@ -172,6 +187,24 @@ PEERS: list[tuple[str, str, dict[str, Any]]] = [
 ]
 
 
+def peer_schedule_config(schedule: NoiseSchedule) -> dict[str, Any]:
+    """diffusers config entries that put a peer on ``schedule``: its betas as ``trained_betas``, up to
+    the last training index inside ``t_max`` (a ``lambda_min`` truncation removes the top indices)."""
+    if not isinstance(schedule, DiscreteVP):
+        raise ValueError(
+            f"diffusers peers need a discrete VP schedule (DiscreteVP), got {schedule!r}; pass peers=False"
+        )
+    k = round(schedule.t_max * schedule.n_train)
+    return {"num_train_timesteps": k, "trained_betas": schedule.betas[:k].tolist()}
+
+
+def peer_scheduler(cls_name: str, kwargs: dict[str, Any], schedule: NoiseSchedule) -> Any:
+    """The diffusers scheduler ``cls_name(**kwargs)`` on ``schedule`` (see ``peer_schedule_config``)."""
+    import diffusers
+
+    return getattr(diffusers, cls_name)(**peer_schedule_config(schedule), **kwargs)
+
+
 def _steps_for(scheduler: Any, nfe: int) -> int | None:
     for n in range(1, nfe + 2):
         try:
@@ -200,10 +233,10 @@ def peer_rows(
     peers: Sequence[tuple[str, str, dict[str, Any]]] = PEERS,
     quality: Callable[[Tensor, Tensor], float] | None = None,
 ) -> list[Row]:
-    """Run each diffusers peer at each NFE it can meet exactly; ``refs`` maps end time -> reference."""
+    """Run each diffusers peer at each NFE it can meet exactly, on ``schedule`` from the state ``x``
+    (the reference's start: unit noise times ``sigma(t_max)``); ``refs`` maps end time -> reference."""
     import warnings
 
-    import diffusers
     from diffusers.utils import logging as dlog
 
     from ..interop.diffusers import run_scheduler
@@ -212,14 +245,14 @@ def peer_rows(
     warnings.filterwarnings("ignore", category=FutureWarning, module="diffusers")
 
     rows = []
+    peer_schedule_config(schedule)  # refuses schedules a peer cannot share
     for label, cls_name, kwargs in peers:
-        cls = getattr(diffusers, cls_name)
         for nfe in nfes:
-            sch = cls(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, **kwargs)
+            sch = peer_scheduler(cls_name, kwargs, schedule)
             steps = _steps_for(sch, nfe)
             if steps is None:
                 continue
-            try:
+            try:  # run_scheduler multiplies by init_noise_sigma, the VP scale 1 in the peer's variable
                 run = run_scheduler(sch, model, schedule, x, steps)
             except Exception:  # noqa: BLE001 - a peer failing at some NFE is recorded as missing
                 continue
@@ -254,6 +287,8 @@ def run_bench(
 ) -> BenchResult:
     """Benchmark ``entries`` (and diffusers peers on a ``DiscreteVP``) at each NFE in ``nfes``.
     ``quality(samples, reference_samples)`` adds a distribution distance per row (``Row.fd``)."""
+    if peers:
+        peer_schedule_config(schedule)  # a clear error, before any work, for a schedule peers cannot share
     x = torch.randn(n, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     t_start = schedule.t_max
     t_end = schedule.t_zero if schedule.t_zero is not None else schedule.t_min
@@ -287,5 +322,24 @@ def run_bench(
                 model, schedule, x * float(schedule.sigma(t_start)), t_start, t_idx0, rtol=ref_tol, atol=ref_tol
             )
             end = reference_solution(model, schedule, mid.x, t_idx0, 0.0, rtol=ref_tol, atol=ref_tol)
-            result.rows.extend(peer_rows(model, schedule, x, {0.0: end.x, t_idx0: mid.x}, nfes, quality=quality))
+            x0 = x * float(schedule.sigma(t_start))  # the reference's starting state
+            result.rows.extend(peer_rows(model, schedule, x0, {0.0: end.x, t_idx0: mid.x}, nfes, quality=quality))
     return result
+
+
+def held_out_best(select: BenchResult, report: BenchResult) -> BenchResult:
+    """Per library and NFE, the configuration with the lowest error in ``select`` (one noise set),
+    with its error taken from ``report`` (another noise set, e.g. another seed): the headline figure
+    carries no selection bias. Rows are labelled ``best: <label>``."""
+    if select.seed == report.seed:
+        raise ValueError(f"select and report must use different noise sets; both have seed={select.seed}")
+    out = BenchResult(model=report.model, n=report.n, seed=report.seed, reference_evals=report.reference_evals)
+    for lib, nfe in dict.fromkeys((r.library, r.nfe) for r in select.rows):
+        chosen = select.best(lib, nfe)
+        assert chosen is not None
+        same = [r for r in report.rows if (r.library, r.label, r.nfe) == (lib, chosen.label, nfe)]
+        if not same:
+            raise ValueError(f"the report run has no row {lib} / {chosen.label} at NFE {nfe}")
+        r = same[0]
+        out.rows.append(Row(lib, f"best: {r.label}", nfe, r.rms, r.overhead_ms, r.fd))
+    return out
