@@ -134,3 +134,23 @@ def test_corrupt_and_mismatched_files_fail_clearly(tmp_path):
         dpmlab.load(tmp_path / "empty")
     with pytest.raises(ValueError, match="unknown model 'nope'"):
         dpmlab.load("nope")
+
+
+def test_a_diffusers_pipeline_folder_without_vae_loads_and_samples_from_the_cli(tmp_path, capsys):
+    """``dpmlab.load`` / ``dpmlab sample --model`` on a DDPM/DDIM pipeline folder (unet/ + scheduler/, no vae):
+    the pixel-space Denoiser of ``interop.diffusers.load_diffusers_folder``, not the Stable Diffusion loader."""
+    import diffusers
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                                 layers_per_block=1, norm_num_groups=4,
+                                 down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"))
+    diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler()).save_pretrained(tmp_path / "pipe")
+    model = dpmlab.load(str(tmp_path / "pipe"))
+    assert tuple(model.data_shape) == (1, 8, 8)
+    x = dpmlab.sample(model, 2, solver="ddim", nfe=3)
+    assert x.shape == (2, 1, 8, 8) and bool(torch.isfinite(x).all())
+    out = tmp_path / "s.png"
+    assert main(["sample", "--model", str(tmp_path / "pipe"), "-n", "4", "--nfe", "3", "--out", str(out), "-q"]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"

@@ -186,10 +186,14 @@ def load(
         raise ValueError(f"unknown model {str(name)!r}: neither a name ({', '.join(available_models())}) "
                          "nor an existing file or folder")
     if path.is_dir():
-        from .t2i import load_text_to_image
-
         if schedule is not None:
             raise ValueError("schedule= is not supported for diffusers folders (their scheduler config fixes it)")
+        if not (path / "vae").is_dir() and not (path / "text_encoder").is_dir():  # a DDPM/DDIM pipeline folder
+            from ..interop.diffusers import load_diffusers_folder
+
+            return load_diffusers_folder(path)  # type: ignore[no-any-return]
+        from .t2i import load_text_to_image
+
         return load_text_to_image(path, name=str(name))
     tensors, meta = _read(path)
     spec = read_spec(path, meta)

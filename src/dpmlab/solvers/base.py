@@ -59,8 +59,8 @@ class SeededNoise:
     def __call__(self, stream: int, like: Tensor) -> Tensor:
         if like.shape[0] != self.indices.shape[0]:
             raise ValueError(f"noise for {like.shape[0]} samples requested, sampler has {self.indices.shape[0]}")
-        z = counter_normal(self.seed, self.indices, stream, like.shape[1:], dtype=torch.float64)
-        return z.to(device=like.device, dtype=like.dtype)
+        z = counter_normal(self.seed, self.indices, stream, like.shape[1:], dtype=torch.float64, device=like.device)
+        return z.to(dtype=like.dtype)  # drawn where the sample lives (the counter makes it device-independent)
 
 
 @dataclass(frozen=True)
