@@ -189,7 +189,7 @@ def load(
         if schedule is not None:
             raise ValueError("schedule= is not supported for diffusers folders (their scheduler config fixes it)")
         if not (path / "vae").is_dir() and not (path / "text_encoder").is_dir():  # a DDPM/DDIM pipeline folder
-            from ..interop.diffusers import load_diffusers_folder
+            from .diffusers_folder import load_diffusers_folder
 
             return load_diffusers_folder(path)  # type: ignore[no-any-return]
         from .t2i import load_text_to_image
