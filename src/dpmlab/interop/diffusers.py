@@ -16,6 +16,8 @@ import torch
 from torch import Tensor
 
 from .._utils import f64
+from ..models.diffusers_folder import denoiser_from_diffusers as denoiser_from_diffusers  # models layer; re-exported
+from ..models.diffusers_folder import load_diffusers_folder as load_diffusers_folder
 from ..schedules import DiscreteVP, schedule_from_config
 from ..typing import DenoiserFn
 
@@ -500,6 +502,3 @@ def __getattr__(name: str) -> Any:
 
 
 # --- diffusers models as dpmlab Denoisers ----------------------------------------------------------
-# the pixel-space loaders live in the models layer (``dpmlab.load`` uses them); re-exported here
-from ..models.diffusers_folder import denoiser_from_diffusers as denoiser_from_diffusers  # noqa: E402
-from ..models.diffusers_folder import load_diffusers_folder as load_diffusers_folder  # noqa: E402
