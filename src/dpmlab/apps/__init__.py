@@ -4,6 +4,8 @@
 * ``selective_labels`` — Balachandar, Garg & Pierson, "Domain constraints improve risk prediction when outcome
   data is missing" (ICLR 2024): a Bayesian model of tests and outcomes with prevalence and expertise
   constraints, inferred with Pyro (NUTS, MAP). Not a diffusion model; it imports nothing from dpmlab.
+* ``unlearn_attack`` — Zhang et al., "To Generate or Not? Safety-Driven Unlearned Diffusion Models Are Still Easy
+  To Generate Unsafe Images ... For Now" (ECCV 2024): UnlearnDiffAtk prompt attack on an ESD-erased ``mnist_t2i``.
 
 Command lines: ``python -m dpmlab.apps.<module> --help``.
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-__all__ = ["selective_labels"]
+__all__ = ["selective_labels", "unlearn_attack"]
 
 
 def __getattr__(name: str) -> ModuleType:
