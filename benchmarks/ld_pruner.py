@@ -2,14 +2,16 @@
 score of every block vs the FD increase its removal causes (Spearman), and k blocks pruned by the score vs k
 random vs the k of smallest weight norm — FD before and after the same short fine-tune (recipe
 ``recipes/methods/ld_pruner_mnist.json`` with ``prune=[...]``, run through ``train_recipe`` = ``dpmlab train``),
-parameters and wall time per NFE. ``--t2i`` adds the score, parameters and speed on the text-to-image model's
-``UNet2DConditionModel`` (prompts x seeds).
+parameters and wall time per NFE. ``--t2i`` adds the same on the text-to-image model's ``UNet2DConditionModel``
+(``t2i``: recipe ``recipes/methods/ld_pruner_mnist_t2i.json``; quality = prompt accuracy by classifier B, FD in
+B's features vs the 500 held-out images of ``mnist_5k_split``, CLIP score; ``--t2i-n`` samples of 20 prompts).
 
 FD: Fréchet distance in the independent classifier B's 64-d features (``benchmarks/mmd_ddm.py``'s evaluator),
 ``--n`` class-balanced samples (DDIM, 10 NFE, seed 1) vs 1000 training images; FD-MNIST (the shipped
 classifier) alongside.
 
-    .venv/bin/python benchmarks/ld_pruner.py [--n 160] [--k 2] [--steps 60] [--t2i]
+    .venv/bin/python benchmarks/ld_pruner.py [--n 160] [--k 2] [--steps 60] [--t2i [--skip-mnist]
+        [--t2i-n 160] [--t2i-k 2 4] [--draws 3]]
 """
 
 from __future__ import annotations
@@ -27,13 +29,13 @@ from typing import Any
 import torch
 from mmd_ddm import EvaluatorB  # the independent evaluator of the sibling benchmark
 from scipy import stats
-from torch import Tensor
 
 import dpmlab
 from dpmlab.methods import load, load_recipe, train_recipe
-from dpmlab.methods.ld_pruner import bypassed, latent_score, lowest, operators, parameter_count, prune, score_operators
+from dpmlab.methods.ld_pruner import bypassed, lowest, operators, parameter_count, prune, score_operators
 from dpmlab.metrics.distances import frechet_distance_from_features
 from dpmlab.metrics.features import fd_mnist, mnist_5k
+from dpmlab.models.t2i import TextToImage
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,49 +128,88 @@ def _block(net: Any, name: str) -> Any:
     return blocks[names.index(name)]
 
 
-def t2i(args: argparse.Namespace) -> dict[str, Any]:
-    """Scores of the text-to-image UNet's operators over prompts x seeds, the evaluator's prompt accuracy of the
-    decoded samples without each operator (Spearman with the score), parameters and speed after pruning k."""
+def t2i(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """The text-to-image UNet (11 operators): LD-Pruner scores (the recipe's inputs: T2I_PROMPTS x 2 seeds), the
+    real FD increase of removing each operator (Spearman), and k operators pruned by the score / at random (a few
+    draws) / by smallest weight norm — prompt accuracy (clf B), FD (clf B features vs held-out MNIST), CLIP score
+    before and after the same fine-tune (recipe ``ld_pruner_mnist_t2i.json``), parameters, ms per NFE."""
+    from dpmlab.methods.ld_pruner import T2I_PROMPTS, scoring_inputs
+    from dpmlab.metrics.clip import clip_score, load_clip
+    from dpmlab.metrics.features import mnist_5k_split
+
     model = dpmlab.load("mnist_t2i")
     unet = model.unet
-    ev = EvaluatorB()
-    digits = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-    prompts = [f"a {w} {digits[d]}" for w in ("bold", "thin") for d in range(10)]
-    target = torch.tensor([d for _ in range(2) for d in range(10)] * 2)
-    cond = {"prompt": prompts * 2}  # 20 prompts x 2 seeds
-    n = len(target)
+    ev, clip = EvaluatorB(), load_clip()
+    data = mnist_5k()
+    _, val = mnist_5k_split(data.labels)
+    fr, _ = ev(data.images[val])  # 500 held-out images (never trained on)
+    seeds = args.t2i_n // len(T2I_PROMPTS)
+    prompts = list(T2I_PROMPTS) * seeds
+    target = torch.tensor([d for _ in range(2) for d in range(10)] * seeds)
+    part = out / "t2i_partial.json"
 
-    def run() -> tuple[Tensor, float]:
-        with torch.no_grad():
-            z = dpmlab.sample(model, n, solver="ddim", nfe=10, cond=cond)
-            img = model.decode(z)
-        img = img[:, :, 2:30, 2:30] if img.shape[-1] == 32 else img  # the VAE's 32x32 pads the 28x28 digits
-        return z, float((ev(img.clamp(-1, 1))[1] == target).float().mean())
+    def quality(m: Any) -> dict[str, float]:
+        with torch.no_grad():  # DDIM 10 NFE, no guidance, seed 1 (scoring uses seed 0)
+            img = m.decode(dpmlab.sample(m, len(prompts), solver="ddim", nfe=10, seed=1, cond={"prompt": prompts}))
+        f, pred = ev(img[:, :, 2:30, 2:30])  # the VAE's 32x32 pads the 28x28 digits
+        return {"acc": float((pred == target).float().mean()), "fd_b": frechet_distance_from_features(f, fr),
+                "clip": float(clip_score(img, prompts, clip).mean())}
 
-    t0 = time.perf_counter()
-    ref, acc_full = run()
-    scores, acc = {}, {}
-    for o in operators(unet):
-        with bypassed(unet, [o]):
-            z, acc[o] = run()
-        scores[o] = latent_score(ref, z)
-        print(o, scores[o], acc[o], flush=True)
-    score_s = time.perf_counter() - t0
-    ops = list(scores)
-    rho = stats.spearmanr([scores[o] for o in ops], [acc_full - acc[o] for o in ops])
-    names = lowest(scores, args.k)
-    pruned = prune(copy.deepcopy(unet), names)
-    with bypassed(unet, names):
-        _, acc_pruned = run()
-    states = model.encode_prompt(prompts[0], 16)
+    def with_unet(u: Any) -> Any:
+        return TextToImage(u, model.vae, model.text_encoder, model.tokenizer, model.schedule, "v")
+
+    res: dict[str, Any] = json.loads(part.read_text()) if part.is_file() else {}
+    ops = operators(unet)
+    if "scores" not in res:
+        t0 = time.perf_counter()
+        cond, n = scoring_inputs(model, 2)
+        res["scores"] = score_operators(model, cond, n, nfe=10)
+        res["score_seconds"] = time.perf_counter() - t0
+        res["full"] = quality(model)
+        res["single"] = {}
+        for o in ops:
+            with bypassed(unet, [o]):
+                res["single"][o] = quality(model)
+            print(o, res["scores"][o], res["single"][o], flush=True)
+        part.write_text(json.dumps(res, indent=2))
+    scores, full = res["scores"], res["full"]
+    rho = stats.spearmanr([scores[o] for o in ops], [res["single"][o]["fd_b"] - full["fd_b"] for o in ops])
+    rho_acc = stats.spearmanr([scores[o] for o in ops], [full["acc"] - res["single"][o]["acc"] for o in ops])
+    res["spearman_fd_b"], res["spearman_acc_drop"] = [rho.statistic, rho.pvalue], [rho_acc.statistic, rho_acc.pvalue]
+    norms = {o: float(torch.sqrt(sum(p.square().sum() for p in unet.get_submodule(o).parameters()))) for o in ops}
+    res["norms"] = norms
+    choices: dict[str, list[str]] = {"none (fine-tuned only)": []}
+    for k in args.t2i_k:
+        choices[f"k={k} LD-Pruner score"] = lowest(scores, k)
+        for draw in range(args.draws):
+            choices[f"k={k} random #{draw}"] = sorted(random.Random(draw).sample(ops, k))
+        choices[f"k={k} smallest weight norm"] = lowest(norms, k)
+    recipe = load_recipe(ROOT / "recipes" / "methods" / "ld_pruner_mnist_t2i.json")
+    rows = res.setdefault("rows", {})
+    for how, names in choices.items():
+        if how in rows:
+            continue
+        before = quality(with_unet(prune(copy.deepcopy(unet), names).eval()))
+        r = dataclasses.replace(recipe, settings=dataclasses.replace(recipe.settings, k=len(names), prune=tuple(names)))
+        run_dir = out / "t2i" / how.replace(" ", "_").replace("#", "").replace("=", "")
+        shutil.rmtree(run_dir, ignore_errors=True)
+        t1 = time.perf_counter()
+        fit = train_recipe(r, run_dir, progress=False)
+        after = quality(load(run_dir).denoiser)
+        rows[how] = {"pruned": names, "params": parameter_count(prune(copy.deepcopy(unet), names)), "before": before,
+                     "after": after, "train_s": time.perf_counter() - t1, "final_loss": fit.final_loss}
+        print(how, rows[how], flush=True)
+        part.write_text(json.dumps(res, indent=2))
+    states = model.encode_prompt(T2I_PROMPTS[0], 16)
 
     def net(u: Any) -> Any:  # the UNet itself, at training index 500 (t = 0.5)
         return lambda x, t: u(x, t * 1000, encoder_hidden_states=states).sample
 
-    spn = seconds_per_nfe({"full": net(unet), "pruned": net(pruned)}, {}, tuple(model.data_shape), batch=16)
-    return {"scores": scores, "accuracy": acc, "accuracy_full": acc_full, "accuracy_pruned": acc_pruned,
-            "spearman_acc_drop": [rho.statistic, rho.pvalue], "score_seconds": score_s, "pruned": names,
-            "params_full": parameter_count(unet), "params_pruned": parameter_count(pruned), "s_per_nfe": spn}
+    nets = {"full": net(unet)}
+    nets |= {h: net(prune(copy.deepcopy(unet), r["pruned"])) for h, r in rows.items() if r["pruned"]}
+    res["s_per_nfe"] = seconds_per_nfe(nets, {}, tuple(model.data_shape), batch=16, rounds=10)
+    res["params_full"] = parameter_count(unet)
+    return res
 
 
 def report(res: dict[str, Any]) -> str:
@@ -196,17 +237,35 @@ def report(res: dict[str, Any]) -> str:
                      f"{r['fd_b_after']:.2f} | {r['fd_mnist_before']:.1f} → {r['fd_mnist_after']:.1f} | "
                      f"{ms(r['selection'])} |")
     if "t2i" in res:
-        t = res["t2i"]
-        lines += ["", "| text-to-image operator | LD-Pruner score | prompt accuracy (clf B) without it |",
-                  "|---|---|---|"]
-        lines += [f"| {o} | {s:.4f} | {t['accuracy'][o]:.3f} |"
-                  for o, s in sorted(t["scores"].items(), key=lambda kv: kv[1])]
-        sp = t["s_per_nfe"]
-        lines += ["", f"full UNet: prompt accuracy {t['accuracy_full']:.3f}; Spearman (score, accuracy drop) = "
-                  f"{t['spearman_acc_drop'][0]:.2f} (p = {t['spearman_acc_drop'][1]:.2f}); pruned {t['pruned']}: "
-                  f"accuracy {t['accuracy_pruned']:.3f}, parameters {t['params_full']} → {t['params_pruned']}, "
-                  f"ms / NFE (batch 16, wall / CPU) {1e3 * sp['full'][0]:.1f} / {1e3 * sp['full'][1]:.1f} → "
-                  f"{1e3 * sp['pruned'][0]:.1f} / {1e3 * sp['pruned'][1]:.1f}; scoring took {t['score_seconds']:.0f} s"]
+        lines += ["", t2i_report(res["t2i"])]
+    return "\n".join(lines)
+
+
+def t2i_report(t: dict[str, Any]) -> str:
+    f = t["full"]
+    lines = ["| operator | LD-Pruner score | ΔFD (clf B) without it | prompt accuracy without it | CLIP without it |",
+             "|---|---|---|---|---|"]
+    for o, s in sorted(t["scores"].items(), key=lambda kv: kv[1]):
+        d = t["single"][o]
+        lines.append(f"| {o} | {s:.4f} | {d['fd_b'] - f['fd_b']:+.2f} | {d['acc']:.3f} | {d['clip']:.2f} |")
+    lines += ["", f"full UNet: FD (clf B) {f['fd_b']:.2f}, prompt accuracy {f['acc']:.3f}, CLIP {f['clip']:.2f}; "
+              f"Spearman (score, ΔFD clf B) = {t['spearman_fd_b'][0]:.2f} (p = {t['spearman_fd_b'][1]:.2f}); "
+              f"(score, accuracy drop) = {t['spearman_acc_drop'][0]:.2f} (p = {t['spearman_acc_drop'][1]:.2f}); "
+              f"scoring took {t['score_seconds']:.0f} s", "",
+              "| selection | pruned | parameters | prompt acc. before → after | FD (clf B) before → after | "
+              "CLIP before → after | ms / NFE (batch 16, wall / CPU) |", "|---|---|---|---|---|---|---|"]
+    sp = t.get("s_per_nfe", {})
+
+    def ms(k: str) -> str:
+        return f"{1e3 * sp[k][0]:.0f} / {1e3 * sp[k][1]:.1f}" if k in sp else "—"
+
+    lines.append(f"| full UNet | — | {t['params_full']} | {f['acc']:.3f} | {f['fd_b']:.2f} | {f['clip']:.2f} | "
+                 f"{ms('full')} |")
+    for how, r in t["rows"].items():
+        b, a = r["before"], r["after"]
+        lines.append(f"| {how} | {', '.join(r['pruned']) or '—'} | {r['params']} | {b['acc']:.3f} → {a['acc']:.3f} | "
+                     f"{b['fd_b']:.2f} → {a['fd_b']:.2f} | {b['clip']:.2f} → {a['clip']:.2f} | "
+                     f"{ms(how) if r['pruned'] else ms('full')} |")
     return "\n".join(lines)
 
 
@@ -216,6 +275,9 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=2)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--t2i", action="store_true")
+    ap.add_argument("--t2i-n", type=int, default=160, help="text-to-image samples per evaluation (20 prompts x n/20)")
+    ap.add_argument("--t2i-k", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--draws", type=int, default=3, help="random selections per k")
     ap.add_argument("--skip-mnist", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench_ld_pruner"))
     args = ap.parse_args()
@@ -226,10 +288,10 @@ def main() -> None:
         res = json.loads((out / "bench.json").read_text())
     if not args.skip_mnist:
         res["mnist"] = mnist(args)
-    if "mnist" in res:
+    if "mnist" in res and (not args.skip_mnist or "speed" not in res):
         res["speed"] = speed(res, out)
     if args.t2i:
-        res["t2i"] = t2i(args)
+        res["t2i"] = t2i(args, out)
     (out / "bench.json").write_text(json.dumps(res, indent=2))
     print(report(res))
 

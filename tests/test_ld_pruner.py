@@ -2,10 +2,13 @@
 pruning k operators removes exactly those (parameters, state dict, outputs = the bypassed network); the pruned
 model runs under every registered solver; save/load through safetensors + a JSON card listing the pruned
 operators; the objective (scores -> prune -> fine-tune with distillation) from a recipe on the CLI; the same
-operators / bypass / prune on a diffusers UNet2DConditionModel."""
+operators / bypass / prune on a diffusers UNet2DConditionModel, and its fine-tune on captioned-MNIST latents (a tiny
+diffusers folder as the base): export -> reload -> identical UNet outputs, TextToImage sampling, distillation."""
 
 import copy
+import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,6 +36,7 @@ from dpmlab.solvers import available, get
 from dpmlab.training.data import Dataset
 
 torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parents[1]
 NET = {"image_size": 8, "in_channels": 1, "model_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1,
        "num_heads": 2, "groups": 4, "num_classes": 3}
 
@@ -228,3 +232,103 @@ def test_diffusers_unet_operators_bypass_and_prune():
         ref = unet(x, t, encoder_hidden_states=e).sample
         with bypassed(unet, ["up_blocks.1.attentions.1"]):
             torch.testing.assert_close(unet(x, t, encoder_hidden_states=e).sample, ref, rtol=0, atol=1e-6)
+
+
+# --- text-to-image base: the pruned UNet2DConditionModel fine-tuned on captioned MNIST latents ---------------
+@pytest.fixture(scope="module")
+def t2i_folder(tmp_path_factory):
+    """A tiny diffusers-format text-to-image folder (the shipped model's layout and schedule, tiny networks)."""
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from dpmlab.training.captions import CONTEXT_LENGTH, VOCAB, build_tokenizer
+    from dpmlab.training.t2i import SCHEDULE
+
+    root = tmp_path_factory.mktemp("t2i") / "tiny_t2i"
+    torch.manual_seed(1)
+    vae = AutoencoderKL(in_channels=1, out_channels=1, sample_size=32, down_block_types=("DownEncoderBlock2D",) * 3,
+                        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(4, 4, 4), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=2)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(VOCAB), hidden_size=8, intermediate_size=16,
+                                        num_hidden_layers=1, num_attention_heads=2,
+                                        max_position_embeddings=CONTEXT_LENGTH, bos_token_id=0, eos_token_id=1,
+                                        pad_token_id=1))
+    for name, m in (("unet", tiny_diffusers_unet()), ("vae", vae), ("text_encoder", text)):
+        m.save_pretrained(str(root / name), safe_serialization=True)
+    build_tokenizer(root / "tokenizer")
+    DPMSolverMultistepScheduler(**SCHEDULE, prediction_type="v_prediction").save_pretrained(str(root / "scheduler"))
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    return root
+
+
+def _t2i_recipe(folder, **settings):
+    from dpmlab.training import DataConfig, TrainConfig
+
+    tc = TrainConfig(steps=2, batch_size=4, lr=1e-3, warmup=0, ema_decay=0.0, log_every=1, checkpoint_every=1)
+    return MethodRecipe("ldp_t2i", "ld_pruner", LDPruner(base=str(folder), seeds=1, nfe=2, **settings),
+                        data=DataConfig(name="mnist"), train=tc)
+
+
+def test_t2i_objective_fine_tunes_and_exports_a_reloadable_pruned_text_to_image(tmp_path, t2i_folder):
+    from dpmlab.models.t2i import TextToImage
+    from dpmlab.training import fit, load_data
+
+    recipe = _t2i_recipe(t2i_folder, k=2, prune=("down_blocks.0.attentions.0", "mid_block.resnets.1"))
+    obj = LDPrunerObjective(recipe, load_data(recipe.data))
+    assert len(obj) == 4500  # the captioned-MNIST training split (mnist_5k_split)
+    base = dpmlab.load(t2i_folder)
+    untrained = copy.deepcopy(obj.module)
+    res = fit(obj, recipe.train, tmp_path / "run", progress=False)
+    assert res.step == 2 and bool(torch.isfinite(torch.tensor(res.final_loss)))
+    model = load(tmp_path / "run")
+    assert isinstance(model, LDPrunedModel) and isinstance(model.denoiser, TextToImage)
+    assert model.pruned == ("down_blocks.0.attentions.0", "mid_block.resnets.1")
+    card = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert card["pruned"] == list(model.pruned) and card["method"]["base"] == str(t2i_folder.resolve())
+    unet = model.denoiser.unet
+    assert isinstance(unet.get_submodule("mid_block.resnets.1"), Pruned)
+    assert parameter_count(unet) == parameter_count(obj.module) == card["method"]["parameters"]["after"]
+    assert card["method"]["parameters"]["after"] < card["method"]["parameters"]["before"] == parameter_count(base.unet)
+    x, t, e = torch.randn(3, 4, 8, 8), torch.tensor([10, 400, 900]), torch.randn(3, 10, 8)
+    with torch.no_grad():
+        got = unet(x, t, encoder_hidden_states=e).sample
+        want = obj.module.eval()(x, t, encoder_hidden_states=e).sample
+        before = untrained.eval()(x, t, encoder_hidden_states=e).sample
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # the EMA at decay 0 = the trained module
+    assert (got - before).abs().max() > 1e-3  # ... which training changed
+    # the TextToImage API: prompts, classifier-free guidance, decoding
+    z = model.sample(2, solver="ddim", nfe=2, cond={"prompt": ["a seven", "a bold one"]})
+    zg = dpmlab.sample(model.denoiser.guided(3.0), 2, solver="dpm_solver_pp", nfe=3, cond={"prompt": "a two"})
+    assert z.shape == zg.shape == (2, 4, 8, 8) and model.denoiser.decode(zg).shape == (2, 1, 32, 32)
+
+
+def test_t2i_distillation_term_vanishes_without_pruning(t2i_folder):
+    from dpmlab.training import load_data
+
+    ds = load_data(_t2i_recipe(t2i_folder, k=0).data)
+    obj = LDPrunerObjective(_t2i_recipe(t2i_folder, k=0), ds)
+    batch = obj.draw(torch.arange(6), torch.Generator().manual_seed(0))
+    assert set(batch) >= {"caption", "t", "eps"} and obj.scores == {}  # k = 0: nothing scored or pruned
+    with torch.no_grad():
+        with_kd = obj.loss(obj.module, batch)
+        obj.settings = dataclasses.replace(obj.settings, distill=0.0)
+        assert torch.equal(obj.loss(obj.module, batch), with_kd)
+        pruned = LDPrunerObjective(_t2i_recipe(t2i_folder, k=1, prune=("mid_block.resnets.1",)), ds)
+        task = float(pruned.loss(pruned.module, batch))
+        pruned.settings = dataclasses.replace(pruned.settings, distill=0.0)
+        assert task > float(pruned.loss(pruned.module, batch))
+    with pytest.raises(ValueError, match="set data.name to 'mnist'"):
+        LDPrunerObjective(_t2i_recipe(t2i_folder, k=0), Dataset("toy", torch.zeros(4, 1, 8, 8)))
+
+
+def test_t2i_recipe_scores_prunes_and_fine_tunes_from_the_cli(tmp_path, t2i_folder):
+    recipe = json.loads((ROOT / "recipes" / "methods" / "ld_pruner_mnist_t2i.json").read_text())
+    recipe["method"].update(base=str(t2i_folder), seeds=1, nfe=2)
+    recipe["train"].update(steps=2, batch_size=4, checkpoint_every=1, log_every=1)
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(recipe))
+    assert main(["train", "--recipe", str(path), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    card = json.loads((tmp_path / "run" / "model.json").read_text())
+    scores = card["method"]["scores"]
+    assert list(scores) == operators(tiny_diffusers_unet()) and card["pruned"] == lowest(scores, 2)
+    assert list(load(tmp_path / "run").pruned) == card["pruned"]

@@ -189,7 +189,7 @@ def test_cli_prompt_to_picture(tmp_path, capsys):
     out = tmp_path / "sevens.png"
     assert main(["sample", "--model", "mnist_t2i", "--prompt", "a bold seven", "--negative-prompt", "slanted",
                  "--guidance", "5", "--solver", "dpm_solver_pp", "--nfe", "10", "-n", "4", "--out", str(out),
-                 "-q"]) == 0
+                 "--raw", str(out.with_suffix(".npz")), "-q"]) == 0
     assert out.is_file() and out.stat().st_size > 1000
     raw = dict(__import__("numpy").load(out.with_suffix(".npz")))
     assert raw["samples"].shape == (4, 1, 32, 32)  # decoded pixels, not latents

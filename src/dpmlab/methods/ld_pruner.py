@@ -20,11 +20,18 @@ the paper's description; details the available text does not fix are marked ASSU
    (``LDPrunerObjective`` on ``fit``): the model's own denoising loss plus output-level distillation from the
    frozen unpruned model on the same noisy input, ``L = L_task + lambda_kd ||f_student - f_teacher||^2``.
    ASSUMPTION: output-level distillation only, lambda_kd = 1 (as in Nota AI's BK-SDM); no feature KD.
+   For a text-to-image base (``base: "mnist_t2i"`` or a diffusers folder) ``L_task`` is the base's own
+   latent-diffusion loss (``training.t2i.LatentDiffusionObjective``: captioned-MNIST VAE latents, SD's
+   scaled-linear schedule, the base's v / eps target, caption drop-out to the empty prompt) and the teacher is
+   the unpruned ``UNet2DConditionModel`` on the same noisy latent, time and text states.
 
 The scores are computed once when the objective is built (deterministic, so a resumed run recomputes the same
 ones); ``prune=[...]`` in the settings skips scoring and removes the listed operators (baselines, reruns).
 The pruned model is saved as safetensors (format ``dpmlab.method/1``) with a JSON card listing the pruned
-operators and their scores; ``dpmlab.methods.load`` rebuilds it and every dpmlab solver samples it.
+operators and their scores; ``dpmlab.methods.load`` rebuilds it and every dpmlab solver samples it. A pruned
+``UNet2DConditionModel`` file also records the base (name or absolute folder) and the UNet's config: loading
+builds the UNet from that config, removes the listed operators, loads the weights, and pairs it with the
+base's VAE, text encoder, tokenizer and schedule in a ``TextToImage`` (prompts, ``guided``, ``decode``).
 """
 
 from __future__ import annotations
@@ -45,8 +52,9 @@ from .._utils import atomic_write, dataclass_from_dict
 from ..api import sample as api_sample
 from ..models.denoiser import Denoiser
 from ..models.hub import load as load_model
-from ..models.hub import load_state, write_safetensors
+from ..models.hub import load_state, shipped_models, write_safetensors
 from ..models.nets import ModelSpec
+from ..models.t2i import TextToImage
 from ..models.unet import UNet
 from ..solvers.base import get
 from ..training.data import Dataset
@@ -54,7 +62,12 @@ from ..training.losses import make_loss
 from . import METHOD_FORMAT, Method, MethodRecipe, register_method
 
 __all__ = ["LDPruner", "Pruned", "operators", "bypassed", "prune", "latent_score", "score_operators",
-           "lowest", "parameter_count", "LDPrunerObjective", "LDPrunedModel", "save_pruned"]
+           "lowest", "parameter_count", "scoring_inputs", "LDPrunerObjective", "LDPrunedModel", "save_pruned",
+           "T2I_PROMPTS"]
+
+# scoring prompts of a text-to-image base (captioned-MNIST grammar, dpmlab.training.captions): 20 prompts
+T2I_PROMPTS = tuple(f"a {w} {d}" for w in ("bold", "thin") for d in (
+    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"))
 
 
 class Pruned(nn.Module):
@@ -223,11 +236,12 @@ class LDPruner:
     base: str = "mnist"  # the model to prune: a dpmlab.load name or path of a dpmlab model file / run folder
     k: int = 2  # operators to remove
     prune: tuple[str, ...] = ()  # explicit operators to remove (skips scoring; len must equal k)
-    seeds: int = 8  # scoring inputs: every class label (or the null class) x this many seeds
+    seeds: int = 8  # scoring inputs: every class label (or the null class; text-to-image: T2I_PROMPTS) x seeds
     solver: str = "ddim"  # scoring sampler (deterministic)
     nfe: int = 10  # scoring budget
     grid: str = "quadratic_time"  # scoring grid
     distill: float = 1.0  # weight of the output distillation from the unpruned model (0: task loss only)
+    caption_dropout: float = 0.1  # text-to-image base: captions dropped to "" (its training recipe's 0.1)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prune", tuple(self.prune))
@@ -238,6 +252,8 @@ class LDPruner:
         if self.seeds < 1 or self.nfe < 1 or self.distill < 0:
             raise ValueError(f"LD-Pruner needs seeds >= 1, nfe >= 1, distill >= 0; got seeds={self.seeds}, "
                              f"nfe={self.nfe}, distill={self.distill}")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ValueError(f"LD-Pruner caption_dropout must be in [0, 1), got {self.caption_dropout!r}")
         if get(self.solver).is_stochastic():
             raise ValueError(f"LD-Pruner scores with a deterministic solver; {self.solver!r} is stochastic")
 
@@ -250,7 +266,10 @@ class LDPruner:
 
 
 def scoring_inputs(model: Denoiser, seeds: int) -> tuple[dict[str, Any], int]:
-    """LD-Pruner's fixed inputs for a dpmlab model: every class label (or the null class) x ``seeds``."""
+    """LD-Pruner's fixed inputs: every class label (or the null class) x ``seeds`` for a dpmlab model,
+    ``T2I_PROMPTS`` x ``seeds`` for a text-to-image model."""
+    if isinstance(model, TextToImage):
+        return {"prompt": list(T2I_PROMPTS) * seeds}, len(T2I_PROMPTS) * seeds
     spec = getattr(model, "spec", None)
     k = len(spec.class_names) if isinstance(spec, ModelSpec) else 0
     labels = torch.arange(max(k, 1) * seeds) % max(k, 1)
@@ -271,70 +290,98 @@ def save_pruned(out_dir: str | Path, net: nn.Module, info: Mapping[str, Any], ca
     return path
 
 
+def _base_ref(base: str) -> str:
+    """How a pruned file names its base: a shipped name as is, a path made absolute."""
+    return base if base in shipped_models() or not Path(base).exists() else str(Path(base).resolve())
+
+
 class LDPrunerObjective:
     """Score (unless ``prune`` is given), prune the lowest ``k``, and fine-tune the pruned network from its kept
-    weights with the model's loss + output distillation from the frozen unpruned network."""
+    weights with the model's loss + output distillation from the frozen unpruned network. A dpmlab UNet base
+    trains on the recipe's data; a text-to-image base (``TextToImage``) on captioned MNIST with the latent loss of
+    ``training.t2i`` (the recipe's data must then be ``mnist``)."""
 
     def __init__(self, recipe: MethodRecipe, dataset: Dataset) -> None:
         s: LDPruner = recipe.settings
         self.recipe, self.dataset, self.name = recipe, dataset, recipe.name
         base = load_model(s.base)
         spec = getattr(base, "spec", None)
-        if not isinstance(base, Denoiser) or not isinstance(spec, ModelSpec) or not isinstance(base.net, UNet):
-            raise ValueError(f"LD-Pruner's objective fine-tunes a dpmlab UNet model file; {s.base!r} is not one")
-        if tuple(spec.data_shape) != tuple(dataset.shape):
-            raise ValueError(f"base model {s.base!r} makes samples of shape {spec.data_shape}, the data has "
+        self.t2i = isinstance(base, TextToImage)
+        unet_file = isinstance(spec, ModelSpec) and isinstance(getattr(base, "net", None), UNet)
+        if not isinstance(base, Denoiser) or not (self.t2i or unet_file):
+            raise ValueError(f"LD-Pruner's objective fine-tunes a dpmlab UNet model file or a text-to-image "
+                             f"(diffusers) folder; {s.base!r} is neither")
+        self.spec = spec if isinstance(spec, ModelSpec) and not self.t2i else None
+        if self.t2i and dataset.name != "mnist":
+            raise ValueError(f"a text-to-image base fine-tunes on captioned MNIST; set data.name to 'mnist', "
+                             f"got {dataset.name!r}")
+        if self.spec is not None and tuple(self.spec.data_shape) != tuple(dataset.shape):
+            raise ValueError(f"base model {s.base!r} makes samples of shape {self.spec.data_shape}, the data has "
                              f"{dataset.shape}")
-        self.spec = spec
         self.scores: dict[str, float] = {}
-        if s.prune:
+        if s.prune or not s.k:
             names = list(s.prune)
         else:
             cond, n = scoring_inputs(base, s.seeds)
             self.scores = score_operators(base, cond, n, solver=s.solver, nfe=s.nfe, grid=s.grid)
             names = lowest(self.scores, s.k)
         self.settings = dataclasses.replace(s, prune=tuple(names))
-        self.teacher = base.net.requires_grad_(False).eval()
-        self.module: nn.Module = prune(copy.deepcopy(base.net), names).requires_grad_(True)
-        self.loss_fn = make_loss(spec)
+        net = _net_of(base)
+        self.teacher = net.requires_grad_(False).eval()
+        self.module: nn.Module = prune(copy.deepcopy(net), names).requires_grad_(True)
         self.params_before, self.params_after = parameter_count(self.teacher), parameter_count(self.module)
+        if self.spec is not None:
+            self.loss_fn = make_loss(self.spec)
+        elif isinstance(base, TextToImage):
+            self.latent = _latent_objective(base, self.module, s.caption_dropout)
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.latent) if self.t2i else len(self.dataset)
 
     def config(self) -> dict[str, Any]:
         return self.recipe.config()
 
     def draw(self, idx: Tensor, g: torch.Generator) -> dict[str, Tensor]:
+        if self.t2i:  # captioned-MNIST latents, caption ids (dropped to "" at caption_dropout), t, noise
+            return self.latent.draw(idx, g)
         b = len(idx)
         batch = {"x0": self.dataset.x[idx], "t": self.loss_fn.draw(g, b),
                  "eps": torch.randn((b, *self.dataset.shape), generator=g)}
-        if self.spec.class_names:
+        if self.spec is not None and self.spec.class_names:
             if self.dataset.labels is None:
                 raise ValueError("the base model is class-conditional but the data has no labels")
             batch["label"] = self.dataset.labels[idx]
         return batch
 
     def loss(self, module: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
-        cond = {"label": batch["label"]} if "label" in batch else {}
         seen: dict[str, Any] = {}
 
-        def student(x: Tensor, t: Tensor, **c: Any) -> Tensor:  # the loss's call, recorded for the teacher
-            seen["x"], seen["t"], seen["out"] = x, t, module(x, t, **c)
-            return seen["out"]  # type: ignore[no-any-return]
+        def student(x: Tensor, t: Tensor, **c: Any) -> Any:  # the task loss's call, recorded for the teacher
+            out = module(x, t, **c)
+            seen.update(x=x, t=t, c=c, out=getattr(out, "sample", out))  # diffusers UNets return .sample
+            return out
 
-        task = self.loss_fn(student, batch["x0"], batch["t"], batch["eps"], **cond).mean()
+        if self.t2i:
+            task = self.latent.loss(student, batch)
+        else:
+            cond = {"label": batch["label"]} if "label" in batch else {}
+            task = self.loss_fn(student, batch["x0"], batch["t"], batch["eps"], **cond).mean()
         if not self.settings.distill:
             return task
         teacher = self.teacher.to(seen["x"].device)
         with torch.no_grad():
-            target = teacher(seen["x"], seen["t"], **cond)
+            target = teacher(seen["x"], seen["t"], **seen["c"])
+        target = getattr(target, "sample", target)
         return task + self.settings.distill * (seen["out"] - target).square().mean()
 
     def _info(self) -> dict[str, Any]:
-        return {"name": "ld_pruner", "settings": self.settings.to_dict(), "spec": self.spec.to_dict(),
-                "pruned": list(self.settings.prune), "scores": dict(self.scores),
-                "parameters": {"before": self.params_before, "after": self.params_after}}
+        info = {"name": "ld_pruner", "settings": self.settings.to_dict(), "pruned": list(self.settings.prune),
+                "scores": dict(self.scores), "parameters": {"before": self.params_before, "after": self.params_after}}
+        if self.spec is not None:
+            return {**info, "spec": self.spec.to_dict()}
+        unet_config: Any = self.teacher.config  # diffusers' FrozenDict
+        config = {k: v for k, v in dict(unet_config).items() if not k.startswith("_")}
+        return {**info, "base": _base_ref(self.settings.base), "unet_config": json.loads(json.dumps(config))}
 
     def export(self, ema: nn.Module, out_dir: Path, card: dict[str, Any]) -> Path:
         r = self.recipe
@@ -345,9 +392,28 @@ class LDPrunerObjective:
         return {"method": json.dumps(self._info())}
 
 
+def _latent_objective(base: TextToImage, unet: nn.Module, caption_dropout: float) -> Any:
+    """``training.t2i``'s latent-diffusion objective of ``base`` (its VAE and text encoder) training ``unet``."""
+    from ..schedules import DiscreteVP
+    from ..training.captions import captioned_mnist
+    from ..training.t2i import LatentDiffusionObjective, T2IRecipe
+
+    sd = DiscreteVP.from_preset("scaled_linear")
+    if not (isinstance(base.schedule, DiscreteVP) and base.schedule.alphas_cumprod.shape == sd.alphas_cumprod.shape
+            and torch.allclose(base.schedule.alphas_cumprod, sd.alphas_cumprod)):
+        raise ValueError("the text-to-image base's schedule is not Stable Diffusion's scaled-linear one, which the "
+                         "latent-diffusion loss (dpmlab.training.t2i) trains on")
+    if base.prediction.value not in ("eps", "v"):
+        raise ValueError(f"the text-to-image base predicts {base.prediction.value!r}; the latent loss trains "
+                         "'eps' or 'v'")
+    recipe = T2IRecipe(prediction=base.prediction.value, caption_dropout=caption_dropout)
+    return LatentDiffusionObjective(recipe, captioned_mnist(), base.vae, base.text_encoder, unet=unet)
+
+
 @dataclass(frozen=True)
 class LDPrunedModel:
-    """A pruned (and fine-tuned) model: ``denoiser`` (every dpmlab solver samples it) and the pruned operators."""
+    """A pruned (and fine-tuned) model: ``denoiser`` (every dpmlab solver samples it; for a text-to-image base a
+    ``TextToImage`` — prompts, ``guided``, ``decode``) and the pruned operators."""
 
     denoiser: Denoiser
     pruned: tuple[str, ...]
@@ -359,6 +425,8 @@ class LDPrunedModel:
 
     @classmethod
     def from_file(cls, path: Path, info: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> LDPrunedModel:
+        if "unet_config" in info:
+            return cls(_pruned_text_to_image(path, info, tensors), tuple(info["pruned"]), dict(info))
         spec = ModelSpec.from_dict(info["spec"])
         net = prune(spec.build_net(), info["pruned"])
         load_state(path, net, tensors)
@@ -368,4 +436,19 @@ class LDPrunedModel:
         return cls(den, tuple(info["pruned"]), dict(info))
 
 
-register_method(Method("ld_pruner", LDPruner, LDPrunerObjective, LDPrunedModel.from_file))
+def _pruned_text_to_image(path: Path, info: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> TextToImage:
+    """The base's ``TextToImage`` with its UNet rebuilt from ``info["unet_config"]``, pruned by ``info["pruned"]``
+    and loaded with ``tensors``."""
+    from diffusers import UNet2DConditionModel
+
+    base = load_model(info["base"])
+    if not isinstance(base, TextToImage):
+        raise ValueError(f"{path}: its base {info['base']!r} is not a text-to-image model")
+    unet = prune(UNet2DConditionModel.from_config(dict(info["unet_config"])), info["pruned"])
+    load_state(path, unet, tensors)
+    unet.eval().requires_grad_(False)
+    return TextToImage(unet, base.vae, base.text_encoder, base.tokenizer, base.schedule, base.prediction.value,
+                       name=f"{base.name}+ld_pruner")
+
+
+register_method(Method("ld_pruner", LDPruner, LDPrunerObjective, LDPrunedModel.from_file, kind="prune"))

@@ -223,18 +223,22 @@ def _encode(vae: Any, x: Tensor, batch: int = 500) -> Any:
 
 
 class LatentDiffusionObjective(_Stage):
-    """``UNet2DConditionModel`` on scaled VAE latents, conditioned on the frozen text tower's states."""
+    """``UNet2DConditionModel`` on scaled VAE latents, conditioned on the frozen text tower's states.
+    ``unet``: train this given network (e.g. a pruned one, ``methods.ld_pruner``) instead of a new one built
+    from ``recipe.unet``."""
 
     name = "unet"
 
-    def __init__(self, recipe: T2IRecipe, data: CaptionedMNIST, vae: Any, text_encoder: Any) -> None:
+    def __init__(self, recipe: T2IRecipe, data: CaptionedMNIST, vae: Any, text_encoder: Any, *,
+                 unet: Any = None) -> None:
         from diffusers import UNet2DConditionModel
 
         super().__init__(data, {"unet": recipe.unet, "prediction": recipe.prediction,
                                 "caption_dropout": recipe.caption_dropout, "schedule": SCHEDULE,
                                 "scaling_factor": float(vae.config.scaling_factor)})
-        self.module = UNet2DConditionModel(**{"sample_size": 8, "in_channels": 4, "out_channels": 4,
-                                              "cross_attention_dim": text_encoder.config.hidden_size, **recipe.unet})
+        self.module = unet if unet is not None else UNet2DConditionModel(**{
+            "sample_size": 8, "in_channels": 4, "out_channels": 4,
+            "cross_attention_dim": text_encoder.config.hidden_size, **recipe.unet})
         with torch.no_grad():
             post = _encode(vae.eval(), data.images[data.train_idx])
             self.text = text_encoder.eval()(tokenize(build_tokenizer(), list(CAPTIONS)))[0]  # (C, L, D)
