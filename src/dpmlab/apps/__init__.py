@@ -6,6 +6,9 @@
   constraints, inferred with Pyro (NUTS, MAP). Not a diffusion model; it imports nothing from dpmlab.
 * ``unlearn_attack`` — Zhang et al., "To Generate or Not? Safety-Driven Unlearned Diffusion Models Are Still Easy
   To Generate Unsafe Images ... For Now" (ECCV 2024): UnlearnDiffAtk prompt attack on an ESD-erased ``mnist_t2i``.
+* ``sda`` — Guo et al., "Everything to the Synthetic: Diffusion-driven Test-time Adaptation via Synthetic-Domain
+  Alignment" (CVPR 2025): DDA's low-pass-guided projection, a projected synthetic set to fine-tune the source
+  classifier on, the logit ensemble; a seeded corruption suite for digits.
 
 Command lines: ``python -m dpmlab.apps.<module> --help``.
 """
@@ -15,7 +18,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-__all__ = ["selective_labels", "unlearn_attack"]
+__all__ = ["selective_labels", "unlearn_attack", "sda"]
 
 
 def __getattr__(name: str) -> ModuleType:
