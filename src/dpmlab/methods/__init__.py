@@ -10,6 +10,8 @@ resume, processes) and a model class that samples the trained file, registered h
   conditioned on its reconstruction (Form-1 / Form-2), a ``Denoiser`` for every solver (``DiffuseVAEModel``).
 * ``dpm_ot`` — DPM-OT (Li et al., ICCV 2023): semi-discrete OT to noised data at sigma_k, then a short solver
   tail on a given diffusion model (``DPMOTModel``).
+* ``speedupnet`` — SpeedUpNet (Chai et al., ECCV 2024): a cross-attention adapter for the negative prompt,
+  MSC-distilled from the CFG teacher; 4 steps without CFG, plug-and-play (``SpeedUpNetModel``, ``install``).
 
 A *method recipe* (``recipes/methods/*.json`` or ``.toml``) is a training recipe whose ``method`` section names
 a registered method and holds its settings::
@@ -242,3 +244,4 @@ from . import ld_pruner as ld_pruner  # noqa: E402
 from . import mmd_ddm as mmd_ddm  # noqa: E402
 from . import pfgmpp as pfgmpp  # noqa: E402
 from . import rddm as rddm  # noqa: E402
+from . import speedupnet as speedupnet  # noqa: E402
