@@ -259,3 +259,14 @@ def test_apps_and_analysis_run_their_own_command_lines(capsys):
     with pytest.raises(SystemExit) as e:
         main(["apps", "selective_labels", "--help"])
     assert e.value.code == 0 and "simulate" in capsys.readouterr().out
+
+
+def test_dc_ratios_record_their_grid_and_are_checked_on_use(tmp_path, capsys):
+    """DC ratios fitted on one grid are refused on another (they used to be applied unchecked)."""
+    art = tmp_path / "dc.safetensors"
+    assert main(["calibrate", "dc", "--model", "gmm16", "--nfe", "5", "-n", "2", "--out", str(art)]) == 0
+    args = ["sample", "--model", "gmm16", "--solver", "dc_solver", "--artifact", str(art), "--nfe", "5", "-q"]
+    assert main([*args, "--out", str(tmp_path / "a.png")]) == 0
+    capsys.readouterr()
+    assert main([*args, "--grid", "uniform_time", "--out", str(tmp_path / "b.png")]) == 2
+    assert "dc ratios were fitted on the grid" in capsys.readouterr().err

@@ -50,7 +50,7 @@ def artifact_options(solver: str, path: str, *, model: str, nfe: int,
         ratios = DCRatios.load(path)
         if ratios.model and ratios.model != model:
             raise ValueError(f"{path} holds DC ratios fitted for model {ratios.model!r}, not {model!r}")
-        out["ratios"] = ratios.ratios
+        out["ratios"] = ratios  # the DCRatios: its grid / NFE / base are checked against the run
         out["dc_order"] = ratios.dc_order
         if ratios.solver:
             out.setdefault("base", json.loads(ratios.solver))

@@ -14,14 +14,23 @@ dpmlab solver on a grid from its ``t_k`` to the end (per-sample start times: gro
 a trained classifier (``dpmlab.models.noise_level``). Classifier calls are not counted as NFE (as in the paper); every
 Langevin step and every integrator evaluation is.
 
-Deviations from the authors' notebook: the Langevin step is relative to the level (``eta = step_size
-sigma_k^2``; theirs is a fixed ``eta = 0.8`` on a VE model); the Gibbs step samples ``k`` (``gibbs=
-"sample"``, the paper) or takes the argmax (``"argmax"``, their code); the final Tweedie step and
-Karras' stochastic Heun integrator are replaced by any registered solver; the default ``keep="last"``
-(theirs, "lowest", selects states and biased the mode weights in our measurement, see
-docs/methods/dmcmc.md). Chains start from pure noise at ``t_max`` unless a ``chain`` is passed; the
-authors start a persistent chain from a full sampler run (``start_chain``) and amortise that cost over
-all outputs — pass the returned ``chain`` back to continue it.
+The authors' recipe (notebook ``Sampling Demo.ipynb`` of 1202kbs/DMCMC ``370faba``) and ours — each of
+theirs is an option; where our default differs it was measured (docs/methods/dmcmc.md):
+
+* Langevin step: theirs a fixed ``eta = 0.8`` in the data coordinates of a VE model (``step="absolute"``:
+  ``eta = step_size alpha_k^2`` in VP coordinates); ours by default relative to the level
+  (``step="relative"``: ``eta = step_size sigma_k^2``), stable across the levels of a VP model;
+* Gibbs step: their code takes the argmax of the level classifier (``gibbs="argmax"``); the paper and our
+  default sample ``k ~ p(k | x)`` (``"sample"``) — only that keeps the chain's target law (tested);
+* state handed to the integrator: theirs the lowest-noise state seen in the segment (``keep="lowest"``);
+  ours by default the last (``"last"``): selecting states biased the mode weights in our measurement;
+* persistent chains: theirs one chain per output slot, started by a full sampler run and continued
+  forever; ours starts from pure noise at ``t_max`` unless a ``chain`` is passed (``start_chain`` is their
+  start; pass the returned ``chain`` back to continue it) — a function call has no state to persist;
+* integrator and final denoising: theirs Karras' stochastic Heun to ``sigma = 0`` then a Tweedie step
+  ``x + s^2 score(x, s)`` at a small ``s``; ours any registered solver, and ``final_denoise=True`` ends
+  with the Tweedie step ``x <- x0(x, t_end)`` (one more evaluation, counted; off by default as every
+  dpmlab sampler, which ends at ``t_end`` or, with ``to_zero``, already at the denoised ``sigma = 0``).
 Noise is per-sample seeded (``seed``, sample index), so results do not depend on the batch size.
 """
 
@@ -47,6 +56,7 @@ __all__ = ["level_grid", "ExactLevelPosterior", "Chain", "DMCMCResult", "langevi
 PAPER = "Kim & Ye 2023, Denoising MCMC (arXiv 2209.14593)"
 GIBBS = ("sample", "argmax")
 KEEP = ("last", "lowest")
+STEPS = ("relative", "absolute")
 CONTINUOUS_GRIDS = ("uniform_lambda", "uniform_time", "quadratic_time", "karras")
 _STREAM = 1 << 20  # noise streams of the chain, far from the solvers' 1 + 16 i
 
@@ -102,8 +112,13 @@ def _gibbs(level_posterior: LevelPosterior, x: Tensor, gibbs: str, seed: int, id
 def langevin_gibbs(
     problem: Problem, chain: Chain, levels: Tensor, level_posterior: LevelPosterior, *, steps: int,
     step_size: float, gibbs: str = "sample", keep: str = "last", seed: int = 0, idx: Tensor | None = None,
+    step: str = "relative",
 ) -> tuple[Chain, Chain]:
-    """``steps`` Langevin-Gibbs updates (one evaluation each); returns (last state, kept state)."""
+    """``steps`` Langevin-Gibbs updates (one evaluation each); returns (last state, kept state).
+    ``step``: ``eta = step_size sigma_k^2`` ("relative") or ``step_size alpha_k^2`` ("absolute": a fixed step
+    in the data coordinates ``x / alpha``, the authors' VE recipe)."""
+    if step not in STEPS:
+        raise ValueError(f"unknown step {step!r}; allowed: {', '.join(STEPS)}")
     x, k = chain.x, chain.k
     idx = torch.arange(x.shape[0]) if idx is None else idx
     sch, lv = problem.schedule, f64(levels)
@@ -113,8 +128,14 @@ def langevin_gibbs(
         a, s = (append_dims(v, x.ndim).to(x.dtype) for v in (sch.alpha(t), sch.sigma(t)))
         x0 = problem.denoise(x, t)  # one evaluation
         z = counter_normal(seed, idx, _STREAM + 2 * j, x.shape[1:], dtype=x.dtype).to(x.device)
-        # x + (eta/2) (alpha x0 - x) / sigma^2 + sqrt(eta) z with eta = step_size sigma^2   (Langevin on x)
-        x = x + (0.5 * step_size) * (a * x0 - x) + math.sqrt(step_size) * s * z
+        # x + (eta/2) (alpha x0 - x) / sigma^2 + sqrt(eta) z                                  (Langevin on x)
+        if step == "relative":  # eta / sigma^2 and its square root
+            rel: float | Tensor = step_size
+            root: float | Tensor = math.sqrt(step_size)
+        else:
+            rel = step_size * (a / s) ** 2
+            root = rel.sqrt()
+        x = x + (0.5 * rel) * (a * x0 - x) + root * s * z
         k = _gibbs(level_posterior, x, gibbs, seed, idx, _STREAM + 2 * j + 1)  # Gibbs on the level
         if keep == "last":
             x_keep, k_keep = x, k
@@ -162,6 +183,8 @@ def dmcmc_sample(
     to_zero: bool = False,
     gibbs: str = "sample",
     keep: str = "last",
+    step: str = "relative",
+    final_denoise: bool = False,
     chain: Chain | None = None,
     seed: int = 0,
     shape: tuple[int, ...] | None = None,
@@ -170,20 +193,27 @@ def dmcmc_sample(
 ) -> DMCMCResult:
     """Draw ``n`` samples by Denoising Langevin Gibbs, then a short integration to data.
 
-    Give ``integrator_steps`` or ``nfe_budget`` (total evaluations per sample, Langevin steps
-    included). ``chain``: continue this chain (``n`` rows) instead of starting from noise at ``t_max``.
+    Give ``integrator_steps`` or ``nfe_budget`` (total evaluations per sample, Langevin steps and the
+    ``final_denoise`` evaluation included). ``chain``: continue this chain (``n`` rows) instead of
+    starting from noise at ``t_max``.
     ``cond``: model conditioning; tensors with ``n`` rows are split with the samples.
     """
     if gibbs not in GIBBS or keep not in KEEP:
         raise ValueError(f"gibbs must be one of {GIBBS} and keep one of {KEEP}; got {gibbs!r}, {keep!r}")
     if not (isinstance(langevin_steps, int) and langevin_steps >= 0 and step_size > 0):
         raise ValueError(f"need langevin_steps >= 0 and step_size > 0, got {langevin_steps}, {step_size}")
+    if step not in STEPS:
+        raise ValueError(f"unknown step {step!r}; allowed: {', '.join(STEPS)}")
+    if not isinstance(final_denoise, bool) or (final_denoise and to_zero):
+        raise ValueError(f"final_denoise must be a bool and needs to_zero=False (a grid to sigma = 0 already ends "
+                         f"denoised), got final_denoise={final_denoise!r}, to_zero={to_zero!r}")
+    final = 1 if final_denoise else 0
     solver = get(integrator) if isinstance(integrator, str) else integrator
     if (integrator_steps is None) == (nfe_budget is None):
         raise ValueError("give exactly one of integrator_steps and nfe_budget")
     if integrator_steps is None:
         assert nfe_budget is not None
-        integrator_steps = solver.steps_for_nfe(nfe_budget - langevin_steps, to_zero)
+        integrator_steps = solver.steps_for_nfe(nfe_budget - langevin_steps - final, to_zero)
     lv = f64(levels)
     t_end = schedule.t_min
     if to_zero:
@@ -210,7 +240,7 @@ def dmcmc_sample(
     if chain.x.shape[0] != n:
         raise ValueError(f"chain has {chain.x.shape[0]} rows, n={n}")
     last, kept = langevin_gibbs(problem, chain, lv, level_posterior, steps=langevin_steps, step_size=step_size,
-                                gibbs=gibbs, keep=keep, seed=seed, idx=idx)
+                                gibbs=gibbs, keep=keep, seed=seed, idx=idx, step=step)
     out = torch.empty_like(kept.x)
     grid_fn = get_grid(grid)
     zero_kw = {"to_zero": True} if grid == "karras" and to_zero else {"t_end": t_end}
@@ -222,4 +252,6 @@ def dmcmc_sample(
         out[rows] = sample(sub, kept.x[rows], ts, solver)
         if sub.nfe != nfe_int:
             raise RuntimeError(f"integrator {solver.name!r} used {sub.nfe} evaluations, declared {nfe_int}")
-    return DMCMCResult(out, problem.nfe + nfe_int, last)
+        if final_denoise:  # Tweedie at the end time: x <- E[x0 | x_t_end] (one evaluation)
+            out[rows] = sub.denoise(out[rows], t_end).to(out.dtype)
+    return DMCMCResult(out, problem.nfe + nfe_int + final, last)
