@@ -13,12 +13,12 @@ import torch
 from safetensors.torch import save_file
 
 import dpmlab.solvers as S
-from dpmlab.api import make_grid
 from dpmlab.calibrate.dc import fit_cpr, fit_dc_ratios
 from dpmlab.models.analytic import GaussianMixture, preset, reference_solution
 from dpmlab.models.guidance import classifier_free
 from dpmlab.schedules import DiscreteVP
 from dpmlab.solvers.dc_solver import CPRModel, DCRatios, DCState, DynamicCompensation, cpr_features, lagrange_weights
+from dpmlab.timesteps import make_grid
 
 torch.set_num_threads(1)
 SCH = DiscreteVP.from_preset("linear")
@@ -278,3 +278,36 @@ def test_noise_form_serve_equals_an_independent_loop():
     assert torch.allclose(got, want, atol=1e-12, rtol=0)
     assert not torch.allclose(got, S.sample(S.Problem(MODEL, SCH), x, ts, base), atol=1e-3)
     assert isinstance(DynamicCompensation(base).init(S.Problem(MODEL, SCH), x, ts), DCState)
+
+
+def test_wrapper_reaches_a_pending_corrector_output_only_through_the_protocol():
+    """The DC wrapper compensates UniPC's reused corrector evaluation via ``pending_output`` /
+    ``with_pending_output`` (issue 16: no wrapper reads or writes a base's private state): a base whose
+    protocol methods are the only way in still gets compensated, and the default protocol refuses."""
+    from dpmlab.schedules import DiscreteVP
+    from dpmlab.solvers import Problem, get, sample
+    from dpmlab.solvers.dc_solver import DynamicCompensation
+
+    sch = DiscreteVP.from_preset("linear")
+    model = preset("gmm16").denoiser(sch)
+    x = torch.randn(8, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ts = make_grid(sch, "uniform_time", 6)
+    unipc = get("unipc")
+    calls = []
+
+    class Spy(type(unipc)):
+        def pending_output(self, state):
+            calls.append("get")
+            return super().pending_output(state)
+
+        def with_pending_output(self, state, output):
+            calls.append("set")
+            return super().with_pending_output(state, output)
+
+    spy = Spy(**{f.name: getattr(unipc, f.name) for f in dataclasses.fields(unipc)})
+    ratios = (1.0, 1.0, 0.9, 1.1, 0.95, 1.05)
+    a = sample(Problem(model, sch), x, ts, DynamicCompensation(base=spy, ratios=ratios))
+    b = sample(Problem(model, sch), x, ts, DynamicCompensation(base=unipc, ratios=ratios))
+    assert torch.equal(a, b) and "set" in calls and "get" in calls
+    with pytest.raises(ValueError, match="reuses no model output; nothing to replace"):
+        get("ddim").with_pending_output(None, x)

@@ -191,6 +191,18 @@ class Solver(ABC, Generic[S]):
         """Honest number of model evaluations for ``steps`` steps (``to_zero``: the grid ends at sigma = 0)."""
         return self.evals_per_step * steps
 
+    def pending_output(self, state: S) -> Tensor | None:
+        """The model output the next ``step`` will REUSE instead of evaluating the model at ``(x_i, t_i)``
+        (a predictor-corrector's corrector evaluation), in the solver's own output form; ``None`` when the
+        next step evaluates the model itself (then a wrapper reaches that output through the problem's
+        ``denoise``). Part of the wrapper protocol, with ``with_pending_output``."""
+        return None
+
+    def with_pending_output(self, state: S, output: Tensor) -> S:
+        """``state`` whose pending output (``pending_output``) is replaced by ``output``; only for a state
+        that has one."""
+        raise ValueError(f"solver {self.name!r} reuses no model output; nothing to replace")
+
     def nfe(self, ts: Tensor, schedule: NoiseSchedule) -> int:
         return self.nfe_for_steps(len(ts) - 1, ends_at_zero(schedule, ts))
 

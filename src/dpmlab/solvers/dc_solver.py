@@ -20,9 +20,9 @@ How ``m~_i`` reaches the base (``DynamicCompensation(base, ratios)``, any determ
   ``ddim``, UniPC's first step) gets a view of the problem whose first ``denoise`` returns the x0 that
   gives ``m~_i`` (in noise form ``x0 = (x_i - sigma_i eps~_i) / alpha_i``) — public interface only;
 * a predictor-corrector base (``unipc``, ``unic``) does not call the model there: it reuses the
-  corrector's evaluation, held in its state field ``m_next`` (``PENDING_FIELD``). The public protocol
-  has no way to replace a reused evaluation, so this hook replaces that field by name (the one place a
-  wrapper touches a base's state; see docs/methods/dc_solver.md for the protocol extension it needs).
+  corrector's evaluation. The solver protocol exposes it — ``base.pending_output(state)`` and
+  ``base.with_pending_output(state, m)`` — and the compensated output replaces it through them; the
+  wrapper never reads or writes a base's state fields.
 
 Ratios are fitted per (model, grid, base, guidance) against ground-truth trajectories
 (``dpmlab.calibrate.dc.fit_dc_ratios``) as a ``DCRatios`` artifact that records the grid, NFE and base
@@ -57,9 +57,8 @@ from .._utils import atomic_write
 from ._expint import lincomb, point
 from .base import FirstEvaluation, Problem, Solver, Wrapper, get, register
 
-__all__ = ["DCRatios", "CPRModel", "DynamicCompensation", "lagrange_weights", "cpr_features", "PENDING_FIELD"]
+__all__ = ["DCRatios", "CPRModel", "DynamicCompensation", "lagrange_weights", "cpr_features"]
 
-PENDING_FIELD = "m_next"  # a predictor-corrector base's reused evaluation (the hook, see module docstring)
 _VERSION = 2  # 2: DCRatios record grid, NFE, base and fit method
 AUTHORS_CPR = "dc_solver_cpr_sd2.1.json"  # the authors' released CPR coefficients (assets/)
 Rho = float | Tensor  # a ratio; a 0-d tensor while fitting by gradient
@@ -355,11 +354,11 @@ class DynamicCompensation(Wrapper[DCState]):
             w = lagrange_weights((t, *state.ts[::-1]), tau)
             return lincomb(w, (m, *state.ms[::-1]))
 
-        pending = getattr(state.base, PENDING_FIELD, None)
-        if pending is not None:  # a PC base will reuse its corrector's evaluation: compensate it in place
+        pending = self.base.pending_output(state.base)
+        if pending is not None:  # a PC base will reuse its corrector's evaluation: compensate that one
             m_dc = compensate(pending)
             m = pending if m_dc is None else m_dc
-            base_state = state.base if m_dc is None else dataclasses.replace(state.base, **{PENDING_FIELD: m_dc})
+            base_state = state.base if m_dc is None else self.base.with_pending_output(state.base, m_dc)
             x_next, base_next = self.base.step(problem, x, ts, i, base_state)
         else:  # the base evaluates at (x, t_i) first: serve the compensated output
             buffered: list[Tensor] = []

@@ -34,6 +34,7 @@ thing for eps-networks).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -145,6 +146,14 @@ class UniPC(Solver[History]):
     def nfe_for_steps(self, steps: int, to_zero: bool) -> int:
         return steps + (1 if self.use_corrector and self.final_corrector and not to_zero else 0)
 
+    def pending_output(self, state: History) -> Tensor | None:
+        return state.m_next  # the corrector's evaluation at (x~_t, t), reused by the next step
+
+    def with_pending_output(self, state: History, output: Tensor) -> History:
+        if state.m_next is None:
+            raise ValueError("UniPC: this state holds no pending corrector evaluation to replace")
+        return dataclasses.replace(state, m_next=output)
+
     def step(self, problem: Problem, x: Tensor, ts: Tensor, i: int, state: History) -> tuple[Tensor, History]:
         c, n = interval(problem.schedule, ts, i), len(ts) - 1
         m0 = state.m_next  # the corrector's evaluation at (x~_t, t), when there was one
@@ -194,6 +203,14 @@ class UniC(Solver[History]):
 
     def init(self, problem: Problem, x: Tensor, ts: Tensor) -> History:
         return History(base=self.base.init(problem, x, ts))
+
+    def pending_output(self, state: History) -> Tensor | None:
+        return state.m_next  # the corrector's evaluation at (x~_t, t), reused by the next step
+
+    def with_pending_output(self, state: History, output: Tensor) -> History:
+        if state.m_next is None:
+            raise ValueError("UniC: this state holds no pending corrector evaluation to replace")
+        return dataclasses.replace(state, m_next=output)
 
     def nfe_for_steps(self, steps: int, to_zero: bool) -> int:
         return self.base.nfe_for_steps(steps, to_zero) + (1 if self.final_corrector and not to_zero else 0)
