@@ -80,3 +80,36 @@ def test_measured_convergence_order(name):
     solver = get(name, **solver_class(name).order_test_options)
     order, errs = measured_order(solver)
     assert abs(order - solver.order) <= 0.3, f"{name}: measured order {order:.2f} (errors {errs})"
+
+
+# time_shift evaluates at a data-dependent shifted time by design (its docs), not at (x_i, t_i)
+@pytest.mark.parametrize("name", [n for n in NAMES if not get(n).is_stochastic() and n != "time_shift"])
+def test_a_step_without_a_pending_output_first_evaluates_at_its_start(name):
+    """The wrapper protocol's written rule (``Solver.pending_output``): when it returns None, the step's
+    FIRST model call is at ``(x_i, t_i)``; otherwise the step makes no call there (it reuses that output).
+    Wrappers (DC-Solver, DualFast, UniC) rely on exactly this. (Heun recomputes x as alpha (x / alpha):
+    equal to round-off.)"""
+    sch = LinearVP()
+    inner = ImageModel(sch)
+    calls = []
+
+    def model(x, t, **c):
+        calls.append((x.clone(), t.clone()))
+        return inner(x, t, **c)
+
+    solver = get(name)
+    ts = karras(sch, 6)
+    x = torch.randn(2, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    problem = Problem(model, sch)
+    state = solver.init(problem, x, ts)
+    for i in range(len(ts) - 1):
+        pending = solver.pending_output(state)
+        calls.clear()
+        x_next, state = solver.step(problem, x, ts, i, state)
+        at_start = [k for k, (xx, tt) in enumerate(calls)
+                    if torch.allclose(xx, x, rtol=0, atol=1e-12) and bool(((tt - ts[i]).abs() < 1e-12).all())]
+        if pending is None:
+            assert calls and at_start[:1] == [0], (name, i)
+        else:
+            assert not at_start, (name, i)
+        x = x_next

@@ -299,6 +299,9 @@ class DynamicCompensation(Wrapper[DCState]):
     paper = "Zhao et al. 2024, DC-Solver (arXiv 2409.03755)"
     order_test_options = {"base": {"name": "unipc", "lower_order_final": False, "final_corrector": True}}
 
+    def pending_output(self, state: DCState) -> Tensor | None:
+        return self.base.pending_output(state.base)  # the base's reused evaluation (compensated when stepping)
+
     def __post_init__(self) -> None:
         if isinstance(self.base, Mapping):  # from config(): {"name": ..., **options}
             object.__setattr__(self, "base", get(**self.base))

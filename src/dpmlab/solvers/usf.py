@@ -284,10 +284,12 @@ class USFState:
     x0s: tuple[Tensor, ...] = ()
     epss: tuple[Tensor, ...] = ()
     pending: bool = False  # the newest output is at the current time (a pseudo corrector's evaluation)
+    at: tuple[Tensor, float, float] | None = None  # (x, alpha, sigma) of the newest output
 
     def push(self, lam: float, x: Tensor, x0: Tensor, alpha: float, sigma: float, pending: bool) -> USFState:
         k, eps = MAX_ORDER + 1, (x - alpha * x0) / sigma
-        return USFState(self.plan, (*self.lams, lam)[-k:], (*self.x0s, x0)[-k:], (*self.epss, eps)[-k:], pending)
+        return USFState(self.plan, (*self.lams, lam)[-k:], (*self.x0s, x0)[-k:], (*self.epss, eps)[-k:], pending,
+                        (x, alpha, sigma))
 
 
 def _update(c: Interval, x: Tensor, lams: tuple[float, ...], ms: tuple[Tensor, ...], tay: Taylor, form: str,
@@ -359,6 +361,17 @@ class USF(Solver[USFState]):
         if to_zero and (last.predictor.order != 1 or last.corrector is not Corrector.NONE):
             raise ValueError("the step to sigma = 0 must be first order without a corrector")
         return USFState(plan)
+
+    def pending_output(self, state: USFState) -> Tensor | None:
+        """The pseudo corrector's evaluation the next step reuses, as x0 (USF's steps mix forms)."""
+        return state.x0s[-1] if state.pending else None
+
+    def with_pending_output(self, state: USFState, output: Tensor) -> USFState:
+        if not state.pending or state.at is None:
+            raise ValueError("USF: this state holds no pending corrector evaluation to replace")
+        x, alpha, sigma = state.at
+        return dataclasses.replace(state, x0s=(*state.x0s[:-1], output),
+                                   epss=(*state.epss[:-1], (x - alpha * output) / sigma))
 
     def step(self, problem: Problem, x: Tensor, ts: Tensor, i: int, state: USFState) -> tuple[Tensor, USFState]:
         st, c = state.plan.steps[i], interval(problem.schedule, ts, i)
