@@ -9,6 +9,9 @@
 * ``sda`` — Guo et al., "Everything to the Synthetic: Diffusion-driven Test-time Adaptation via Synthetic-Domain
   Alignment" (CVPR 2025): DDA's low-pass-guided projection, a projected synthetic set to fine-tune the source
   classifier on, the logit ensemble; a seeded corruption suite for digits.
+* ``change_detection`` — Bandara, Nair & Patel, "DDPM-CD: Denoising Diffusion Probabilistic Models as Feature
+  Extractors for Change Detection" (WACV 2025): multi-timestep decoder features of a frozen diffusion UNet and a
+  symmetric |difference| change head; synthetic digit-scene pairs with exact change masks.
 
 Command lines: ``python -m dpmlab.apps.<module> --help``.
 """
@@ -18,7 +21,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-__all__ = ["selective_labels", "unlearn_attack", "sda"]
+__all__ = ["selective_labels", "unlearn_attack", "sda", "change_detection"]
 
 
 def __getattr__(name: str) -> ModuleType:
