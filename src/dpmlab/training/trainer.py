@@ -453,7 +453,7 @@ class _Run:
     # --- determinism: everything random about step s comes from (seed, s) -----------------------
     def _perm(self, epoch: int) -> Tensor:
         if epoch not in self._perm_cache:
-            g = torch.Generator().manual_seed((self.tc.seed << 32) + 2 * epoch + 1)
+            g = torch.Generator().manual_seed(stream_seed(self.tc.seed, 2 * epoch + 1))
             self._perm_cache = {e: p for e, p in self._perm_cache.items() if e == epoch - 1}
             self._perm_cache[epoch] = torch.randperm(self.n, generator=g)
         return self._perm_cache[epoch]
@@ -463,7 +463,7 @@ class _Run:
         b, n = self.tc.batch_size, self.n
         pos = torch.arange(step * b, (step + 1) * b)
         idx = torch.cat([self._perm(int(e))[pos[pos // n == e] % n] for e in torch.unique(pos // n)])
-        g = torch.Generator().manual_seed((self.tc.seed << 32) + 2 * step)
+        g = torch.Generator().manual_seed(stream_seed(self.tc.seed, 2 * step))
         drawn = self.obj.draw(idx, g)
         per = b // self.dist.world
         sl = slice(self.dist.rank * per, (self.dist.rank + 1) * per)
@@ -571,6 +571,19 @@ def net_config_for(net: str, config: Mapping[str, Any], shape: Sequence[int], ch
     if num_classes is not None:
         derived["num_classes"] = num_classes
     return {**derived, **config}
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def stream_seed(seed: int, k: int) -> int:
+    """The generator seed of draw ``k`` of a run seeded ``seed``: a splitmix64 hash of both, cut to 32 bits.
+    torch's CPU generator (mt19937) keeps only the low 32 bits of a seed, so ``(seed << 32) + k`` would
+    ignore ``seed`` entirely; the hash makes every (seed, k) give its own stream."""
+    z = (seed * 0x9E3779B97F4A7C15 + k * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) & 0xFFFFFFFF
 
 
 class _Interrupts:
