@@ -8,6 +8,8 @@ resume, processes) and a model class that samples the trained file, registered h
   generation (input 0) and restoration (input = the degraded image), its own sampler (``RDDMModel``).
 * ``diffusevae_vae`` / ``diffusevae`` — DiffuseVAE (Pandey et al., TMLR 2022): a conv VAE, then a DDPM
   conditioned on its reconstruction (Form-1 / Form-2), a ``Denoiser`` for every solver (``DiffuseVAEModel``).
+* ``domainstudio`` — DomainStudio (Zhu et al., arXiv 2306.14153): few-shot fine-tuning with the frozen source
+  model's pairwise-similarity (image and Haar high-frequency) and HF-reconstruction terms (``DomainStudioModel``).
 * ``dpm_ot`` — DPM-OT (Li et al., ICCV 2023): semi-discrete OT to noised data at sigma_k, then a short solver
   tail on a given diffusion model (``DPMOTModel``).
 * ``speedupnet`` — SpeedUpNet (Chai et al., ECCV 2024): a cross-attention adapter for the negative prompt,
@@ -239,6 +241,7 @@ def load(path: str | os.PathLike[str]) -> Any:
 
 # the methods register themselves (they import the helpers above)
 from . import diffusevae as diffusevae  # noqa: E402
+from . import domainstudio as domainstudio  # noqa: E402
 from . import dpm_ot as dpm_ot  # noqa: E402
 from . import ld_pruner as ld_pruner  # noqa: E402
 from . import mmd_ddm as mmd_ddm  # noqa: E402
