@@ -78,3 +78,20 @@ def test_unknown_model_and_grid():
         dpmlab.sample("cifar10", 2)
     with pytest.raises(ValueError, match="unknown grid 'cosine'"):
         dpmlab.sample("gmm16", 2, grid="cosine")
+
+
+def test_sample_accepts_its_start_state():
+    """``x_T`` replaces the seeded start (issue 17, item 6): the default start passed explicitly gives the same
+    samples; another start gives others; wrong shapes are refused."""
+    from dpmlab._utils import counter_normal
+    from dpmlab.models.hub import load
+
+    model = load("gmm16")
+    a = dpmlab.sample(model, 6, solver="unipc", nfe=5, seed=3, dtype=torch.float64)
+    ts0 = dpmlab.timesteps.make_grid(model.schedule, "quadratic_time", 5)[:1]
+    x_T = float(model.schedule.sigma(ts0)) * counter_normal(3, torch.arange(6), 0, (16,), dtype=torch.float64)
+    b = dpmlab.sample(model, 6, solver="unipc", nfe=5, seed=99, x_T=x_T, dtype=torch.float64, batch_size=4)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, dpmlab.sample(model, 6, solver="unipc", nfe=5, x_T=2 * x_T, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"x_T must be a tensor of shape \(6, 16\)"):
+        dpmlab.sample(model, 6, x_T=x_T[:5])

@@ -69,6 +69,7 @@ def sample(
     device: torch.device | str = "cpu",
     batch_size: int | None = None,
     callback: Callable[[StepInfo], None] | None = None,
+    x_T: Tensor | None = None,
     **solver_options: Any,
 ) -> Tensor:
     """Draw ``n`` samples with ``solver`` at exactly ``nfe`` network evaluations each.
@@ -79,7 +80,9 @@ def sample(
     the discrete spacings do). ``cond``: keyword arguments for the model, e.g. ``{"label": labels}`` or
     ``{"prompt": "a bold seven"}``; a tensor with one row per sample, or a list of ``n`` items (prompts),
     is split along with the batches. Returns ``(n, *shape)`` in
-    ``dtype`` promoted to >= float32.
+    ``dtype`` promoted to >= float32. ``x_T``: the starting state itself, ``(n, *shape)`` at the grid's first
+    time (already scaled by its sigma) instead of ``sigma(t_0) * noise(seed, i)`` — for fair comparisons and
+    inversion round trips; ``seed`` then drives only the step noise of stochastic solvers.
     """
     if isinstance(model, str):
         model = _to_device(load(model), device)
@@ -118,12 +121,21 @@ def sample(
                 f"grid of {len(ts) - 1} steps costs {slv.nfe(ts, sch)} evaluations with {slv.name!r}, not nfe={nfe}"
             )
 
+    if x_T is not None:
+        if not isinstance(x_T, Tensor) or tuple(x_T.shape) != (n, *tuple(shp)):
+            got = tuple(x_T.shape) if isinstance(x_T, Tensor) else type(x_T).__name__
+            raise ValueError(f"x_T must be a tensor of shape {(n, *tuple(shp))} (n, *shape), got {got}")
+        if not x_T.is_floating_point() or not bool(torch.isfinite(x_T).all()):
+            raise ValueError("x_T must hold finite floating-point values")
     bs = batch_size or n
     sigma0 = float(sch.sigma(ts[:1]))
     outs = []
     for lo in range(0, n, bs):
         idx = torch.arange(lo, min(n, lo + bs), dtype=torch.int64)
-        x = sigma0 * counter_normal(seed, idx, 0, shp, dtype=dtype, device=device)
+        if x_T is not None:
+            x = x_T[lo : lo + len(idx)].to(device=device, dtype=dtype)
+        else:
+            x = sigma0 * counter_normal(seed, idx, 0, shp, dtype=dtype, device=device)
         # per-sample conditioning (a tensor with one row per sample, e.g. labels, or a list of n prompts)
         # follows the batch
         bcond = {k: v[lo : lo + len(idx)] if _per_sample(v, n) else v for k, v in (cond or {}).items()}
