@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 import dpmlab.solvers as S
+from dpmlab.calibrate.ems import fit_ems
 from dpmlab.calibrate.s3 import fit_s3_plan, initial_plans
 from dpmlab.models.analytic import preset
 from dpmlab.schedules import DiscreteVP, LinearVP
+from dpmlab.solvers import usf
+from dpmlab.solvers.dpm_solver_v3 import EMS
 from dpmlab.solvers.usf import (
     AFS,
     USF,
@@ -200,3 +204,156 @@ def test_s3_corrector_order_is_the_predictor_order_plus_one():
                 seen += 1
                 assert st.correction.order == min(st.predictor.order + 1, 4), st
     assert seen > 0
+
+
+# --- the authors' released schedules (thu-nics/USF, CIFAR-10 ScoreSDE) ------------------------------
+VPSDE = LinearVP(0.1, 20.0, t_min=1e-4)  # the ScoreSDE VP schedule the released plans were searched on
+GMM = preset("gmm16")
+
+
+def _released(nfe, **kw):
+    kw = {"v3": "data", "drop_skip": True, "afs_mean": GMM.mean(), **kw}
+    return Plan.from_authors(f"cifar10_sde_nfe{nfe}", **kw)
+
+
+@pytest.mark.parametrize("nfe", [5, 10])
+def test_released_schedules_load_with_their_nfe_and_run(nfe):
+    plan = _released(nfe)
+    assert plan.nfe == nfe and len(plan.steps) == nfe + 1  # AFS saves the first evaluation
+    assert plan.afs is (AFS.EPS_X if nfe == 5 else AFS.MEAN_X0)
+    assert any(s.predictor.relaxation is Relaxation.LINEAR and s.predictor.coefficient != 0 for s in plan.steps)
+    calls = []
+    model = GMM.denoiser(VPSDE)
+
+    def counted(x, t):
+        calls.append(1)
+        return model(x, t)
+
+    x = torch.randn(8, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    out = S.sample(S.Problem(counted, VPSDE), x, plan.grid(), USF(plan))
+    assert torch.isfinite(out).all() and len(calls) == nfe
+    ref = S.sample(S.Problem(model, VPSDE), x, make_grid(VPSDE, "uniform_lambda", 40, t_start=plan.ts[0],
+                                                          t_end=plan.ts[-1]), S.get("dpm_solver_pp", order=3))
+    assert float((out - ref).pow(2).mean().sqrt()) < 0.2  # a real solve (x_T has RMS ~1; the data ~0.8)
+
+
+def test_authors_conversion_refuses_what_it_cannot_express():
+    v3 = Plan.from_authors("cifar10_sde_nfe5", drop_skip=True)  # v3 steps kept: sampling needs the EMS
+    assert [s.prediction for s in v3.steps][:4] == [Prediction.V3] * 3 + [Prediction.DATA]
+    with pytest.raises(ValueError, match=r"steps \[0, 1, 2\] use DPM-Solver-v3 prediction: pass USF\(plan, ems"):
+        S.sample(S.Problem(GMM.denoiser(VPSDE), VPSDE), X, v3.grid(), USF(v3))
+    with pytest.raises(ValueError, match="skip_coefficients .* pass drop_skip=True"):
+        Plan.from_authors("cifar10_sde_nfe5", v3="data")
+    with pytest.raises(ValueError, match="afs 'average_x0' needs the dataset-mean x0"):
+        Plan.from_authors("cifar10_sde_nfe10", v3="data", drop_skip=True)
+    with pytest.raises(ValueError, match="v3 must be None"):
+        Plan.from_authors("cifar10_sde_nfe5", v3="f", drop_skip=True)
+    d = json.loads((Path(usf.ASSETS) / "usf_cifar10_sde_nfe5.json").read_text())["decisions"]
+    d["prediction_types"] = ["data_prediction"] * 6
+    d["skip_coefficients"] = [1.0] * 4  # all ones: nothing to drop
+    assert Plan.from_authors(d).nfe == 5
+    bad = json.loads(json.dumps(d))
+    bad["start_points"][3] = -2
+    with pytest.raises(ValueError, match="step 3: start point -2 .singlestep. is not supported"):
+        Plan.from_authors(bad)
+    bad = json.loads(json.dumps(d))
+    bad["derivative_types"][2][0]["active_points"] = [-4, -2]
+    with pytest.raises(ValueError, match=r"active points \[-4, -2\] are not the 2 nearest"):
+        Plan.from_authors(bad)
+    with pytest.raises(ValueError, match="cannot read authors' USF decisions from nope"):
+        Plan.from_authors("nope")
+
+
+def test_linear_relaxation_and_the_new_afs_kinds():
+    tay = Taylor(2, (1,), Relaxation.LINEAR, 0.25)
+    assert tay.factor(0.4, "data") == tay.factor(0.4, "noise") == 1.0 + 0.25 * 0.4  # + h in every form
+    with pytest.raises(ValueError, match="needs relaxation 'linear'"):
+        Taylor(2, (1,), Relaxation.UNIPC_BH1, 0.5)
+    ts = make_grid(SCH, "uniform_time", 6, to_zero=False)
+    base = Preset.dpm_solver_pp(2).expand(6, False)
+
+    def with_rel(rel, c):
+        return Plan(tuple(dataclasses.replace(s, predictor=Taylor(s.predictor.order, s.predictor.points,
+                                                                     rel if s.predictor.order == 2 else
+                                                                     Relaxation.NONE,
+                                                                     c if s.predictor.order == 2 else 0.0))
+                          for s in base.steps))
+
+    run = lambda p: S.sample(S.Problem(MODEL, SCH), X, ts, USF(p))  # noqa: E731
+    assert torch.equal(run(with_rel(Relaxation.LINEAR, 0.0)), run(with_rel(Relaxation.NONE, 0.0)))
+    assert not torch.equal(run(with_rel(Relaxation.LINEAR, 0.3)), run(with_rel(Relaxation.NONE, 0.0)))
+    # AFS: one DDIM step from x_T whose first output is given -- eps_x: eps = x_T; mean_x0: x0 = the mean
+    t = torch.tensor([VPSDE.t_max, 0.5], dtype=torch.float64)
+    a0, s0, a1, s1 = (float(f(torch.tensor(v))) for v in t.tolist() for f in (VPSDE.alpha, VPSDE.sigma))
+    mean = torch.arange(16, dtype=torch.float64) / 10
+    for afs, x0 in ((AFS.EPS_X, (X - s0 * X) / a0), (AFS.MEAN_X0, mean.expand_as(X))):
+        plan = Plan((Step(),), afs=afs, afs_mean=tuple(mean.tolist()) if afs is AFS.MEAN_X0 else None)
+        assert plan.nfe == 0
+        out = S.sample(S.Problem(MODEL, VPSDE), X, t, USF(plan))
+        assert torch.allclose(out, s1 / s0 * X + (a1 - s1 / s0 * a0) * x0, atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="afs_mean is required for afs 'mean_x0' and only for it"):
+        Plan((Step(),), afs=AFS.MEAN_X0)
+    with pytest.raises(ValueError, match="afs_mean has 3 values, a sample has 16"):
+        S.sample(S.Problem(MODEL, VPSDE), X, t, USF(Plan((Step(),), afs=AFS.MEAN_X0, afs_mean=(0.0, 1.0, 2.0))))
+
+
+def test_version_1_artifacts_without_the_new_fields_still_load(tmp_path):
+    plan = Preset.unipc(2).expand(5, True)
+    d = {"format": "dpmlab.usf_plan", "version": 1, **plan.to_dict()}
+    assert "afs_mean" not in d
+    for s in d["steps"]:  # a file written before the linear relaxation existed has no coefficients
+        for k in ("predictor", "correction"):
+            if s[k] is not None:
+                del s[k]["coefficient"]
+    (tmp_path / "old.json").write_text(json.dumps(d))
+    assert Plan.load(tmp_path / "old.json") == plan
+
+
+def _ems(l, s_, n=3):
+    lam = torch.linspace(-20, 20, n, dtype=torch.float64)
+    return EMS(lam, torch.full((n, 1), l, dtype=torch.float64), torch.full((n, 1), s_, dtype=torch.float64),
+               torch.zeros(n, 1, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("nfe", [5, 10])
+def test_v3_steps_with_degenerate_ems_equal_data_and_noise_steps(nfe):
+    """l = 1, s = b = 0 makes v3 = data prediction, l = 0, s = -1 noise prediction (DPM-Solver-v3, App. A), so
+    the released plan with its v3 steps kept equals the one with them substituted (linear relaxations: +h)."""
+    model, kept = GMM.denoiser(VPSDE), _released(nfe, v3=None)
+    for kind, ems in (("data", _ems(1.0, 0.0)), ("noise", _ems(0.0, -1.0))):
+        a = S.sample(S.Problem(model, VPSDE), X, kept.grid(), USF(kept, ems=ems))
+        b = S.sample(S.Problem(model, VPSDE), X, kept.grid(), USF(_released(nfe, v3=kind)))
+        assert float((a - b).abs().max()) < 1e-11
+    bad = _ems(1.0, 0.0)
+    bad = EMS(bad.lam / 10, bad.l, bad.s, bad.b)
+    with pytest.raises(ValueError, match="outside the EMS range"):
+        S.sample(S.Problem(model, VPSDE), X, kept.grid(), USF(kept, ems=bad))
+    with pytest.raises(ValueError, match="ems must be a dpmlab EMS"):
+        USF(kept, ems=3)
+
+
+def test_v3_steps_equal_dpm_solver_v3_and_released_schedules_run_with_a_fitted_ems(tmp_path):
+    model = GMM.denoiser(VPSDE)
+    data = GMM.sample(64, generator=torch.Generator().manual_seed(5))
+    ems = fit_ems(model, VPSDE, data, n_points=64, grid_size=20, t_start=1.0, t_end=1e-4, model_name="gmm16")
+    x = torch.randn(8, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ts = make_grid(VPSDE, "uniform_lambda", 6, t_start=1.0, t_end=1e-3)
+    for k in (2, 3):  # a plan of v3 steps (nearest points, no corrector) is dpmlab's DPM-Solver-v3 predictor
+        plan = Plan(tuple(Step(Prediction.V3, Taylor.full(min(k, i + 1))) for i in range(6)))
+        a = S.sample(S.Problem(model, VPSDE), x, ts, USF(plan, ems=ems))
+        b = S.sample(S.Problem(model, VPSDE), x, ts, S.get("dpm_solver_v3", ems=ems, order=k, use_corrector=False,
+                                                         lower_order_final=False))
+        assert float((a - b).abs().max()) < 1e-10
+    for nfe in (5, 10):
+        plan, calls = _released(nfe, v3=None), []
+
+        def counted(x, t, calls=calls):
+            calls.append(1)
+            return model(x, t)
+
+        out = S.sample(S.Problem(counted, VPSDE), x, plan.grid(), USF(plan, ems=ems))
+        assert len(calls) == nfe and torch.isfinite(out).all()
+    ems.save(tmp_path / "ems.safetensors")  # a saved EMS by path: same result, JSON-able config
+    by_path = USF(plan, ems=str(tmp_path / "ems.safetensors"))
+    assert torch.equal(S.sample(S.Problem(model, VPSDE), x, plan.grid(), by_path), out)
+    assert json.loads(json.dumps(by_path.config()))["ems"] == str(tmp_path / "ems.safetensors")

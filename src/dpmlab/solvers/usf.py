@@ -23,9 +23,19 @@ order p, ``E = p - 1``, pseudo corrector order p + 1, ``E = p`` — since solvin
 interpolation, ``B(h)`` matters only where UniPC hard-codes ``a = 1/2`` (UniP-2, UniC-1), which are the
 bh1 / bh2 relaxations. ``Preset`` writes these solvers as plans for any grid.
 
-Deviations / not implemented: DPM-Solver-v3's "f" prediction (needs EMS), start points other than the
-newest output (USF's singlestep schedules), the "linear" relaxation, AFS with a dataset-mean x0 (the
-authors' "zero_x0" sets eps := x_T, ours x0 := 0 exactly), skip-coefficient model surgery.
+The authors' released schedules also use: the "linear" relaxation ``c_1 = 1 + c h`` (``h > 0`` in
+every form, a searched coefficient ``c``); AFS "eps_x" (their "zero_x0": ``eps(x_T, T) := x_T``) and
+"mean_x0" (their "average_x0": ``x0(x_T, T) :=`` a given dataset mean). ``Plan.from_authors`` converts
+their schedule dicts (``docs/methods/usf_s3.md`` lists every field).
+
+Prediction "v3" (DPM-Solver-v3's ``f = (sigma eps - l x) / alpha`` with the EMS ``l, s, b`` passed as
+``USF(plan, ems=...)``): eq. 14 of DPM-Solver-v3 in ``g = e^{-ΔS} f - β`` with ``g^(j)`` from USF's
+estimates and ``c_1`` in ``+h``; the integrals are ``dpm_solver_v3``'s (interpolated EMS, where the
+authors round to EMS knots).
+
+Not implemented (refused with an error naming what is missing): start points other than the newest
+output (USF's singlestep schedules) and the per-resolution UNet skip-connection scaling
+("skip_coefficients", model surgery, not a solver step).
 """
 
 from __future__ import annotations
@@ -46,6 +56,7 @@ from torch import Tensor
 from .._utils import atomic_write
 from ._expint import Interval, expint_coeffs, interval, lincomb, multistep_order, phi, taylor_weights
 from .base import Problem, Solver, ends_at_zero, register
+from .dpm_solver_v3 import EMS, _Coeffs
 
 __all__ = ["Prediction", "Relaxation", "Corrector", "AFS", "Family", "Taylor", "Step", "Plan", "Preset", "USF"]
 
@@ -56,6 +67,7 @@ PLAN_FORMAT, PLAN_VERSION = "dpmlab.usf_plan", 1
 class Prediction(StrEnum):
     DATA = "data"  # x0 (DPM-Solver++, UniPC default)
     NOISE = "noise"  # eps (DPM-Solver)
+    V3 = "v3"  # DPM-Solver-v3's g of f = (sigma eps - l x) / alpha; needs USF(ems=...) (the EMS l, s, b)
 
 
 class Relaxation(StrEnum):
@@ -65,6 +77,7 @@ class Relaxation(StrEnum):
     UNIPC_BH2 = "unipc-bh2"
     HALF_EXP = "0.5exp"
     NEG_HALF_EXP = "-0.5exp"
+    LINEAR = "linear"  # 1 + coefficient * h (h = lam_t - lam_s > 0 in every form; USF's searched relaxation)
 
 
 class Corrector(StrEnum):
@@ -76,6 +89,8 @@ class Corrector(StrEnum):
 class AFS(StrEnum):
     NONE = "none"
     ZERO_X0 = "zero_x0"  # x0(x_T, T) := 0 saves the first evaluation
+    EPS_X = "eps_x"  # eps(x_T, T) := x_T (the authors' "zero_x0")
+    MEAN_X0 = "mean_x0"  # x0(x_T, T) := Plan.afs_mean (the authors' "average_x0": the dataset mean)
 
 
 class Family(StrEnum):
@@ -88,6 +103,8 @@ def relaxation_factor(rel: Relaxation, hh: float) -> float:
     """``c_1`` of the first-derivative term at ``hh`` (-h for data, +h for noise prediction)."""
     if rel is Relaxation.NONE:
         return 1.0
+    if rel is Relaxation.LINEAR:
+        raise ValueError("the linear relaxation needs its coefficient: use Taylor.factor")
     if rel in (Relaxation.DPM_SOLVER_2, Relaxation.UNIPC_BH2):
         return phi(hh, 1) / (2.0 * phi(hh, 2))
     if rel is Relaxation.UNIPC_BH1:
@@ -108,9 +125,14 @@ class Taylor:
     order: int = 1  # k: terms up to the (k-1)-th derivative
     points: tuple[int, ...] = ()  # E_j >= j buffered outputs per derivative estimate
     relaxation: Relaxation = Relaxation.NONE  # c_1 (order >= 2 only)
+    coefficient: float = 0.0  # c of the linear relaxation (0 for every other relaxation)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "relaxation", Relaxation(self.relaxation))
+        if not isinstance(self.coefficient, int | float) or not math.isfinite(self.coefficient):
+            raise ValueError(f"relaxation coefficient must be a finite number, got {self.coefficient!r}")
+        if self.coefficient != 0 and self.relaxation is not Relaxation.LINEAR:
+            raise ValueError(f"a relaxation coefficient ({self.coefficient}) needs relaxation 'linear'")
         object.__setattr__(self, "points", tuple(self.points))
         _int("Taylor order", self.order, 1, MAX_ORDER)
         if len(self.points) != self.order - 1:
@@ -128,6 +150,12 @@ class Taylor:
     @property
     def need(self) -> int:
         return max(self.points, default=0)
+
+    def factor(self, h: float, form: str) -> float:
+        """``c_1`` at step size ``h > 0`` for the prediction ``form`` (data: ``hh = -h``, noise: ``+h``)."""
+        if self.relaxation is Relaxation.LINEAR:
+            return 1.0 + self.coefficient * h
+        return relaxation_factor(self.relaxation, -h if form == "data" else h)
 
 
 @dataclass(frozen=True)
@@ -157,11 +185,19 @@ class Plan:
     ts: tuple[float, ...] | None = None  # None: any grid of len(steps) + 1 points
     afs: AFS = AFS.NONE  # analytical first step
     model: str = ""  # provenance: the model a searched plan belongs to
+    afs_mean: tuple[float, ...] | None = None  # the x0 of AFS "mean_x0" (one sample, flattened), else None
 
     def __post_init__(self) -> None:
         steps = tuple(Step(**s) if isinstance(s, Mapping) else s for s in self.steps)
         object.__setattr__(self, "steps", steps)
         object.__setattr__(self, "afs", AFS(self.afs))
+        if (self.afs is AFS.MEAN_X0) != (self.afs_mean is not None):
+            raise ValueError(f"afs_mean is required for afs 'mean_x0' and only for it (afs={self.afs.value!r})")
+        if self.afs_mean is not None:
+            mean = tuple(float(v) for v in self.afs_mean)
+            if not mean or not all(math.isfinite(v) for v in mean):
+                raise ValueError("afs_mean must be a non-empty sequence of finite numbers")
+            object.__setattr__(self, "afs_mean", mean)
         if not steps or not all(isinstance(s, Step) for s in steps):
             raise ValueError("a plan needs one or more Step values")
         if self.ts is not None:
@@ -180,7 +216,7 @@ class Plan:
     @property
     def nfe(self) -> int:
         """Evaluations: one per step start (unless AFS or a pseudo corrector provided it) + one per corrector."""
-        starts = sum(not ((i == 0 and self.afs is AFS.ZERO_X0) or (i > 0 and self.steps[i - 1].corrector
+        starts = sum(not ((i == 0 and self.afs is not AFS.NONE) or (i > 0 and self.steps[i - 1].corrector
                           is Corrector.PSEUDO)) for i in range(len(self.steps)))
         return starts + sum(s.corrector is not Corrector.NONE for s in self.steps)
 
@@ -194,7 +230,10 @@ class Plan:
         return torch.tensor(self.ts, dtype=torch.float64)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"nfe": self.nfe, **dataclasses.asdict(self)}
+        d = dataclasses.asdict(self)
+        if self.afs_mean is None:  # plans without it keep the version-1 layout
+            del d["afs_mean"]
+        return {"nfe": self.nfe, **d}
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """JSON artifact (format, version, model, nfe, afs, ts, steps)."""
@@ -224,6 +263,119 @@ class Plan:
         if nfe is not None and plan.nfe != nfe:
             raise ValueError(f"{path}: plan uses nfe={plan.nfe}, not {nfe}")
         return plan
+
+    @classmethod
+    def from_authors(cls, source: str | os.PathLike[str] | Mapping[str, Any], *,
+                     afs_mean: Tensor | list[float] | None = None, v3: str | None = None,
+                     drop_skip: bool = False) -> Plan:
+        """A plan from the authors' ``uni_sampler`` decisions (their ``load_decision`` dict).
+
+        ``source``: the dict itself (tensors or lists), a JSON file holding it (bare or under
+        ``"decisions"``), or a released name shipped in ``dpmlab/assets/usf_<name>.json``
+        (``"cifar10_sde_nfe5"``, ``"cifar10_sde_nfe10"``). ``afs_mean``: the dataset-mean x0 that AFS
+        "average_x0" needs. ``v3``: None keeps DPM-Solver-v3 prediction steps (sampling then needs
+        ``USF(plan, ems=...)``); "data" or "noise" replaces them (then NOT the authors' solver).
+        ``drop_skip``: ignore UNet skip coefficients != 1.
+        """
+        d = _authors_decisions(source)
+        return cls(**_convert_authors(d, afs_mean, v3, drop_skip))
+
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+_AUTHORS_PRED = {"data_prediction": Prediction.DATA, "noise_prediction": Prediction.NOISE}
+_AUTHORS_AFS = {"no_afs": AFS.NONE, "zero_x0": AFS.EPS_X, "average_x0": AFS.MEAN_X0}
+
+
+def _authors_decisions(source: str | os.PathLike[str] | Mapping[str, Any]) -> dict[str, Any]:
+    if isinstance(source, Mapping):
+        d: Any = source
+    else:
+        path = Path(source)
+        if not path.is_file() and isinstance(source, str) and (ASSETS / f"usf_{source}.json").is_file():
+            path = ASSETS / f"usf_{source}.json"
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read authors' USF decisions from {source}: {e}") from e
+    if isinstance(d, Mapping) and "decisions" in d:
+        d = d["decisions"]
+    if not isinstance(d, Mapping) or "timesteps" not in d or "orders" not in d:
+        raise ValueError("authors' USF decisions need at least 'timesteps' and 'orders'")
+    return {k: v.tolist() if isinstance(v, Tensor) else v for k, v in d.items()}
+
+
+def _authors_taylor(where: str, order: int, derivs: list[Any] | None, corrector: bool) -> Taylor:
+    """Their ``derivative_types`` list -> a Taylor; active points must be the nearest (our convention)."""
+    derivs = list(derivs or [])
+    if len(derivs) != order - 1:
+        raise ValueError(f"{where}: order {order} needs {order - 1} derivative types, got {len(derivs)}")
+    points, rel, coef = [], Relaxation.NONE, 0.0
+    for j, dt in enumerate(derivs, 1):
+        if not isinstance(dt, Mapping):
+            raise ValueError(f"{where}: derivative {j} type must be a dict, got {dt!r}")
+        est = str(dt.get("estimate", ""))
+        if not est.startswith("Difference_") or not est[11:].isdigit():
+            raise ValueError(f"{where}: derivative {j} estimate {est!r} is not 'Difference_<E>'")
+        e = int(est[11:])
+        near = ({-1} | set(range(-3, -e - 2, -1))) if corrector else set(range(-2, -e - 2, -1))
+        act = dt.get("active_points")
+        if act is not None and set(act) != near:
+            raise ValueError(f"{where}: active points {act} are not the {e} nearest outputs (only those are supported)")
+        points.append(e)
+        if j == 1:  # the authors relax the first derivative only
+            r = dt.get("relaxation")
+            rel = Relaxation.NONE if r in (None, "no_relaxation") else Relaxation(r)
+            coef = float(dt.get("relaxation_coefficient", 0.0)) if rel is Relaxation.LINEAR else 0.0
+    return Taylor(order, tuple(points), rel, coef)
+
+
+def _convert_authors(d: dict[str, Any], afs_mean: Tensor | list[float] | None, v3: str | None,
+                     drop_skip: bool) -> dict[str, Any]:
+    ts = [float(t) for t in d["timesteps"]]
+    n = len(ts) - 1
+    for key in ("orders", "prediction_types", "start_points", "derivative_types", "corrector_types"):
+        if d.get(key) is None or len(d[key]) != n:
+            raise ValueError(f"authors' decisions: {key!r} must list {n} steps (one per interval of timesteps)")
+    if v3 not in (None, "data", "noise"):
+        raise ValueError(f"v3 must be None (keep v3 steps), 'data' or 'noise', got {v3!r}")
+    skip = [float(v) for v in d.get("skip_coefficients") or []]
+    if any(v != 1.0 for v in skip) and not drop_skip:
+        raise ValueError(f"skip_coefficients {skip} scale a ScoreSDE NCSN++ UNet's skip connections (model "
+                         "surgery, not a solver step); pass drop_skip=True to sample without them")
+    steps = []
+    for i in range(n):
+        pt = d["prediction_types"][i]
+        if pt == "dpmsolver_v3_prediction":
+            pred = Prediction.V3 if v3 is None else Prediction(v3)
+        elif pt in _AUTHORS_PRED:
+            pred = _AUTHORS_PRED[pt]
+        else:
+            raise ValueError(f"step {i}: unknown prediction type {pt!r}")
+        if d["start_points"][i] != -1:
+            raise ValueError(f"step {i}: start point {d['start_points'][i]} (singlestep) is not supported, only -1")
+        k = _int(f"step {i} order", d["orders"][i], 1, MAX_ORDER)
+        predictor = _authors_taylor(f"step {i} predictor", k, d["derivative_types"][i], False)
+        c = d["corrector_types"][i] or {"type": "no_corrector"}
+        if not isinstance(c, Mapping):
+            raise ValueError(f"step {i}: corrector type must be a dict, got {c!r}")
+        if c.get("type") == "no_corrector":
+            steps.append(Step(pred, predictor))
+            continue
+        if c.get("type") not in ("pseudo", "implicit") or c.get("start_point") != -2:
+            raise ValueError(f"step {i}: corrector {c} unsupported (type pseudo/implicit, start point -2)")
+        kc = _int(f"step {i} corrector order", c.get("taylor_order"), 2, MAX_ORDER)
+        corr = _authors_taylor(f"step {i} corrector", kc, c.get("derivative_type"), True)
+        steps.append(Step(pred, predictor, Corrector(c["type"]), corr))
+    afs_name = d.get("afs", "no_afs")
+    if afs_name not in _AUTHORS_AFS:
+        raise ValueError(f"unknown afs {afs_name!r}; allowed: {sorted(_AUTHORS_AFS)}")
+    afs = _AUTHORS_AFS[afs_name]
+    mean = None
+    if afs is AFS.MEAN_X0:
+        if afs_mean is None:
+            raise ValueError("afs 'average_x0' needs the dataset-mean x0: pass afs_mean=")
+        mean = tuple(float(v) for v in torch.as_tensor(afs_mean, dtype=torch.float64).flatten())
+    return {"steps": tuple(steps), "ts": tuple(ts), "afs": afs, "model": "authors' schedule", "afs_mean": mean}
 
 
 @dataclass(frozen=True)
@@ -280,16 +432,18 @@ class Preset:
 @dataclass(frozen=True)
 class USFState:
     plan: Plan  # the plan for this grid
+    co: Any = None  # the EMS coefficients (dpm_solver_v3._Coeffs) when the plan has v3 steps
     lams: tuple[float, ...] = ()  # buffered outputs, newest last (at most MAX_ORDER + 1)
     x0s: tuple[Tensor, ...] = ()
     epss: tuple[Tensor, ...] = ()
     pending: bool = False  # the newest output is at the current time (a pseudo corrector's evaluation)
     at: tuple[Tensor, float, float] | None = None  # (x, alpha, sigma) of the newest output
+    xas: tuple[tuple[Tensor, float], ...] = ()  # (x, alpha) where each output was evaluated (v3's f)
 
     def push(self, lam: float, x: Tensor, x0: Tensor, alpha: float, sigma: float, pending: bool) -> USFState:
         k, eps = MAX_ORDER + 1, (x - alpha * x0) / sigma
-        return USFState(self.plan, (*self.lams, lam)[-k:], (*self.x0s, x0)[-k:], (*self.epss, eps)[-k:], pending,
-                        (x, alpha, sigma))
+        return USFState(self.plan, self.co, (*self.lams, lam)[-k:], (*self.x0s, x0)[-k:], (*self.epss, eps)[-k:],
+                        pending, (x, alpha, sigma), (*self.xas, (x, alpha))[-k:])
 
 
 def _update(c: Interval, x: Tensor, lams: tuple[float, ...], ms: tuple[Tensor, ...], tay: Taylor, form: str,
@@ -304,15 +458,55 @@ def _update(c: Interval, x: Tensor, lams: tuple[float, ...], ms: tuple[Tensor, .
     for j in range(1, tay.order):
         r, mq = zip(*pts[: tay.points[j - 1]])
         d_j = lincomb(taylor_weights([0.0, *r])[j], [m_s, *mq])  # D_j = h^j m^(j)(lam_s), interpolation
-        c_j = relaxation_factor(tay.relaxation, -h if form == "data" else h) if j == 1 else 1.0
+        c_j = tay.factor(h, form) if j == 1 else 1.0
         out = out + (b[j] * c_j) * d_j
     return out
+
+
+def _afs_x0(plan: Plan, x: Tensor, alpha: float, sigma: float) -> Tensor | None:
+    """The first output given by the analytical first step (None: evaluate the model)."""
+    if plan.afs is AFS.ZERO_X0:
+        return torch.zeros_like(x)
+    if plan.afs is AFS.EPS_X:  # eps := x_T, so x0 = (x_T - sigma x_T) / alpha
+        return (x - sigma * x) / alpha
+    if plan.afs is AFS.MEAN_X0:
+        mean = torch.tensor(plan.afs_mean, dtype=x.dtype, device=x.device)
+        if mean.numel() != x[0].numel():
+            raise ValueError(f"afs_mean has {mean.numel()} values, a sample has {x[0].numel()}")
+        return mean.reshape(x.shape[1:]).expand_as(x).clone()
+    return None
+
+
+def _f(co: Any, lam: float, x: Tensor, alpha: float, x0: Tensor) -> Tensor:
+    """DPM-Solver-v3's ``f = (sigma eps - l x) / alpha = ((1 - l) x - alpha x0) / alpha`` at ``lam``."""
+    lv = co.at(torch.tensor([lam], dtype=torch.float64, device=co.lam.device))[0, 0].to(x)
+    return ((1 - lv) * x - alpha * x0) / alpha
+
+
+def _update_v3(c: Interval, x: Tensor, state: USFState, tay: Taylor, new: Tensor | None = None) -> Tensor:
+    """A v3 step (DPM-Solver-v3 eq. 14) with USF's derivative estimates of ``g`` and relaxation (+h)."""
+    co, h = state.co, c.h
+    others = [state.lams[-1 - q] for q in range(1, len(state.lams))]
+    d_l, e, e_b, d_s, beta = co.integrals(c.lam, c.lam_next, [c.lam_next, *others], tay.order - 1)
+    to = lambda v: v.to(x)  # noqa: E731
+    fs = [_f(co, lam, xq, aq, x0) for lam, (xq, aq), x0 in zip(state.lams, state.xas, state.x0s)]
+    g_s = fs[-1]
+    g_old = [torch.exp(-to(d_s[q])) * fs[-1 - q] - to(beta[q]) for q in range(1, len(fs))]
+    pts = ([(1.0, torch.exp(-to(d_s[0])) * new - to(beta[0]))] if new is not None else []) + [
+        ((others[q - 1] - c.lam) / h, g) for q, g in enumerate(g_old, 1)]
+    acc = to(e_b) + to(e[0]) * g_s
+    for j in range(1, tay.order):
+        r, gq = zip(*pts[: tay.points[j - 1]])
+        d_j = lincomb(taylor_weights([0.0, *r])[j], [g_s, *gq]) / h**j  # g^(j)(lam_s)
+        acc = acc + to(e[j]) * (tay.factor(h, "v3") if j == 1 else 1.0) * d_j
+    return c.alpha_next * torch.exp(-to(d_l)) * (x / c.alpha - acc)
 
 
 @register("usf")
 @dataclass(frozen=True)
 class USF(Solver[USFState]):
     plan: Plan | Preset = field(default_factory=Preset)  # a (searched) Plan, or a Preset rule for any grid
+    ems: EMS | str | None = None  # DPM-Solver-v3's statistics (or their path), needed iff the plan has v3 steps
 
     paper = "Liu et al. 2024, USF / S3 (arXiv 2312.07243)"
     order_test_options = {"plan": Preset(lower_order_final=False, final_corrector=True)}
@@ -323,10 +517,16 @@ class USF(Solver[USFState]):
             object.__setattr__(self, "plan", Preset(**d) if "family" in d else Plan(**d))
         if not isinstance(self.plan, Plan | Preset):
             raise ValueError(f"plan must be a Plan or a Preset, got {self.plan!r}")
+        if isinstance(self.ems, os.PathLike):
+            object.__setattr__(self, "ems", os.fspath(self.ems))  # keep config() JSON-able
+        stats = EMS.load(self.ems) if isinstance(self.ems, str) else self.ems
+        if stats is not None and not isinstance(stats, EMS):
+            raise ValueError(f"ems must be a dpmlab EMS (calibrate.fit_ems), its path or None, got {type(stats)}")
+        object.__setattr__(self, "_stats", stats)
 
     def config(self) -> dict[str, Any]:
-        """JSON-ready: the plan or preset as a dict (``USF(plan=that dict)`` rebuilds it)."""
-        return {"name": self.name, "plan": dataclasses.asdict(self.plan)}
+        """The plan or preset as a dict (``USF(plan=that dict)`` rebuilds it) and ``ems`` (None, a path, or the EMS)."""
+        return {"name": self.name, "plan": dataclasses.asdict(self.plan), "ems": self.ems}
 
     @property
     def order(self) -> int:
@@ -358,9 +558,25 @@ class USF(Solver[USFState]):
         if plan.ts is not None and not torch.allclose(plan.grid(), ts.double().cpu(), rtol=0, atol=1e-12):
             raise ValueError(f"the grid differs from the plan's timesteps {plan.ts}; sample on plan.grid()")
         last = plan.steps[-1]
-        if to_zero and (last.predictor.order != 1 or last.corrector is not Corrector.NONE):
-            raise ValueError("the step to sigma = 0 must be first order without a corrector")
-        return USFState(plan)
+        if to_zero and (last.predictor.order != 1 or last.corrector is not Corrector.NONE
+                        or last.prediction is Prediction.V3):
+            raise ValueError("the step to sigma = 0 must be first order, data or noise, without a corrector")
+        v3 = [i for i, s in enumerate(plan.steps) if s.prediction is Prediction.V3]
+        if not v3:
+            return USFState(plan)
+        st: EMS | None = self._stats  # type: ignore[attr-defined]
+        if st is None:
+            raise ValueError(f"steps {v3} use DPM-Solver-v3 prediction: pass USF(plan, ems=...) with the "
+                             "model's EMS (dpmlab.calibrate.fit_ems)")
+        if torch.broadcast_shapes(st.l.shape[1:], x.shape[1:]) != x.shape[1:]:
+            raise ValueError(f"EMS of data shape {tuple(st.l.shape[1:])} do not fit samples {tuple(x.shape)}")
+        lam = problem.schedule.lam(ts.double())
+        lo, hi = float(lam.min()), float(lam.max())
+        if lo < float(st.lam[0]) - 1e-6 or hi > float(st.lam[-1]) + 1e-6:
+            raise ValueError(f"grid spans lam in [{lo:.4g}, {hi:.4g}], outside the EMS range "
+                             f"[{float(st.lam[0]):.4g}, {float(st.lam[-1]):.4g}]; refit the EMS")
+        co = _Coeffs(st.lam.to(x.device), st.l.to(x.device), st.s.to(x.device), st.b.to(x.device))
+        return USFState(plan, co)
 
     def pending_output(self, state: USFState) -> Tensor | None:
         """The pseudo corrector's evaluation the next step reuses, as x0 (USF's steps mix forms)."""
@@ -377,16 +593,22 @@ class USF(Solver[USFState]):
         st, c = state.plan.steps[i], interval(problem.schedule, ts, i)
         form = st.prediction.value
         if not state.pending:  # the output at (x, t_i): AFS or one evaluation
-            afs = i == 0 and state.plan.afs is AFS.ZERO_X0
-            x0 = torch.zeros_like(x) if afs else problem.denoise(x, c.t)
+            x0 = _afs_x0(state.plan, x, c.alpha, c.sigma) if i == 0 else None
+            x0 = problem.denoise(x, c.t) if x0 is None else x0
             state = state.push(c.lam, x, x0, c.alpha, c.sigma, False)
         ms = state.x0s if form == "data" else state.epss
-        x_pred = _update(c, x, state.lams, ms, st.predictor, form)  # predictor
+        if form == "v3":
+            x_pred = _update_v3(c, x, state, st.predictor)
+        else:
+            x_pred = _update(c, x, state.lams, ms, st.predictor, form)  # predictor
         if st.correction is None:
             return x_pred, dataclasses.replace(state, pending=False)
         x0_t = problem.denoise(x_pred, c.t_next)  # the evaluation at the predicted point
-        m_t = x0_t if form == "data" else (x_pred - c.alpha_next * x0_t) / c.sigma_next
-        x_c = _update(c, x, state.lams, ms, st.correction, form, new=m_t)  # corrector
+        if form == "v3":
+            x_c = _update_v3(c, x, state, st.correction, new=_f(state.co, c.lam_next, x_pred, c.alpha_next, x0_t))
+        else:
+            m_t = x0_t if form == "data" else (x_pred - c.alpha_next * x0_t) / c.sigma_next
+            x_c = _update(c, x, state.lams, ms, st.correction, form, new=m_t)  # corrector
         if st.corrector is Corrector.PSEUDO:
             return x_c, state.push(c.lam_next, x_pred, x0_t, c.alpha_next, c.sigma_next, True)
         return x_c, dataclasses.replace(state, pending=False)
