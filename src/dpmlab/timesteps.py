@@ -9,7 +9,8 @@ Invalid requests raise ``ValueError`` naming the bad value.
 * ``uniform_lambda``  DPM-Solver ``logSNR`` (uniform half log-SNR)
 * ``quadratic_time``  DDIM's quadratic spacing in time
 * ``karras``          EDM rho-spacing of ``sigma/alpha`` (Karras et al. 2022, eq. 5)
-* ``linspace`` / ``leading`` / ``trailing``  diffusers' spacings over training indices (``DiscreteVP``)
+* ``linspace`` / ``leading`` / ``trailing``  diffusers' spacings over training indices (``DiscreteVP``;
+  ``N`` counts the indices inside ``t_max``, 996 on the lambda-clipped cosine preset)
 * ``from_list``       a user's grid, validated
 """
 
@@ -147,6 +148,12 @@ def _discrete(schedule: NoiseSchedule, name: str) -> DiscreteVP:
     return schedule
 
 
+def _n_indices(schedule: DiscreteVP) -> int:
+    """Training indices inside ``t_max`` (fewer than ``n_train`` when ``lambda_min`` cut the table,
+    e.g. 996 on the cosine preset); diffusers' ``num_train_timesteps`` for the same schedule."""
+    return round(schedule.t_max * schedule.n_train)
+
+
 def _from_indices(schedule: DiscreteVP, idx: Tensor, final: float | None) -> Tensor:
     ts = schedule.index_to_t(idx)
     end = 0.0 if final is None else float(final)
@@ -158,7 +165,7 @@ def linspace(schedule: NoiseSchedule, n: int, *, final: float | None = None) -> 
     (default ``t = 0``, i.e. ``sigma = 0``, as diffusers' ``final_sigmas_type="zero"``)."""
     s = _discrete(schedule, "linspace")
     _ends(s, n, None, None)
-    idx = torch.linspace(0, s.n_train - 1, n, dtype=torch.float64).round().flip(0)
+    idx = torch.linspace(0, _n_indices(s) - 1, n, dtype=torch.float64).round().flip(0)
     return _from_indices(s, idx, final)
 
 
@@ -166,9 +173,10 @@ def leading(schedule: NoiseSchedule, n: int, *, steps_offset: int = 0, final: fl
     """diffusers ``leading``: ``arange(n) * (N // n) + steps_offset`` reversed, then ``final``."""
     s = _discrete(schedule, "leading")
     _ends(s, n, None, None)
-    if n > s.n_train:
-        raise ValueError(f"leading spacing needs n <= {s.n_train} training steps, got n={n}")
-    idx = (torch.arange(n, dtype=torch.float64) * (s.n_train // n)).round().flip(0) + steps_offset
+    k = _n_indices(s)
+    if n > k:
+        raise ValueError(f"leading spacing needs n <= {k} training steps, got n={n}")
+    idx = (torch.arange(n, dtype=torch.float64) * (k // n)).round().flip(0) + steps_offset
     return _from_indices(s, idx, final)
 
 
@@ -176,9 +184,10 @@ def trailing(schedule: NoiseSchedule, n: int, *, final: float | None = None) -> 
     """diffusers ``trailing``: ``round(arange(N, 0, -N/n)) - 1``, then ``final``."""
     s = _discrete(schedule, "trailing")
     _ends(s, n, None, None)
-    if n > s.n_train:
-        raise ValueError(f"trailing spacing needs n <= {s.n_train} training steps, got n={n}")
-    idx = torch.round(torch.arange(s.n_train, 0, -s.n_train / n, dtype=torch.float64)) - 1
+    k = _n_indices(s)
+    if n > k:
+        raise ValueError(f"trailing spacing needs n <= {k} training steps, got n={n}")
+    idx = torch.round(torch.arange(k, 0, -k / n, dtype=torch.float64)) - 1
     return _from_indices(s, idx, final)
 
 
