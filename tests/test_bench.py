@@ -133,3 +133,15 @@ def test_best_config_is_chosen_on_one_noise_set_and_reported_on_another():
         assert row.rms == same.rms != chosen.rms
     with pytest.raises(ValueError, match="both have seed=1"):
         held_out_best(a, a)
+
+
+def test_median_per_sample_error_is_robust_to_a_few_outliers():
+    """The bench reports the median of per-sample RMS errors beside the pooled RMS (issue 17): one sample
+    that changed mode dominates the RMS but not the median."""
+    from dpmlab.bench.harness import _errors
+
+    ref = torch.zeros(9, 4, dtype=torch.float64)
+    out = ref + 0.01
+    out[0] += 3.0  # one sample in the wrong mode
+    rms, med = _errors(out, ref)
+    assert abs(med - 0.01) < 1e-12 and rms > 0.9

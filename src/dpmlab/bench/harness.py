@@ -65,6 +65,7 @@ class Row:
     rms: float
     overhead_ms: float = float("nan")  # per step, free model
     fd: float = float("nan")  # image models: a feature Frechet distance to the reference samples (e.g. FD-MNIST)
+    median: float = float("nan")  # median over samples of each sample's RMS error (robust to a few mode switches)
 
 
 @dataclass
@@ -85,6 +86,17 @@ class BenchResult:
         out = [["library", "solver", *[f"NFE {k}" for k in nfes]]]
         for lib, lab in labels:
             cells = {r.nfe: r.rms for r in self.rows if (r.library, r.label) == (lib, lab)}
+            out.append([lib, lab, *[f"{cells[k]:.3e}" if k in cells else "—" for k in nfes]])
+        return out
+
+    def median_table(self) -> list[list[str]]:
+        """Like ``table`` with the median per-sample RMS error: on mixtures the pooled RMS is carried by the
+        few samples that change mode; the median shows the typical sample."""
+        nfes = sorted({r.nfe for r in self.rows})
+        labels = list(dict.fromkeys((r.library, r.label) for r in self.rows))
+        out = [["library", "solver", *[f"NFE {k}" for k in nfes]]]
+        for lib, lab in labels:
+            cells = {r.nfe: r.median for r in self.rows if (r.library, r.label) == (lib, lab)}
             out.append([lib, lab, *[f"{cells[k]:.3e}" if k in cells else "—" for k in nfes]])
         return out
 
@@ -148,6 +160,12 @@ def default_entries(names: Sequence[str] | None = None) -> list[Entry]:
 
     chosen = list(names) if names else [n for n in available() if not get(n).is_stochastic()]
     return [Entry(n, get(n)) for n in chosen]
+
+
+def _errors(out: Tensor, ref: Tensor) -> tuple[float, float]:
+    """Pooled RMS error and the median over samples of each sample's RMS error."""
+    sq = (out.double() - ref.double()).pow(2).flatten(1).mean(1)
+    return float(sq.mean().sqrt()), float(sq.sqrt().median())
 
 
 def _overhead_ms(solver: Solver[Any], schedule: NoiseSchedule, ts: Tensor, shape: tuple[int, ...]) -> float:
@@ -258,9 +276,9 @@ def peer_rows(
                 continue
             ref = refs[_final_t(sch, schedule)]
             if run.nfe == nfe:
-                rms = float((run.x.double() - ref).pow(2).mean().sqrt())
+                rms, med = _errors(run.x.double(), ref)
                 fd = _quality(quality, run.x, ref)
-                rows.append(Row("diffusers", label, nfe, rms, fd=fd))
+                rows.append(Row("diffusers", label, nfe, rms, fd=fd, median=med))
     return rows
 
 
@@ -305,9 +323,9 @@ def run_bench(
                 continue  # this solver cannot meet this budget exactly
             ts = make_grid(schedule, e.grid, steps, to_zero=to_zero)
             out = sample(Problem(model, schedule), x * float(schedule.sigma(ts[0])), ts, e.solver)
-            rms = float((out - ref.x).pow(2).mean().sqrt())
+            rms, med = _errors(out, ref.x)
             fd = _quality(quality, out, ref.x)
-            result.rows.append(Row("dpmlab", e.label, nfe, rms, _overhead_ms(e.solver, schedule, ts, shape), fd))
+            result.rows.append(Row("dpmlab", e.label, nfe, rms, _overhead_ms(e.solver, schedule, ts, shape), fd, med))
         if progress:
             progress(e.label)
     if peers and isinstance(schedule, DiscreteVP):
@@ -341,5 +359,5 @@ def held_out_best(select: BenchResult, report: BenchResult) -> BenchResult:
         if not same:
             raise ValueError(f"the report run has no row {lib} / {chosen.label} at NFE {nfe}")
         r = same[0]
-        out.rows.append(Row(lib, f"best: {r.label}", nfe, r.rms, r.overhead_ms, r.fd))
+        out.rows.append(Row(lib, f"best: {r.label}", nfe, r.rms, r.overhead_ms, r.fd, r.median))
     return out
