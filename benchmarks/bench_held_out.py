@@ -42,9 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             f = [r for r in held.rows if r.library == "diffusers" and r.nfe == k]
             if d and f:
                 ratio = f[0].rms / d[0].rms
-                print(
-                    f"| {k} | {d[0].label[6:]} | {d[0].rms:.3e} | {f[0].label[6:]} | {f[0].rms:.3e} | {ratio:.2f} |"
-                )
+                print(f"| {k} | {d[0].label[6:]} | {d[0].rms:.3e} | {f[0].label[6:]} | {f[0].rms:.3e} | {ratio:.2f} |")
         sys.stdout.flush()
     return 0
 

@@ -92,11 +92,16 @@ def main() -> None:
     lat = {t0: Latents(states[t0], h_at(problem, states[t0], t0), t0) for t0 in t0s}
     ts_r = torch.tensor([t for t, _ in radii], dtype=torch.float64)
     m2 = float(x_all.pow(2).mean())
-    prof = MixingProfile(ts_r, torch.tensor([r for _, r in radii], dtype=torch.float64),
-                         torch.sqrt(sch.alpha(ts_r) ** 2 * m2 + sch.sigma(ts_r) ** 2))
+    prof = MixingProfile(
+        ts_r,
+        torch.tensor([r for _, r in radii], dtype=torch.float64),
+        torch.sqrt(sch.alpha(ts_r) ** 2 * m2 + sch.sigma(ts_r) ** 2),
+    )
     n_tr = len(tr)
-    print(f"{A} vs {B} on the null-class mnist model: {n_tr // 2} + {n_tr // 2} training, "
-          f"{len(te) // 2} + {len(te) // 2} held-out images; DDIM inversion on a 20-step grid")
+    print(
+        f"{A} vs {B} on the null-class mnist model: {n_tr // 2} + {n_tr // 2} training, "
+        f"{len(te) // 2} + {len(te) // 2} held-out images; DDIM inversion on a 20-step grid"
+    )
     print("\n| t0 | SVM held-out acc. (z) | SVM held-out acc. (h) | radius inverted / forward |")
     print("|---|---|---|---|")
     bounds = {}
@@ -106,13 +111,19 @@ def main() -> None:
         hb = fit_boundary(L.h[:n_tr], y_tr, (L.h[n_tr:], y_te))
         bounds[t0] = (zb, hb)
         k = int(torch.argmin((ts_r - t0).abs()))
-        print(f"| {t0:.1f} | {zb.test_accuracy:.3f} | {hb.test_accuracy:.3f} | "
-              f"{float(prof.radius[k]):.3f} / {float(prof.radius_forward[k]):.3f} |")
-    print(f"| (pixels, t=0) | {fit_boundary(data.images[tr], y_tr, (data.images[te], y_te)).test_accuracy:.3f} | - | "
-          f"{float(prof.radius[0]):.3f} / {float(prof.radius_forward[0]):.3f} |")
+        print(
+            f"| {t0:.1f} | {zb.test_accuracy:.3f} | {hb.test_accuracy:.3f} | "
+            f"{float(prof.radius[k]):.3f} / {float(prof.radius_forward[k]):.3f} |"
+        )
+    print(
+        f"| (pixels, t=0) | {fit_boundary(data.images[tr], y_tr, (data.images[te], y_te)).test_accuracy:.3f} | - | "
+        f"{float(prof.radius[0]):.3f} / {float(prof.radius_forward[0]):.3f} |"
+    )
     for tol in (0.05, 0.1, 0.2):
-        print(f"automatic mixing step (radius gap to the forward marginal <= {tol:g} up to t_max): "
-              f"{prof.mixing_step(tol):.2f}")
+        print(
+            f"automatic mixing step (radius gap to the forward marginal <= {tol:g} up to t_max): "
+            f"{prof.mixing_step(tol):.2f}"
+        )
     for tol in (0.01, 0.03):
         print(f"plateau step (inverted radius within {tol:g} of its t_max value): {prof.plateau_step(tol):.2f}")
 
@@ -122,12 +133,18 @@ def main() -> None:
     L = lat[t0]
     test_lat = Latents(L.z[n_tr:], L.h[n_tr:], t0)
     digits, src = data.labels[te], data.images[te]
-    dz_side = {B: float(zb.distance(L.z[:n_tr])[y_tr == 1].median()),
-               A: float(zb.distance(L.z[:n_tr])[y_tr == 0].median())}
-    dh_side = {B: float(hb.distance(L.h[:n_tr])[y_tr == 1].median()),
-               A: float(hb.distance(L.h[:n_tr])[y_tr == 0].median())}
-    print(f"\nedits at t0 = {t0}: {args.steps} DDIM steps to t_min; median training distance: z {A}: "
-          f"{dz_side[A]:.2f} / {B}: {dz_side[B]:.2f}, h {A}: {dh_side[A]:.2f} / {B}: {dh_side[B]:.2f}")
+    dz_side = {
+        B: float(zb.distance(L.z[:n_tr])[y_tr == 1].median()),
+        A: float(zb.distance(L.z[:n_tr])[y_tr == 0].median()),
+    }
+    dh_side = {
+        B: float(hb.distance(L.h[:n_tr])[y_tr == 1].median()),
+        A: float(hb.distance(L.h[:n_tr])[y_tr == 0].median()),
+    }
+    print(
+        f"\nedits at t0 = {t0}: {args.steps} DDIM steps to t_min; median training distance: z {A}: "
+        f"{dz_side[A]:.2f} / {B}: {dz_side[B]:.2f}, h {A}: {dh_side[A]:.2f} / {B}: {dh_side[B]:.2f}"
+    )
     print("| source -> target | edit | distance (x median) | flip rate | pixel RMS to source | ink ratio |")
     print("|---|---|---|---|---|---|")
     rz, rh = random_like(zb, 1), random_like(hb, 2)
@@ -154,8 +171,9 @@ def main() -> None:
             report("random direction, same length", direction, f"{mult:g}", x, rows, target)
         x = boundary_edit(problem, sub, 2 * dz_side[target], z_boundary=zb, h_boundary=None, steps=args.steps)
         report("boundary z only", direction, "2", x, rows, target)
-        x = boundary_edit(problem, sub, 0.0, z_boundary=None, h_boundary=hb, h_distance=2 * dh_side[target],
-                          steps=args.steps)
+        x = boundary_edit(
+            problem, sub, 0.0, z_boundary=None, h_boundary=hb, h_distance=2 * dh_side[target], steps=args.steps
+        )
         report("boundary h only", direction, "2", x, rows, target)
 
     # 3. unconditional control: fresh samples pushed to either side
@@ -167,8 +185,15 @@ def main() -> None:
         if side is None:
             x = boundary_edit(problem, fresh, 0.0, z_boundary=None, h_boundary=None, steps=args.steps)
         else:
-            x = boundary_edit(problem, fresh, 2 * dz_side[side], z_boundary=zb, h_boundary=hb,
-                              h_distance=2 * dh_side[side], steps=args.steps)
+            x = boundary_edit(
+                problem,
+                fresh,
+                2 * dz_side[side],
+                z_boundary=zb,
+                h_boundary=hb,
+                h_distance=2 * dh_side[side],
+                steps=args.steps,
+            )
         pred = evaluator_predictions(x.clamp(-1, 1))
         fa, fb = float((pred == A).float().mean()), float((pred == B).float().mean())
         print(f"| {name} | {fa:.2f} | {fb:.2f} | {1 - fa - fb:.2f} |")

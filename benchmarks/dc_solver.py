@@ -44,8 +44,10 @@ def models(name: str, sch: DiscreteVP) -> dict[str, Any]:
     k = mix.n_components // 2
     cond = GaussianMixture(mix.weights[:k], mix.means[:k], mix.stds[:k], name=f"{name}-class0").denoiser(sch)
     uncond = mix.denoiser(sch)
-    return {("none" if w is None else f"w={w:g}"): (uncond if w is None else classifier_free(cond, uncond, w))
-            for w in GUIDANCE}
+    return {
+        ("none" if w is None else f"w={w:g}"): (uncond if w is None else classifier_free(cond, uncond, w))
+        for w in GUIDANCE
+    }
 
 
 def rms(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -57,8 +59,12 @@ def run(name: str, sch: DiscreteVP, grids: tuple[str, ...], n: int, peers: bool)
     x = torch.randn(n, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     out = [f"## {name}", ""]
     for grid in grids:
-        out += [f"### grid `{grid}`", "", "| guidance | solver | " + " | ".join(f"NFE {k}" for k in NFES) + " |",
-                "|---" * (len(NFES) + 2) + "|"]
+        out += [
+            f"### grid `{grid}`",
+            "",
+            "| guidance | solver | " + " | ".join(f"NFE {k}" for k in NFES) + " |",
+            "|---" * (len(NFES) + 2) + "|",
+        ]
         fits = []
         for label, model in models(name, sch).items():
             t0 = time.time()
@@ -100,8 +106,12 @@ def cpr_table(name: str, sch: DiscreteVP, grid: str, fits: list, x: torch.Tensor
     """CPR fitted on every guided (NFE, w) of this grid, evaluated at unseen settings."""
     cpr = fit_cpr(fits, model_name=name)
     res = [abs(a - b) for f in fits for a, b in zip(cpr.predict(len(f.ratios), f.guidance).ratios, f.ratios)]
-    out = [f"CPR on {len(fits)} fitted settings: mean |rho_CPR - rho_fit| = {sum(res) / len(res):.3f}.", "",
-           "| unseen (NFE, w) | UniPC-2 bh2 | DC (CPR ratios) | DC (fitted ratios) |", "|---|---|---|---|"]
+    out = [
+        f"CPR on {len(fits)} fitted settings: mean |rho_CPR - rho_fit| = {sum(res) / len(res):.3f}.",
+        "",
+        "| unseen (NFE, w) | UniPC-2 bh2 | DC (CPR ratios) | DC (fitted ratios) |",
+        "|---|---|---|---|",
+    ]
     ms = models(name, sch)
     for nfe, w in UNSEEN:
         k = preset(name).n_components // 2
@@ -112,8 +122,10 @@ def cpr_table(name: str, sch: DiscreteVP, grid: str, fits: list, x: torch.Tensor
         ref = reference_solution(model, sch, x, sch.t_max, 0.0).x
         xs = x * float(sch.sigma(ts[:1]))
         fit = fit_dc_ratios(model, sch, BASE, nfe, grid=grid, guidance=w)
-        errs = [rms(sample(Problem(model, sch), xs, ts, s), ref) for s in
-                (BASE, DynamicCompensation(BASE, cpr.predict(nfe, w)), DynamicCompensation(BASE, fit))]
+        errs = [
+            rms(sample(Problem(model, sch), xs, ts, s), ref)
+            for s in (BASE, DynamicCompensation(BASE, cpr.predict(nfe, w)), DynamicCompensation(BASE, fit))
+        ]
         out.append(f"| ({nfe}, {w:g}) | " + " | ".join(f"{e:.3e}" for e in errs) + " |")
     return out
 

@@ -29,16 +29,20 @@ def main() -> None:
     ap.add_argument("--grids", default="uniform_time,quadratic_time")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--n", type=int, default=256)
-    ap.add_argument("--wide", type=float, nargs=2, default=None,
-                    help="also a bounded search in these wider bounds (e.g. 0.25 2.0)")
+    ap.add_argument(
+        "--wide", type=float, nargs=2, default=None, help="also a bounded search in these wider bounds (e.g. 0.25 2.0)"
+    )
     a = ap.parse_args()
     torch.set_num_threads(1)
     sch = DiscreteVP.from_preset("linear")
     model = preset(a.model).denoiser(sch)
     base = S.get("unipc", variant="bh2")
     x = torch.randn(a.n, model.data_shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(10_000))
-    print("| grid | NFE | UniPC-2 bh2 | DC bounded (0.5, 1.5) | DC AdamW (unbounded) | ratio range bounded | "
-          "ratio range AdamW |\n|---|---|---|---|---|---|---|", flush=True)
+    print(
+        "| grid | NFE | UniPC-2 bh2 | DC bounded (0.5, 1.5) | DC AdamW (unbounded) | ratio range bounded | "
+        "ratio range AdamW |\n|---|---|---|---|---|---|---|",
+        flush=True,
+    )
     for grid in a.grids.split(","):
         for nfe in map(int, a.nfes.split(",")):
             ts = make_grid(sch, grid, nfe, to_zero=True)
@@ -64,11 +68,17 @@ def main() -> None:
                 sd = math.sqrt(sum((u - mu) ** 2 for u in v) / max(len(v) - 1, 1))
                 return f"{mu:.3e} ± {sd:.1e}"
 
-            print(f"| {grid} | {nfe} | {e0:.3e} | {fmt(res['bounded'])} | {fmt(res['adamw'])} | "
-                  f"{min(rng['bounded']):.2f} – {max(rng['bounded']):.2f} | "
-                  f"{min(rng['adamw']):.2f} – {max(rng['adamw']):.2f} |"
-                  + (f" wide {a.wide}: {fmt(res['wide'])}, ratios {min(rng['wide']):.2f} – {max(rng['wide']):.2f}"
-                     if a.wide else ""), flush=True)
+            print(
+                f"| {grid} | {nfe} | {e0:.3e} | {fmt(res['bounded'])} | {fmt(res['adamw'])} | "
+                f"{min(rng['bounded']):.2f} – {max(rng['bounded']):.2f} | "
+                f"{min(rng['adamw']):.2f} – {max(rng['adamw']):.2f} |"
+                + (
+                    f" wide {a.wide}: {fmt(res['wide'])}, ratios {min(rng['wide']):.2f} – {max(rng['wide']):.2f}"
+                    if a.wide
+                    else ""
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -40,8 +40,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def _train_method(d: dict, run: Path) -> Path:
     if not (run / "model.safetensors").is_file():
         t = time.process_time()
-        res = train_recipe(MethodRecipe.from_dict(d), run, resume=(run / "checkpoint.safetensors").is_file(),
-                           progress=False)
+        res = train_recipe(
+            MethodRecipe.from_dict(d), run, resume=(run / "checkpoint.safetensors").is_file(), progress=False
+        )
         print(f"  trained {run.name}: loss {res.final_loss:.4f}, {time.process_time() - t:.0f} CPU s")
     return run
 
@@ -60,10 +61,20 @@ def runs(steps: int, vae_steps: int, out: Path) -> dict[str, Path]:
     ddpm = out / f"ddpm_{steps}"
     if not (ddpm / "model.safetensors").is_file():  # the same UNet without the conditioning channel
         net = {k: v for k, v in base["method"]["net_config"].items()}
-        recipe = Recipe.from_dict({"name": "ddpm_digits8", "data": {"name": "digits8", "conditional": False},
-                                   "model": {"net": "unet", "objective": "eps", "schedule": "linear",
-                                             "net_config": {"image_size": 8, "in_channels": 1, **net}},
-                                   "train": base["train"], "export_dtype": "float32"})
+        recipe = Recipe.from_dict(
+            {
+                "name": "ddpm_digits8",
+                "data": {"name": "digits8", "conditional": False},
+                "model": {
+                    "net": "unet",
+                    "objective": "eps",
+                    "schedule": "linear",
+                    "net_config": {"image_size": 8, "in_channels": 1, **net},
+                },
+                "train": base["train"],
+                "export_dtype": "float32",
+            }
+        )
         t = time.process_time()
         res = train(recipe, ddpm, resume=(ddpm / "checkpoint.safetensors").is_file(), progress=False)
         print(f"  trained {ddpm.name}: loss {res.final_loss:.4f}, {time.process_time() - t:.0f} CPU s")
@@ -115,8 +126,13 @@ def main() -> None:
     print(f"| model | {head} |")
     print("|---" * (1 + 2 * len(nfes)) + "|")
     for name, vals in rows.items():
-        print(f"| {name} | " + " | ".join(f"{fd:.3f}" for fd, _ in vals) + " | "
-              + " | ".join(f"{sw:.4f}" for _, sw in vals) + " |")
+        print(
+            f"| {name} | "
+            + " | ".join(f"{fd:.3f}" for fd, _ in vals)
+            + " | "
+            + " | ".join(f"{sw:.4f}" for _, sw in vals)
+            + " |"
+        )
     print(f"| VAE alone, Dec(z) (0 NFE) | {vae_only[0]:.3f} | | | {vae_only[1]:.4f} | | |")
     print(f"| VAE alone, Dec(z), z from the GMM prior | {vae_gmm[0]:.3f} | | | {vae_gmm[1]:.4f} | | |")
     print(f"| real digits ({a.n}) | {real[0]:.3f} | | | {real[1]:.4f} | | |")
@@ -127,14 +143,17 @@ def main() -> None:
     for name, m in models.items():
         own, other, first = [], [], []
         for k in range(a.pairs):
-            z0, z1 = m.latents(2 * a.pairs, seed=5)[2 * k: 2 * k + 2]
+            z0, z1 = m.latents(2 * a.pairs, seed=5)[2 * k : 2 * k + 2]
             xs, xh = m.interpolate(z0, z1, steps=8, nfe=10, seed=100 + k)
             own.append(corr(xs, xh))
-            other.append(torch.cat([corr(xs[:4], xh[-1:].expand(4, -1, -1, -1)), corr(xs[4:], xh[:1].expand(4, -1, -1,
-                                                                                                             -1))]))
+            other.append(
+                torch.cat([corr(xs[:4], xh[-1:].expand(4, -1, -1, -1)), corr(xs[4:], xh[:1].expand(4, -1, -1, -1))])
+            )
             first.append(corr(xs[1:], xs[:1].expand(7, -1, -1, -1)))
-        print(f"| {name} | {float(torch.cat(own).mean()):.3f} | {float(torch.cat(other).mean()):.3f} | "
-              f"{float(torch.cat(first).mean()):.3f} |")
+        print(
+            f"| {name} | {float(torch.cat(own).mean()):.3f} | {float(torch.cat(other).mean()):.3f} | "
+            f"{float(torch.cat(first).mean()):.3f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ def metrics(mix: GaussianMixture, x: torch.Tensor, ref: torch.Tensor) -> tuple[f
 
 def fmt(vals: list[tuple[float, float]]) -> str:
     tv, sw = zip(*vals)
+
     def sd(v: tuple[float, ...]) -> float:
         return statistics.stdev(v) if len(v) > 1 else 0.0
 
@@ -64,12 +65,19 @@ def table(mix, ref, levels, post, clf, nfe: int, n: int, seeds) -> dict[str, lis
     """Every sampler at ``nfe`` evaluations per sample (per output): name -> metrics per seed."""
     model = mix.denoiser(SCH)
     samplers = {}
-    for solver, grid in (("dpm_solver_pp", "quadratic_time"), ("dpm_solver_pp", "uniform_lambda"),
-                         ("unipc", "quadratic_time"), ("unipc", "uniform_lambda"), ("ddpm", "quadratic_time")):
-        samplers[f"plain {solver} [{grid}]"] = (lambda s, solver=solver, grid=grid: dpmlab.sample(
-            model, n, solver=solver, nfe=nfe, seed=s, grid=grid))
-    opts = dict(levels=levels, level_posterior=post, langevin_steps=2, step_size=1.0, nfe_budget=nfe,
-                grid="quadratic_time")
+    for solver, grid in (
+        ("dpm_solver_pp", "quadratic_time"),
+        ("dpm_solver_pp", "uniform_lambda"),
+        ("unipc", "quadratic_time"),
+        ("unipc", "uniform_lambda"),
+        ("ddpm", "quadratic_time"),
+    ):
+        samplers[f"plain {solver} [{grid}]"] = lambda s, solver=solver, grid=grid: dpmlab.sample(
+            model, n, solver=solver, nfe=nfe, seed=s, grid=grid
+        )
+    opts = dict(
+        levels=levels, level_posterior=post, langevin_steps=2, step_size=1.0, nfe_budget=nfe, grid="quadratic_time"
+    )
 
     def fresh(s: int, **kw) -> torch.Tensor:  # a new chain per sample, from noise at t_max
         return dmcmc_sample(model, SCH, n, seed=s, **{**opts, **kw}).samples
@@ -86,8 +94,9 @@ def table(mix, ref, levels, post, clf, nfe: int, n: int, seeds) -> dict[str, lis
         """start_chain (30 NFE) + 20 burn-in steps, not counted; then ``rounds`` outputs per chain."""
         o = {**opts, **kw}
         chain, _ = start_chain(model, SCH, n // rounds, levels=levels, seed=1000 + s)
-        chain, _ = langevin_gibbs(Problem(model, SCH), chain, levels, o["level_posterior"], steps=20,
-                                  step_size=o["step_size"], seed=2000 + s)
+        chain, _ = langevin_gibbs(
+            Problem(model, SCH), chain, levels, o["level_posterior"], steps=20, step_size=o["step_size"], seed=2000 + s
+        )
         outs = []
         for r in range(rounds):
             res = dmcmc_sample(model, SCH, n // rounds, seed=100 * s + r, chain=chain, **o)
@@ -112,8 +121,10 @@ def main() -> None:
         ref = mix.sample(20000, generator=torch.Generator().manual_seed(99))
         levels = level_grid(SCH, 50, t_hi=0.9, t_lo=0.05)
         post = ExactLevelPosterior(mix, SCH, levels)
-        floor = [metrics(mix, mix.sample_t(args.n, SCH, SCH.t_min, generator=torch.Generator().manual_seed(s)), ref)
-                 for s in seeds]
+        floor = [
+            metrics(mix, mix.sample_t(args.n, SCH, SCH.t_min, generator=torch.Generator().manual_seed(s)), ref)
+            for s in seeds
+        ]
         clf = None
         if mix.dim == 2:
             data = mix.sample(20000, generator=torch.Generator().manual_seed(7))

@@ -51,8 +51,11 @@ def main() -> None:
             assert nfe == 6
             tvs.append(tv(out))
             sws.append(float(sliced_wasserstein(out.double(), exact, 256, 0)))
-        print(f"| {name} | {statistics.mean(tvs):.3f} ± {statistics.stdev(tvs):.3f} | "
-              f"{statistics.mean(sws):.3f} ± {statistics.stdev(sws):.3f} |", flush=True)
+        print(
+            f"| {name} | {statistics.mean(tvs):.3f} ± {statistics.stdev(tvs):.3f} | "
+            f"{statistics.mean(sws):.3f} ± {statistics.stdev(sws):.3f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

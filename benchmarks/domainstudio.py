@@ -67,8 +67,9 @@ def tau(real: Tensor, q: float = 0.05) -> float:
     return float(torch.quantile(d[iu[0], iu[1]], q))
 
 
-def copy_and_diversity(samples: Tensor, shots: Tensor, thr: float, thr_nn: float
-                       ) -> tuple[float, float, float, float, int]:
+def copy_and_diversity(
+    samples: Tensor, shots: Tensor, thr: float, thr_nn: float
+) -> tuple[float, float, float, float, int]:
     """(copy rate, its binomial s.e., calibrated copy rate, intra-cluster diversity, clusters used) in one space
     (rows = vectors)."""
     d = torch.cdist(samples, shots)
@@ -91,8 +92,15 @@ def evaluate(x: Tensor, shots: Tensor, ref: dict[str, Tensor], thr: dict[str, fl
     out: dict[str, float] = {}
     for space, f in (("pix", lambda z: z.flatten(1).double()), ("feat", features_b)):
         r, se, r_nn, div, k = copy_and_diversity(f(x), f(shots), thr[space], thr[f"{space}_nn"])
-        out.update({f"copy_{space}": r, f"copy_{space}_se": se, f"copynn_{space}": r_nn, f"div_{space}": div,
-                    f"clusters_{space}": k})
+        out.update(
+            {
+                f"copy_{space}": r,
+                f"copy_{space}_se": se,
+                f"copynn_{space}": r_nn,
+                f"div_{space}": div,
+                f"clusters_{space}": k,
+            }
+        )
     out["fd"] = fd_mnist(x, ref["images"])
     out["ink"] = float((x > 0).double().mean())
     counts = torch.bincount(predictions_b(x), minlength=10).double() / len(x)
@@ -102,15 +110,19 @@ def evaluate(x: Tensor, shots: Tensor, ref: dict[str, Tensor], thr: dict[str, fl
 
 def table(rows: list[dict[str, object]]) -> str:
     """The markdown table of the doc."""
-    head = ("| model | steps | copy pix | copy feat-B | copy@nn5 pix | copy@nn5 feat-B | intra-div pix | "
-            "intra-div feat-B | FD-MNIST | ink | classes |")
+    head = (
+        "| model | steps | copy pix | copy feat-B | copy@nn5 pix | copy@nn5 feat-B | intra-div pix | "
+        "intra-div feat-B | FD-MNIST | ink | classes |"
+    )
     lines = [head, "|" + "---|" * 11]
     for r in rows:
         f = {k: float(v) for k, v in r.items() if isinstance(v, int | float)}
-        lines.append(f"| {r['model']} | {r['steps'] or '-'} | {f['copy_pix']:.3f} ± {f['copy_pix_se']:.3f} | "
-                     f"{f['copy_feat']:.3f} ± {f['copy_feat_se']:.3f} | {f['copynn_pix']:.3f} | "
-                     f"{f['copynn_feat']:.3f} | {f['div_pix']:.2f} | {f['div_feat']:.2f} | {f['fd']:.1f} | "
-                     f"{f['ink']:.3f} | {int(f['classes'])} |")
+        lines.append(
+            f"| {r['model']} | {r['steps'] or '-'} | {f['copy_pix']:.3f} ± {f['copy_pix_se']:.3f} | "
+            f"{f['copy_feat']:.3f} ± {f['copy_feat_se']:.3f} | {f['copynn_pix']:.3f} | "
+            f"{f['copynn_feat']:.3f} | {f['div_pix']:.2f} | {f['div_feat']:.2f} | {f['fd']:.1f} | "
+            f"{f['ink']:.3f} | {int(f['classes'])} |"
+        )
     return "\n".join(lines)
 
 
@@ -125,8 +137,11 @@ def main() -> int:
     ap.add_argument("--t2i", action="store_true", help="the text-to-image variant on mnist_t2i")
     ap.add_argument("--table", default=None, help="only print the markdown table of this results JSON")
     ap.add_argument("--shot-seed", type=int, default=None, help="another shot set (method.shot_seed) for both arms")
-    ap.add_argument("--override", default=None,
-                    help='JSON method overrides: train and evaluate only "DomainStudio <overrides>" (an ablation)')
+    ap.add_argument(
+        "--override",
+        default=None,
+        help='JSON method overrides: train and evaluate only "DomainStudio <overrides>" (an ablation)',
+    )
     a = ap.parse_args()
     if a.table:
         print(table(json.loads(Path(a.table).read_text())))
@@ -139,9 +154,10 @@ def main() -> int:
     recipe = load_recipe(ROOT / f"recipes/methods/domainstudio_mnist{tag}.json")
     plain = load_recipe(ROOT / f"recipes/methods/domainstudio_mnist{'_t2i_dreambooth' if a.t2i else '_plain'}.json")
     if a.shot_seed is not None:  # note: train.seed does not change the trainer's per-step draws (see the doc)
-        recipe, plain = (MethodRecipe.from_dict({**r.to_dict(), "method": {**r.to_dict()["method"],
-                                                                           "shot_seed": a.shot_seed}})
-                         for r in (recipe, plain))
+        recipe, plain = (
+            MethodRecipe.from_dict({**r.to_dict(), "method": {**r.to_dict()["method"], "shot_seed": a.shot_seed}})
+            for r in (recipe, plain)
+        )
     s = recipe.settings
     data = mnist_5k()
     idx = shot_indices(data.labels, len(data.images), s.shots, s.shot_seed, getattr(s, "label", None))
@@ -153,10 +169,13 @@ def main() -> int:
     ref = {"images": held[:2000]}
     calib = held[2000:3000]
     pix = lambda z: z.flatten(1).double()  # noqa: E731
-    thr = {"pix": tau(pix(calib)), "feat": tau(features_b(calib)),  # the issue's tau: pairwise 5th percentile
-           # calibrated: 5th percentile of held-out real targets' nearest-shot distance (real = 5% by construction)
-           "pix_nn": float(torch.quantile(torch.cdist(pix(calib), pix(shots)).min(1).values, 0.05)),
-           "feat_nn": float(torch.quantile(torch.cdist(features_b(calib), features_b(shots)).min(1).values, 0.05))}
+    thr = {
+        "pix": tau(pix(calib)),
+        "feat": tau(features_b(calib)),  # the issue's tau: pairwise 5th percentile
+        # calibrated: 5th percentile of held-out real targets' nearest-shot distance (real = 5% by construction)
+        "pix_nn": float(torch.quantile(torch.cdist(pix(calib), pix(shots)).min(1).values, 0.05)),
+        "feat_nn": float(torch.quantile(torch.cdist(features_b(calib), features_b(shots)).min(1).values, 0.05)),
+    }
     print(f"shots' classes {sorted(data.labels[idx].tolist())}; tau pix {thr['pix']:.3f} feat {thr['feat']:.3f}")
     rows: list[dict[str, object]] = []
 
@@ -166,7 +185,7 @@ def main() -> int:
         print(json.dumps(rows[-1]), f"[{time.time() - t0:.0f}s]", flush=True)
 
     if not a.override:  # the references (an ablation run only adds its own rows)
-        record("real held-out target", 0, 0, held[3000:3000 + a.n])
+        record("real held-out target", 0, 0, held[3000 : 3000 + a.n])
     if a.t2i:
         src = dpmlab.load("mnist_t2i")
         crop = lambda z: z[..., 2:30, 2:30]  # noqa: E731  (32x32 padded -> 28x28)
@@ -190,15 +209,20 @@ def main() -> int:
             out = Path(a.work) / f"{rec.name}_s{seed}"
             shutil.rmtree(out, ignore_errors=True)
             for i, st in enumerate(steps):
-                r = MethodRecipe.from_dict({**rec.to_dict(), "train": {**rec.to_dict()["train"], "steps": st,
-                                                                       "seed": seed}})
+                r = MethodRecipe.from_dict(
+                    {**rec.to_dict(), "train": {**rec.to_dict()["train"], "steps": st, "seed": seed}}
+                )
                 train_recipe(r, out, resume=i > 0, progress=False)
                 model = load(out)
                 if a.t2i:
                     record(name, st, seed, crop(model.sample(a.n, solver="ddim", nfe=a.nfe, seed=1000)))
                     if i == len(steps) - 1:
-                        record(f"{name}, drift '{s.class_prompt}'", st, seed,
-                               crop(model.sample(a.n, prompt=s.class_prompt, solver="ddim", nfe=a.nfe, seed=1000)))
+                        record(
+                            f"{name}, drift '{s.class_prompt}'",
+                            st,
+                            seed,
+                            crop(model.sample(a.n, prompt=s.class_prompt, solver="ddim", nfe=a.nfe, seed=1000)),
+                        )
                 else:
                     record(name, st, seed, model.sample(a.n, solver="ddim", nfe=a.nfe, seed=1000))
     Path(a.json).write_text(json.dumps(rows, indent=1) + "\n")

@@ -45,13 +45,20 @@ BASELINES = (("DDIM", "ddim", 10), ("Heun", "heun", 9))
 def fitted(recipe: dict, run: Path, dataset: Dataset | None = None) -> DPMOTModel:
     if not (run / "model.safetensors").is_file():
         t = time.process_time()
-        res = train_recipe(MethodRecipe.from_dict(recipe), run, dataset=dataset, progress=False,
-                           resume=(run / "checkpoint.safetensors").is_file())
+        res = train_recipe(
+            MethodRecipe.from_dict(recipe),
+            run,
+            dataset=dataset,
+            progress=False,
+            resume=(run / "checkpoint.safetensors").is_file(),
+        )
         print(f"  fitted {run.name}: energy {res.final_loss:.4f}, {time.process_time() - t:.0f} CPU s")
     model = load(run)
     fit = json.loads((run / "model.json").read_text())["method"]["fit"]
-    print(f"  {run.name}: |g - nu| = {fit['g_minus_nu_l2']:.4f} (MC noise {fit['mc_noise_l2']:.4f}), "
-          f"max rel. error {fit['max_rel_error']:.2f}, empty cells {fit['empty_cells']}")
+    print(
+        f"  {run.name}: |g - nu| = {fit['g_minus_nu_l2']:.4f} (MC noise {fit['mc_noise_l2']:.4f}), "
+        f"max rel. error {fit['max_rel_error']:.2f}, empty cells {fit['empty_cells']}"
+    )
     return model  # type: ignore[no-any-return]
 
 
@@ -66,22 +73,39 @@ def mixture_part(a: argparse.Namespace, out: Path) -> None:
         r = mode_mixture_ratio(x, mix.means, mix.stds)
         covered = int((r.counts >= 0.01 * len(x)).sum())
         nn = nearest_train_distance(x, train).distance
-        print(f"| {name} | {nfe} | {r.ratio:.3f} | {covered}/9 | {sw(x.double(), fresh.double()):.4f} | "
-              f"{float(nn.median()):.4f} |")
+        print(
+            f"| {name} | {nfe} | {r.ratio:.3f} | {covered}/9 | {sw(x.double(), fresh.double()):.4f} | "
+            f"{float(nn.median()):.4f} |"
+        )
 
     print(f"\n2-D mixture gmm2d, exact denoiser, {a.n2d} samples; M = {a.m2d} training points")
     print("| sampler | NFE | mode-mixture ratio | modes >= 1% | SW to data | median NN distance to training |")
     print("|---|---|---|---|---|---|")
     row("exact samples (reference)", mix.sample(a.n2d, generator=torch.Generator().manual_seed(2)).float(), "-")
     for name, solver, nfe in BASELINES:
-        row(f"{name} from sigma_max", dpmlab.sample(den, a.n2d, solver=solver, nfe=nfe, grid="karras", to_zero=True,
-                                                    seed=1), nfe)
+        row(
+            f"{name} from sigma_max",
+            dpmlab.sample(den, a.n2d, solver=solver, nfe=nfe, grid="karras", to_zero=True, seed=1),
+            nfe,
+        )
     for sigma in (float(s) for s in a.sigmas2d.split(",")):
-        rec = {"name": f"dpm_ot_gmm2d_s{sigma:g}", "method": {"name": "dpm_ot", "model": "gmm2d", "sigma": sigma},
-               "description": f"targets: {a.m2d} exact gmm2d samples passed as the dataset (data section unused)",
-               "data": {"name": "moons"},
-               "train": {"steps": a.steps2d, "batch_size": 20 * a.m2d, "lr": 0.1, "warmup": 0, "lr_decay": "cosine",
-                         "grad_clip": 0.0, "ema_decay": 0.99, "checkpoint_every": 10_000, "log_every": 100}}
+        rec = {
+            "name": f"dpm_ot_gmm2d_s{sigma:g}",
+            "method": {"name": "dpm_ot", "model": "gmm2d", "sigma": sigma},
+            "description": f"targets: {a.m2d} exact gmm2d samples passed as the dataset (data section unused)",
+            "data": {"name": "moons"},
+            "train": {
+                "steps": a.steps2d,
+                "batch_size": 20 * a.m2d,
+                "lr": 0.1,
+                "warmup": 0,
+                "lr_decay": "cosine",
+                "grad_clip": 0.0,
+                "ema_decay": 0.99,
+                "checkpoint_every": 10_000,
+                "log_every": 100,
+            },
+        }
         ot = fitted(rec, out / f"gmm2d_s{sigma:g}_{a.m2d}_{a.steps2d}", ds)
         for topk in (1, 3):
             row(f"DPM-OT sigma_k={sigma:g}, topk={topk}, Heun tail", ot.sample(a.n2d, nfe=9, seed=1, topk=topk), 9)
@@ -100,8 +124,10 @@ def mnist_part(a: argparse.Namespace, out: Path) -> None:
         with torch.no_grad():
             mmr = classifier_mode_mixture(torch.cat([clf(b) for b in x.split(250)]))
         nn = nearest_train_distance(x, targets).distance
-        print(f"| {name} | {nfe} | {fd_mnist(x, data):.2f} | {mmr.ratio:.3f} | {float(nn.median()):.2f} | "
-              f"{float((nn < ref).double().mean()):.2f} |")
+        print(
+            f"| {name} | {nfe} | {fd_mnist(x, data):.2f} | {mmr.ratio:.3f} | {float(nn.median()):.2f} | "
+            f"{float((nn < ref).double().mean()):.2f} |"
+        )
 
     for sigma in (float(s) for s in a.sigmas.split(",")):
         rec = {**base, "method": {**base["method"], "sigma": sigma}}
@@ -113,14 +139,19 @@ def mnist_part(a: argparse.Namespace, out: Path) -> None:
         others = others[torch.randperm(len(others), generator=torch.Generator().manual_seed(1))]  # mnist_5k is sorted
         d_new = nearest_train_distance(others, targets).distance
         ref = float(d_new.quantile(0.05))
-        print(f"\nMNIST, shipped mnist model (null class), {a.n} samples; sigma_k = {sigma:g}, "
-              f"M = {s.n_targets} targets")
-        print("| sampler | NFE | FD-MNIST | mode-mixture ratio (evaluator B) | median NN distance to targets | "
-              "share nearer than 95% of new digits |")
+        print(
+            f"\nMNIST, shipped mnist model (null class), {a.n} samples; sigma_k = {sigma:g}, M = {s.n_targets} targets"
+        )
+        print(
+            "| sampler | NFE | FD-MNIST | mode-mixture ratio (evaluator B) | median NN distance to targets | "
+            "share nearer than 95% of new digits |"
+        )
         print("|---|---|---|---|---|---|")
-        print(f"| real images not among the targets | - | {fd_mnist(others[: a.n], data):.2f} | "
-              f"{classifier_mode_mixture(clf(others[: a.n]).detach()).ratio:.3f} | {float(d_new.median()):.2f} | "
-              f"{float((d_new[: a.n] < ref).double().mean()):.2f} |")
+        print(
+            f"| real images not among the targets | - | {fd_mnist(others[: a.n], data):.2f} | "
+            f"{classifier_mode_mixture(clf(others[: a.n]).detach()).ratio:.3f} | {float(d_new.median()):.2f} | "
+            f"{float((d_new[: a.n] < ref).double().mean()):.2f} |"
+        )
         for name, solver, nfe in BASELINES:
             x = dpmlab.sample(model, a.n, solver=solver, nfe=nfe, grid="karras", to_zero=True, seed=1)
             row(f"{name} from sigma_max", x, nfe, targets, ref)

@@ -67,8 +67,9 @@ def table(res: Any, libs: tuple[str, ...] = ("dpmlab",), nfes: tuple[int, ...] =
         out.append(f"| {lab} | " + " | ".join(f"{cells[k]:.3e}" if k in cells else "—" for k in nfes) + " |")
     best = [res.best("diffusers", k) for k in nfes]
     if any(best):
-        out.append("| best diffusers scheduler | " + " | ".join(
-            f"{b.rms:.3e} ({b.label})" if b else "—" for b in best) + " |")
+        out.append(
+            "| best diffusers scheduler | " + " | ".join(f"{b.rms:.3e} ({b.label})" if b else "—" for b in best) + " |"
+        )
     return out
 
 
@@ -81,11 +82,11 @@ def analytic(name: str, n: int, grid_size: int, n_points: int) -> list[str]:
     ems = fit_ems(model, sch, x0, n_points=n_points, grid_size=grid_size, model_name=name)
     fit_s = time.time() - t0
     log(f"{name}: EMS fitted in {fit_s:.1f}s")
-    res = run_bench(model, sch, (mix.dim,), [e for g in GRIDS for e in entries(ems, g)], NFES, n=n, name=name,
-                    progress=log)
+    res = run_bench(
+        model, sch, (mix.dim,), [e for g in GRIDS for e in entries(ems, g)], NFES, n=n, name=name, progress=log
+    )
     res.write(ROOT / "docs" / "benchmarks" / f"dpm_solver_v3_{name}")
-    return [f"### {name} (n = {n}; EMS: {grid_size + 1} knots x {n_points} points, {fit_s:.0f} s)", "",
-            *table(res), ""]
+    return [f"### {name} (n = {n}; EMS: {grid_size + 1} knots x {n_points} points, {fit_s:.0f} s)", "", *table(res), ""]
 
 
 def ablation(n: int, n_points: int) -> list[str]:
@@ -94,14 +95,23 @@ def ablation(n: int, n_points: int) -> list[str]:
     mix = preset("gmm16")
     model = mix.denoiser(sch)
     x0 = mix.sample(n_points, generator=torch.Generator().manual_seed(1))
-    rows = [Entry(f"v3, EMS {g + 1} knots", get("dpm_solver_v3", ems=fit_ems(model, sch, x0, n_points=n_points,
-                                                                             grid_size=g)), "uniform_lambda")
-            for g in (20, 50, 100, 250)]
+    rows = [
+        Entry(
+            f"v3, EMS {g + 1} knots",
+            get("dpm_solver_v3", ems=fit_ems(model, sch, x0, n_points=n_points, grid_size=g)),
+            "uniform_lambda",
+        )
+        for g in (20, 50, 100, 250)
+    ]
     rows.append(Entry("v3, degenerate EMS", get("dpm_solver_v3"), "uniform_lambda"))
     nfes = (5, 10, 20, 40, 80)
     res = run_bench(model, sch, (16,), rows, nfes, n=n, name="ems-ablation", peers=False, progress=log)
-    return [f"### EMS grid size (gmm16, {n_points} points per knot, n = {n}, lambda-uniform)", "",
-            *table(res, nfes=nfes), ""]
+    return [
+        f"### EMS grid size (gmm16, {n_points} points per knot, n = {n}, lambda-uniform)",
+        "",
+        *table(res, nfes=nfes),
+        "",
+    ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,8 +136,16 @@ def guided(w: float, n: int, grid_size: int, n_points: int) -> list[str]:
 
     model = Guided()
     noise = torch.randn(n_points, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    ems = fit_ems(model, sch, noise, n_points=n_points, grid_size=grid_size, source="noise",
-                  model_name=f"gmm16-guided-{w}", guidance_scale=w)
+    ems = fit_ems(
+        model,
+        sch,
+        noise,
+        n_points=n_points,
+        grid_size=grid_size,
+        source="noise",
+        model_name=f"gmm16-guided-{w}",
+        guidance_scale=w,
+    )
     base = dict(ems=ems, order=2, corrector_pseudo=True)
     solvers = [
         ("v3 2 + pseudo 3, no corrector", get("dpm_solver_v3", **{**base, "use_corrector": False})),

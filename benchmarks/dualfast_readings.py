@@ -56,8 +56,7 @@ def main() -> None:
             refs = {}
             for nfe in NFES:
                 ts = uniform_time(sch, nfe)
-                refs[nfe] = (ts, reference_solution(exact, sch, x, float(ts[0]), float(ts[-1]), rtol=1e-8,
-                                                    atol=1e-8).x)
+                refs[nfe] = (ts, reference_solution(exact, sch, x, float(ts[0]), float(ts[-1]), rtol=1e-8, atol=1e-8).x)
             for name, opt in variants:
                 row = []
                 for nfe in NFES:

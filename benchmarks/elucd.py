@@ -67,8 +67,11 @@ def main() -> None:
     p.add_argument("--nfe", type=int, default=20)
     p.add_argument("--solver", default="ddpm", help="the authors use ancestral DDPM sampling")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scales", default="2,2,2,2,2,0.25;0.5,0.5;1;2",
-                   help="scales of (i),(ii),(iii),(iv),(v),(vi),CFG; several per method separated by ';'")
+    p.add_argument(
+        "--scales",
+        default="2,2,2,2,2,0.25;0.5,0.5;1;2",
+        help="scales of (i),(ii),(iii),(iv),(v),(vi),CFG; several per method separated by ';'",
+    )
     p.add_argument("--only", default="", help="rows to run, e.g. 'vi,CFG' (default: all, with the unguided row)")
     p.add_argument("--no-ece", action="store_true", help="skip the ECE table")
     args = p.parse_args()
@@ -90,8 +93,10 @@ def main() -> None:
     chosen = {name: [float(v) for v in part.split(";")] for name, part in zip(table, args.scales.split(","))}
 
     n = 10 * args.n_per_digit
-    print(f"\nnull-class mnist model guided toward each digit: {args.n_per_digit} per digit, {args.solver} at "
-          f"NFE {args.nfe}; accuracy = independent evaluator (MNISTClassifierB)")
+    print(
+        f"\nnull-class mnist model guided toward each digit: {args.n_per_digit} per digit, {args.solver} at "
+        f"NFE {args.nfe}; accuracy = independent evaluator (MNISTClassifierB)"
+    )
     print(f"| method | scale | target accuracy | FD-MNIST (all, n={n}) | mean per-digit FD-MNIST |")
     print("|---|---|---|---|---|")
     only = [k.strip() for k in args.only.split(",") if k.strip()]
@@ -125,8 +130,10 @@ def main() -> None:
         f"Softplus(3) / T={temp:.1f} on x0(x_t)": calibration_vs_t(model, lambda z: soft(z) / temp, xv, yv, ts),
         "ReLU on x_t (naive input)": calibration_vs_t(model, clf, xv, yv, ts, denoise=False),
     }
-    print(f"\nECE (15 bins) of the guiding classifier on {len(yv)} held-out images, against t "
-          f"(T fitted by NLL on 200 other clean held-out images); accuracy in brackets")
+    print(
+        f"\nECE (15 bins) of the guiding classifier on {len(yv)} held-out images, against t "
+        f"(T fitted by NLL on 200 other clean held-out images); accuracy in brackets"
+    )
     print("| input / classifier | " + " | ".join(f"t={float(t):.2f}" for t in ts) + " |")
     print("|---" * (len(ts) + 1) + "|")
     for name, c in curves.items():

@@ -47,9 +47,14 @@ def closed_form(D: int, d: int, points: int, n: int, steps: int, seed: int = 0) 
     data = gg.DegenerateGaussian.random(D, d, SCH, seed=seed)
     gauge = gg.SkewGauge(data, gg.random_skew(D, seed=seed + 1))
     A = gauge.A
-    fields = {"score": data.score, "gauge": lambda x, t: data.score(x, t) + gauge(x, t),
-              "control": lambda x, t: data.score(x, t) + torch.cos((x * x).sum(1, keepdim=True)) * x @ A.T
-              / (x * x).sum(1, keepdim=True).sqrt().clamp_min(1e-3)}
+    fields = {
+        "score": data.score,
+        "gauge": lambda x, t: data.score(x, t) + gauge(x, t),
+        "control": lambda x, t: (
+            data.score(x, t)
+            + torch.cos((x * x).sum(1, keepdim=True)) * x @ A.T / (x * x).sum(1, keepdim=True).sqrt().clamp_min(1e-3)
+        ),
+    }
     g = torch.Generator().manual_seed(seed)
     pts = data.sample(points, generator=g)
     row: dict[str, Any] = {"D": D, "d": d}
@@ -114,12 +119,24 @@ def learned(dim: int, steps: int, width: int, seed: int = 0) -> dict[str, dict[s
     rows: dict[str, dict[str, float]] = {}
     for name in ("unconstrained", "conservative"):
         torch.manual_seed(seed)
-        module: nn.Module = (cons.FieldMLP(dim, SCH, width=width, depth=3) if name == "unconstrained"
-                             else cons.ConservativeScore(cons.EnergyMLP(dim, SCH, width=width, depth=3)))
+        module: nn.Module = (
+            cons.FieldMLP(dim, SCH, width=width, depth=3)
+            if name == "unconstrained"
+            else cons.ConservativeScore(cons.EnergyMLP(dim, SCH, width=width, depth=3))
+        )
         t0 = time.process_time()
         with tempfile.TemporaryDirectory() as tmp:
-            tc = TrainConfig(steps=steps, batch_size=256, lr=1e-3, warmup=50, ema_decay=0.99, lr_decay="cosine",
-                             checkpoint_every=steps, log_every=max(1, steps // 4), seed=seed)
+            tc = TrainConfig(
+                steps=steps,
+                batch_size=256,
+                lr=1e-3,
+                warmup=50,
+                ema_decay=0.99,
+                lr_decay="cosine",
+                checkpoint_every=steps,
+                log_every=max(1, steps // 4),
+                seed=seed,
+            )
             obj = EpsObjective(name, module, data)
             res = fit(obj, tc, tmp, progress=False)
         net = obj.trained if obj.trained is not None else module  # the EMA weights
@@ -159,14 +176,18 @@ def main() -> None:
     a = ap.parse_args()
     t0 = time.process_time()
     table = [closed_form(D, d, a.points, a.n, a.steps) for D, d in ((6, 2), (10, 3), (20, 5))]
-    print("| D | d | k_hat score (share right) | k_hat score+gauge (share right) | flow-Jacobian right: score / "
-          "score+gauge | max abs Cov err: score / score+gauge / control (MC floor) |")
+    print(
+        "| D | d | k_hat score (share right) | k_hat score+gauge (share right) | flow-Jacobian right: score / "
+        "score+gauge | max abs Cov err: score / score+gauge / control (MC floor) |"
+    )
     print("|---|---|---|---|---|---|")
     for r in table:
-        print(f"| {r['D']} | {r['d']} | {r['k_score']} ({r['right_score']:.2f}) | {r['k_gauge']} "
-              f"({r['right_gauge']:.2f}) | {r['flow_right_score']:.2f} / {r['flow_right_gauge']:.2f} | "
-              f"{r['cov_err_score']:.3f} / {r['cov_err_gauge']:.3f} / {r['cov_err_control']:.3f} "
-              f"({r['mc_floor']:.3f}) |")
+        print(
+            f"| {r['D']} | {r['d']} | {r['k_score']} ({r['right_score']:.2f}) | {r['k_gauge']} "
+            f"({r['right_gauge']:.2f}) | {r['flow_right_score']:.2f} / {r['flow_right_gauge']:.2f} | "
+            f"{r['cov_err_score']:.3f} / {r['cov_err_gauge']:.3f} / {r['cov_err_control']:.3f} "
+            f"({r['mc_floor']:.3f}) |"
+        )
     rows = learned(a.dim, a.steps_train, a.width)
     print(f"\ncircle in R^{a.dim}, width {a.width}, {a.steps_train} steps\n")
     keys = list(next(iter(rows.values())))

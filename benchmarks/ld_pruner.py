@@ -41,8 +41,9 @@ torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def seconds_per_nfe(models: dict[str, Any], cond: dict[str, Any], shape: tuple[int, ...], batch: int = 64,
-                    rounds: int = 15) -> dict[str, tuple[float, float]]:
+def seconds_per_nfe(
+    models: dict[str, Any], cond: dict[str, Any], shape: tuple[int, ...], batch: int = 64, rounds: int = 15
+) -> dict[str, tuple[float, float]]:
     """``{name: (wall, cpu)}`` seconds of one network evaluation on a batch of ``batch``: the minimum over
     ``rounds`` rounds that run every model once in turn (interleaved, so a burst of load on the shared machine
     hits all of them), wall-clock and this process's CPU time."""
@@ -88,29 +89,52 @@ def mnist(args: argparse.Namespace) -> dict[str, Any]:
     rho_a = stats.spearmanr([scores[o] for o in ops], [single[o]["fd_mnist"] - full["fd_mnist"] for o in ops])
 
     norms = {o: float(torch.sqrt(sum(p.square().sum() for p in _block(net, o).parameters()))) for o in ops}
-    choices = {"LD-Pruner score": lowest(scores, args.k), "random": sorted(random.Random(0).sample(ops, args.k)),
-               "smallest weight norm": lowest(norms, args.k)}
+    choices = {
+        "LD-Pruner score": lowest(scores, args.k),
+        "random": sorted(random.Random(0).sample(ops, args.k)),
+        "smallest weight norm": lowest(norms, args.k),
+    }
     recipe = load_recipe(ROOT / "recipes" / "methods" / "ld_pruner_mnist.json")
     rows = []
     for how, names in choices.items():
         pruned = prune(copy.deepcopy(base.net), names).eval()
         before = quality(base.spec.denoiser(pruned))
-        r = dataclasses.replace(recipe, settings=dataclasses.replace(recipe.settings, k=len(names), prune=tuple(names)),
-                                train=dataclasses.replace(recipe.train, steps=args.steps))
+        r = dataclasses.replace(
+            recipe,
+            settings=dataclasses.replace(recipe.settings, k=len(names), prune=tuple(names)),
+            train=dataclasses.replace(recipe.train, steps=args.steps),
+        )
         out = Path(args.out) / how.replace(" ", "_")
         shutil.rmtree(out, ignore_errors=True)
         t1 = time.perf_counter()
         res = train_recipe(r, out, progress=False)
         tuned = load(out).denoiser
         after = quality(tuned)
-        rows.append({"selection": how, "pruned": names, "params": parameter_count(tuned.net),
-                     "fd_b_before": before["fd_b"], "fd_b_after": after["fd_b"], "fd_mnist_before": before["fd_mnist"],
-                     "fd_mnist_after": after["fd_mnist"], "train_s": time.perf_counter() - t1,
-                     "final_loss": res.final_loss})
+        rows.append(
+            {
+                "selection": how,
+                "pruned": names,
+                "params": parameter_count(tuned.net),
+                "fd_b_before": before["fd_b"],
+                "fd_b_after": after["fd_b"],
+                "fd_mnist_before": before["fd_mnist"],
+                "fd_mnist_after": after["fd_mnist"],
+                "train_s": time.perf_counter() - t1,
+                "final_loss": res.final_loss,
+            }
+        )
         print(rows[-1], flush=True)
-    return {"scores": scores, "score_seconds": score_s, "full": full, "single": single, "norms": norms,
-            "spearman_fd_b": [rho.statistic, rho.pvalue], "spearman_fd_mnist": [rho_a.statistic, rho_a.pvalue],
-            "params_full": parameter_count(net), "rows": rows}
+    return {
+        "scores": scores,
+        "score_seconds": score_s,
+        "full": full,
+        "single": single,
+        "norms": norms,
+        "spearman_fd_b": [rho.statistic, rho.pvalue],
+        "spearman_fd_mnist": [rho_a.statistic, rho_a.pvalue],
+        "params_full": parameter_count(net),
+        "rows": rows,
+    }
 
 
 def speed(res: dict[str, Any], out: Path) -> dict[str, tuple[float, float]]:
@@ -152,8 +176,11 @@ def t2i(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         with torch.no_grad():  # DDIM 10 NFE, no guidance, seed 1 (scoring uses seed 0)
             img = m.decode(dpmlab.sample(m, len(prompts), solver="ddim", nfe=10, seed=1, cond={"prompt": prompts}))
         f, pred = ev(img[:, :, 2:30, 2:30])  # the VAE's 32x32 pads the 28x28 digits
-        return {"acc": float((pred == target).float().mean()), "fd_b": frechet_distance_from_features(f, fr),
-                "clip": float(clip_score(img, prompts, clip).mean())}
+        return {
+            "acc": float((pred == target).float().mean()),
+            "fd_b": frechet_distance_from_features(f, fr),
+            "clip": float(clip_score(img, prompts, clip).mean()),
+        }
 
     def with_unet(u: Any) -> Any:
         return TextToImage(u, model.vae, model.text_encoder, model.tokenizer, model.schedule, "v")
@@ -196,8 +223,14 @@ def t2i(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         t1 = time.perf_counter()
         fit = train_recipe(r, run_dir, progress=False)
         after = quality(load(run_dir).denoiser)
-        rows[how] = {"pruned": names, "params": parameter_count(prune(copy.deepcopy(unet), names)), "before": before,
-                     "after": after, "train_s": time.perf_counter() - t1, "final_loss": fit.final_loss}
+        rows[how] = {
+            "pruned": names,
+            "params": parameter_count(prune(copy.deepcopy(unet), names)),
+            "before": before,
+            "after": after,
+            "train_s": time.perf_counter() - t1,
+            "final_loss": fit.final_loss,
+        }
         print(how, rows[how], flush=True)
         part.write_text(json.dumps(res, indent=2))
     states = model.encode_prompt(T2I_PROMPTS[0], 16)
@@ -217,25 +250,36 @@ def report(res: dict[str, Any]) -> str:
     lines = ["| block | LD-Pruner score | FD (clf B) without it | ΔFD (clf B) | ΔFD-MNIST |", "|---|---|---|---|---|"]
     for o, s in sorted(m["scores"].items(), key=lambda kv: kv[1]):
         d = m["single"][o]
-        lines.append(f"| {o} | {s:.4f} | {d['fd_b']:.2f} | {d['fd_b'] - m['full']['fd_b']:+.2f} | "
-                     f"{d['fd_mnist'] - m['full']['fd_mnist']:+.1f} |")
-    lines += ["", f"full model: FD (clf B) {m['full']['fd_b']:.2f}, FD-MNIST {m['full']['fd_mnist']:.1f}; Spearman "
-              f"(score, ΔFD clf B) = {m['spearman_fd_b'][0]:.2f} (p = {m['spearman_fd_b'][1]:.2f}); (score, ΔFD-MNIST) "
-              f"= {m['spearman_fd_mnist'][0]:.2f} (p = {m['spearman_fd_mnist'][1]:.2f}); scoring took "
-              f"{m['score_seconds']:.0f} s", "",
-              "| selection | pruned | parameters | FD (clf B) before → after | FD-MNIST before → after | "
-              "ms / NFE (batch 64, wall / CPU) |", "|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {o} | {s:.4f} | {d['fd_b']:.2f} | {d['fd_b'] - m['full']['fd_b']:+.2f} | "
+            f"{d['fd_mnist'] - m['full']['fd_mnist']:+.1f} |"
+        )
+    lines += [
+        "",
+        f"full model: FD (clf B) {m['full']['fd_b']:.2f}, FD-MNIST {m['full']['fd_mnist']:.1f}; Spearman "
+        f"(score, ΔFD clf B) = {m['spearman_fd_b'][0]:.2f} (p = {m['spearman_fd_b'][1]:.2f}); (score, ΔFD-MNIST) "
+        f"= {m['spearman_fd_mnist'][0]:.2f} (p = {m['spearman_fd_mnist'][1]:.2f}); scoring took "
+        f"{m['score_seconds']:.0f} s",
+        "",
+        "| selection | pruned | parameters | FD (clf B) before → after | FD-MNIST before → after | "
+        "ms / NFE (batch 64, wall / CPU) |",
+        "|---|---|---|---|---|---|",
+    ]
     sp = res.get("speed", {})
 
     def ms(k: str) -> str:
         return f"{1e3 * sp[k][0]:.0f} / {1e3 * sp[k][1]:.0f}" if k in sp else "—"
 
-    lines.append(f"| none (full model) | — | {m['params_full']} | {m['full']['fd_b']:.2f} | "
-                 f"{m['full']['fd_mnist']:.1f} | {ms('full')} |")
+    lines.append(
+        f"| none (full model) | — | {m['params_full']} | {m['full']['fd_b']:.2f} | "
+        f"{m['full']['fd_mnist']:.1f} | {ms('full')} |"
+    )
     for r in m["rows"]:
-        lines.append(f"| {r['selection']} | {', '.join(r['pruned'])} | {r['params']} | {r['fd_b_before']:.2f} → "
-                     f"{r['fd_b_after']:.2f} | {r['fd_mnist_before']:.1f} → {r['fd_mnist_after']:.1f} | "
-                     f"{ms(r['selection'])} |")
+        lines.append(
+            f"| {r['selection']} | {', '.join(r['pruned'])} | {r['params']} | {r['fd_b_before']:.2f} → "
+            f"{r['fd_b_after']:.2f} | {r['fd_mnist_before']:.1f} → {r['fd_mnist_after']:.1f} | "
+            f"{ms(r['selection'])} |"
+        )
     if "t2i" in res:
         lines += ["", t2i_report(res["t2i"])]
     return "\n".join(lines)
@@ -243,29 +287,39 @@ def report(res: dict[str, Any]) -> str:
 
 def t2i_report(t: dict[str, Any]) -> str:
     f = t["full"]
-    lines = ["| operator | LD-Pruner score | ΔFD (clf B) without it | prompt accuracy without it | CLIP without it |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| operator | LD-Pruner score | ΔFD (clf B) without it | prompt accuracy without it | CLIP without it |",
+        "|---|---|---|---|---|",
+    ]
     for o, s in sorted(t["scores"].items(), key=lambda kv: kv[1]):
         d = t["single"][o]
         lines.append(f"| {o} | {s:.4f} | {d['fd_b'] - f['fd_b']:+.2f} | {d['acc']:.3f} | {d['clip']:.2f} |")
-    lines += ["", f"full UNet: FD (clf B) {f['fd_b']:.2f}, prompt accuracy {f['acc']:.3f}, CLIP {f['clip']:.2f}; "
-              f"Spearman (score, ΔFD clf B) = {t['spearman_fd_b'][0]:.2f} (p = {t['spearman_fd_b'][1]:.2f}); "
-              f"(score, accuracy drop) = {t['spearman_acc_drop'][0]:.2f} (p = {t['spearman_acc_drop'][1]:.2f}); "
-              f"scoring took {t['score_seconds']:.0f} s", "",
-              "| selection | pruned | parameters | prompt acc. before → after | FD (clf B) before → after | "
-              "CLIP before → after | ms / NFE (batch 16, wall / CPU) |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"full UNet: FD (clf B) {f['fd_b']:.2f}, prompt accuracy {f['acc']:.3f}, CLIP {f['clip']:.2f}; "
+        f"Spearman (score, ΔFD clf B) = {t['spearman_fd_b'][0]:.2f} (p = {t['spearman_fd_b'][1]:.2f}); "
+        f"(score, accuracy drop) = {t['spearman_acc_drop'][0]:.2f} (p = {t['spearman_acc_drop'][1]:.2f}); "
+        f"scoring took {t['score_seconds']:.0f} s",
+        "",
+        "| selection | pruned | parameters | prompt acc. before → after | FD (clf B) before → after | "
+        "CLIP before → after | ms / NFE (batch 16, wall / CPU) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     sp = t.get("s_per_nfe", {})
 
     def ms(k: str) -> str:
         return f"{1e3 * sp[k][0]:.0f} / {1e3 * sp[k][1]:.1f}" if k in sp else "—"
 
-    lines.append(f"| full UNet | — | {t['params_full']} | {f['acc']:.3f} | {f['fd_b']:.2f} | {f['clip']:.2f} | "
-                 f"{ms('full')} |")
+    lines.append(
+        f"| full UNet | — | {t['params_full']} | {f['acc']:.3f} | {f['fd_b']:.2f} | {f['clip']:.2f} | {ms('full')} |"
+    )
     for how, r in t["rows"].items():
         b, a = r["before"], r["after"]
-        lines.append(f"| {how} | {', '.join(r['pruned']) or '—'} | {r['params']} | {b['acc']:.3f} → {a['acc']:.3f} | "
-                     f"{b['fd_b']:.2f} → {a['fd_b']:.2f} | {b['clip']:.2f} → {a['clip']:.2f} | "
-                     f"{ms(how) if r['pruned'] else ms('full')} |")
+        lines.append(
+            f"| {how} | {', '.join(r['pruned']) or '—'} | {r['params']} | {b['acc']:.3f} → {a['acc']:.3f} | "
+            f"{b['fd_b']:.2f} → {a['fd_b']:.2f} | {b['clip']:.2f} → {a['clip']:.2f} | "
+            f"{ms(how) if r['pruned'] else ms('full')} |"
+        )
     return "\n".join(lines)
 
 

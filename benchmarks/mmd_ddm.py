@@ -56,18 +56,21 @@ def metrics(x: Tensor, labels: Tensor, real: Tensor, ev: EvaluatorB) -> dict[str
     # KID's kernel (a·b/F + 1)^3 assumes O(1) features: B's are centered and scaled (one scalar) by the reference
     mu = fr.mean(0)
     s = float((fr - mu).square().mean().sqrt())
-    return {"fd_b": frechet_distance_from_features(fx, fr),
-            "kid_b_x1e3": 1e3 * kid((fx - mu) / s, (fr - mu) / s, subsets=50, subset_size=m, seed=0).mean,
-            "kid_pix_x1e3": 1e3 * kid(x.flatten(1), real.flatten(1), subsets=50, subset_size=m, seed=0).mean,
-            "acc_b": float((pred == labels).float().mean()),
-            "fd_mnist_train_features": fd_mnist(x, real)}
+    return {
+        "fd_b": frechet_distance_from_features(fx, fr),
+        "kid_b_x1e3": 1e3 * kid((fx - mu) / s, (fr - mu) / s, subsets=50, subset_size=m, seed=0).mean,
+        "kid_pix_x1e3": 1e3 * kid(x.flatten(1), real.flatten(1), subsets=50, subset_size=m, seed=0).mean,
+        "acc_b": float((pred == labels).float().mean()),
+        "fd_mnist_train_features": fd_mnist(x, real),
+    }
 
 
 def draw(model: Any, n: int, nfe: int, grid: str, labels: Tensor) -> tuple[Tensor, float]:
     t0 = time.perf_counter()
     with torch.no_grad():
-        x = dpmlab.sample(model, n, solver="ddim", nfe=nfe, grid=grid, to_zero=True, seed=1,
-                          cond={"label": labels}, batch_size=250)
+        x = dpmlab.sample(
+            model, n, solver="ddim", nfe=nfe, grid=grid, to_zero=True, seed=1, cond={"label": labels}, batch_size=250
+        )
     return x, (time.perf_counter() - t0) / n * 1e3
 
 
@@ -97,8 +100,9 @@ def main() -> None:
     row("base", base, 50, "leading")
 
     recipe = load_recipe(ROOT / "recipes" / "methods" / "mmd_ddm_mnist.json")
-    recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, steps=args.steps, lr=args.lr,
-                                                                   batch_size=args.batch_size))
+    recipe = dataclasses.replace(
+        recipe, train=dataclasses.replace(recipe.train, steps=args.steps, lr=args.lr, batch_size=args.batch_size)
+    )
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
@@ -111,13 +115,22 @@ def main() -> None:
 
     summary = {"args": vars(args), "train_seconds": train_s, "losses": res.losses, "rows": rows}
     (out / "bench.json").write_text(json.dumps(summary, indent=2))
-    head = ("| model | DDIM NFE | grid | FD (clf B) | KID×1e3 (clf B) | KID×1e3 (pixels) | acc (clf B) | "
-            "FD-MNIST (training features) |")
-    lines = [f"fine-tune: {args.steps} steps, batch {args.batch_size}, lr {args.lr:g}, {train_s:.0f} s; "
-             f"{args.n} samples per row vs {args.n_real} training images", "", head, "|" + "---|" * 8]
+    head = (
+        "| model | DDIM NFE | grid | FD (clf B) | KID×1e3 (clf B) | KID×1e3 (pixels) | acc (clf B) | "
+        "FD-MNIST (training features) |"
+    )
+    lines = [
+        f"fine-tune: {args.steps} steps, batch {args.batch_size}, lr {args.lr:g}, {train_s:.0f} s; "
+        f"{args.n} samples per row vs {args.n_real} training images",
+        "",
+        head,
+        "|" + "---|" * 8,
+    ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['nfe']} | {r['grid']} | {r['fd_b']:.2f} | {r['kid_b_x1e3']:.2f} | "
-                     f"{r['kid_pix_x1e3']:.2f} | {r['acc_b']:.3f} | {r['fd_mnist_train_features']:.1f} |")
+        lines.append(
+            f"| {r['model']} | {r['nfe']} | {r['grid']} | {r['fd_b']:.2f} | {r['kid_b_x1e3']:.2f} | "
+            f"{r['kid_pix_x1e3']:.2f} | {r['acc_b']:.3f} | {r['fd_mnist_train_features']:.1f} |"
+        )
     lines += ["", "MMD² training loss (window means): " + ", ".join(f"{s}: {v:.4f}" for s, v in res.losses)]
     print("\n".join(lines))
 

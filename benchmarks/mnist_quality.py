@@ -43,8 +43,13 @@ def main() -> None:
         rows.append((label, x, time.time() - t0))
         return x
 
-    ref = run(f"DDPM ancestral, {args.ref_steps} steps (reference)", solver="ddpm", nfe=args.ref_steps,
-              grid="uniform_time", to_zero=True)
+    ref = run(
+        f"DDPM ancestral, {args.ref_steps} steps (reference)",
+        solver="ddpm",
+        nfe=args.ref_steps,
+        grid="uniform_time",
+        to_zero=True,
+    )
     for nfe in (10, 20):
         run(f"DDIM, NFE {nfe}", solver="ddim", nfe=nfe)
         run(f"Heun, NFE {nfe}", solver="heun", nfe=nfe)

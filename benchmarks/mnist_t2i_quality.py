@@ -35,8 +35,9 @@ FORMS = ("a {}", "a thin {}", "a bold {}", "a left slanted {}", "a right slanted
 
 def generate(model, prompts: list[str], scale: float, nfe: int, seed: int, negative: str = "") -> torch.Tensor:
     den = model.guided(scale, negative_prompt=negative) if scale != 1.0 else model
-    z = dpmlab.sample(den, len(prompts), solver="dpm_solver_pp", nfe=nfe, seed=seed, cond={"prompt": prompts},
-                      batch_size=250)
+    z = dpmlab.sample(
+        den, len(prompts), solver="dpm_solver_pp", nfe=nfe, seed=seed, cond={"prompt": prompts}, batch_size=250
+    )
     return model.decode(z)
 
 
@@ -59,8 +60,12 @@ def attribute_hits(images: torch.Tensor, prompts: list[str]) -> dict[str, tuple[
 def base_rates(images: torch.Tensor, digits: torch.Tensor) -> dict[str, float]:
     """How often digit-only samples happen to be thin / bold / left / right."""
     k, a = thickness_class(images, digits), slant_class(images)
-    return {"thin": float((k == 0).float().mean()), "bold": float((k == 2).float().mean()),
-            "left": float((a == 0).float().mean()), "right": float((a == 2).float().mean())}
+    return {
+        "thin": float((k == 0).float().mean()),
+        "bold": float((k == 2).float().mean()),
+        "left": float((a == 0).float().mean()),
+        "right": float((a == 2).float().mean()),
+    }
 
 
 def main() -> None:
@@ -82,10 +87,13 @@ def main() -> None:
     digits = torch.tensor([parse_caption(q).digit for q in prompts])
     plain = torch.tensor([q.count(" ") == 1 for q in prompts])
     n = len(prompts)
-    train_ref = data.images[data.train_idx[torch.randperm(len(data.train_idx),
-                                                          generator=torch.Generator().manual_seed(0))[:n]]]
-    print(f"{n} samples per setting ({a.per_prompt} per prompt); FD-MNIST of {n} training images vs the 500 "
-          f"held-out: {fd_mnist(train_ref[..., 2:30, 2:30], held, classifier=clf):.1f}")
+    train_ref = data.images[
+        data.train_idx[torch.randperm(len(data.train_idx), generator=torch.Generator().manual_seed(0))[:n]]
+    ]
+    print(
+        f"{n} samples per setting ({a.per_prompt} per prompt); FD-MNIST of {n} training images vs the 500 "
+        f"held-out: {fd_mnist(train_ref[..., 2:30, 2:30], held, classifier=clf):.1f}"
+    )
     print("\n| guidance | NFE | digit acc. | thickness acc. | slant acc. | CLIP score | FD-MNIST vs held-out | s |")
     print("|---|---|---|---|---|---|---|---|")
     rates = {}
@@ -100,23 +108,29 @@ def main() -> None:
             cs = float(clip_score(x, prompts, clip).mean())
             fd = fd_mnist(crop, held, classifier=clf)
             th, sl = hits["thickness"], hits["slant"]
-            print(f"| {scale:g} | {nfe} | {acc:.3f} | {th[0] / th[1]:.3f} | {sl[0] / sl[1]:.3f} | {cs:.1f} | "
-                  f"{fd:.1f} | {dt:.0f} |")
+            print(
+                f"| {scale:g} | {nfe} | {acc:.3f} | {th[0] / th[1]:.3f} | {sl[0] / sl[1]:.3f} | {cs:.1f} | "
+                f"{fd:.1f} | {dt:.0f} |"
+            )
             rates[(scale, nfe)] = base_rates(x[plain], digits[plain])
-    print("\nBase rates in samples of the digit-only prompts (what 'thin'/'bold'/'left'/'right' would score by "
-          "chance):\n\n| guidance | NFE | thin | bold | left | right |\n|---|---|---|---|---|---|")
+    print(
+        "\nBase rates in samples of the digit-only prompts (what 'thin'/'bold'/'left'/'right' would score by "
+        "chance):\n\n| guidance | NFE | thin | bold | left | right |\n|---|---|---|---|---|---|"
+    )
     for (scale, nfe), r in rates.items():
         print(f"| {scale:g} | {nfe} | {r['thin']:.2f} | {r['bold']:.2f} | {r['left']:.2f} | {r['right']:.2f} |")
 
-    print("\nNegative prompts (\"a seven\", guidance 5, NFE 20, 100 samples each):\n")
+    print('\nNegative prompts ("a seven", guidance 5, NFE 20, 100 samples each):\n')
     print("| negative prompt | digit acc. | thin | bold | left | right |\n|---|---|---|---|---|---|")
     sevens = ["a seven"] * 100
     for neg in ("", "bold", "thin", "slanted", "upright"):
         x = generate(model, sevens, 5.0, 20, seed=1, negative=neg)
         r = base_rates(x, torch.full((100,), 7))
         acc = float((feats.logits(x[..., 2:30, 2:30]).argmax(1) == 7).float().mean())
-        print(f"| {neg or '(empty)'} | {acc:.2f} | {r['thin']:.2f} | {r['bold']:.2f} | {r['left']:.2f} | "
-              f"{r['right']:.2f} |")
+        print(
+            f"| {neg or '(empty)'} | {acc:.2f} | {r['thin']:.2f} | {r['bold']:.2f} | {r['left']:.2f} | "
+            f"{r['right']:.2f} |"
+        )
 
     if a.grid_out:
         import matplotlib
@@ -124,8 +138,18 @@ def main() -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        rows = ["a zero", "a bold one", "a thin two", "a left slanted three", "a right slanted four", "a bold five",
-                "a thin six", "a bold upright seven", "a thin right slanted eight", "a left slanted nine"]
+        rows = [
+            "a zero",
+            "a bold one",
+            "a thin two",
+            "a left slanted three",
+            "a right slanted four",
+            "a bold five",
+            "a thin six",
+            "a bold upright seven",
+            "a thin right slanted eight",
+            "a left slanted nine",
+        ]
         cols = 8
         x = generate(model, [r for r in rows for _ in range(cols)], 5.0, 20, seed=2)
         fig, axes = plt.subplots(len(rows), cols, figsize=(cols * 0.9 + 2.4, len(rows) * 0.9))

@@ -37,10 +37,13 @@ def trained(D: float, steps: int, seed: int, out: Path) -> Path:
     run = out / f"D{base['method']['D']}_s{seed}_{steps}"
     if not (run / "model.safetensors").is_file():
         t = time.process_time()
-        res = train_recipe(MethodRecipe.from_dict(base), run, resume=(run / "checkpoint.safetensors").is_file(),
-                           progress=False)
-        print(f"  trained D={base['method']['D']} seed={seed}: loss {res.final_loss:.4f}, "
-              f"{time.process_time() - t:.0f} CPU s")
+        res = train_recipe(
+            MethodRecipe.from_dict(base), run, resume=(run / "checkpoint.safetensors").is_file(), progress=False
+        )
+        print(
+            f"  trained D={base['method']['D']} seed={seed}: loss {res.final_loss:.4f}, "
+            f"{time.process_time() - t:.0f} CPU s"
+        )
     return run
 
 
@@ -76,8 +79,13 @@ def main() -> None:
         return f"{statistics.mean(v):.{k}f}±{statistics.stdev(v) if len(v) > 1 else 0:.{k}f}"
 
     print(f"\nPFGM++ on digits8 (N=64): Heun {a.nfe} NFE, {a.n} samples, {a.steps} training steps, {a.seeds} seeds")
-    print("| D | " + " | ".join(f"FD α={al:g}" for al in alphas) + " | " + " | ".join(f"SW α={al:g}" for al in alphas)
-          + f" | FD(α={alphas[-1]:g}) / FD(α=0) |")
+    print(
+        "| D | "
+        + " | ".join(f"FD α={al:g}" for al in alphas)
+        + " | "
+        + " | ".join(f"SW α={al:g}" for al in alphas)
+        + f" | FD(α={alphas[-1]:g}) / FD(α=0) |"
+    )
     print("|---" * (2 * len(alphas) + 2) + "|")
     for d, res in rows:
         fd = [ms([m[0] for m in res[al]]) for al in alphas]

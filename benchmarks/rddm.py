@@ -52,8 +52,14 @@ def grid(steps: int) -> tuple[list[int], Tensor]:
 def equivalence(den: Any, shape: tuple[int, ...], steps: int, n: int = 64) -> float:
     traj: list[Tensor] = []
     x_in = torch.zeros(n, *shape, dtype=torch.float64)
-    sample(predictor_from_denoiser(den, VP), RDDMSchedule.from_vp(VP.alphas_cumprod), x_in, steps, seed=0,
-           callback=lambda t, x: traj.append(x))
+    sample(
+        predictor_from_denoiser(den, VP),
+        RDDMSchedule.from_vp(VP.alphas_cumprod),
+        x_in,
+        steps,
+        seed=0,
+        callback=lambda t, x: traj.append(x),
+    )
     x = (1 - VP.alphas_cumprod[-1]).sqrt() * SeededNoise(0, torch.arange(n))(0, x_in)
     infos = list(iterate(Problem(den, VP), x, grid(steps)[1], get("ddim")))
     return max(float((a - b.x).abs().max()) for a, b in zip(traj, infos))
@@ -84,8 +90,11 @@ class Baseline:
     def loss(self, module: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
         x0, x_in, t, eps = batch["x0"], batch["x_in"], batch["t"], batch["eps"]
         if self.kind == "regression":
-            return (module(torch.cat([x_in, torch.zeros_like(x_in)], 1), torch.zeros_like(t).float())[:, :1]
-                    - x0).abs().mean()
+            return (
+                (module(torch.cat([x_in, torch.zeros_like(x_in)], 1), torch.zeros_like(t).float())[:, :1] - x0)
+                .abs()
+                .mean()
+            )
         x_t = VP.add_noise(x0, eps, VP.index_to_t(t))
         return (module(torch.cat([x_t, x_in], 1), t.float())[:, :1] - eps).abs().mean()
 
@@ -142,8 +151,9 @@ def main() -> None:
     print("| gmm16 exact x0 | " + " | ".join(f"{equivalence(gmm, (16,), s):.1e}" for s in (5, 10, 50)) + " |")
     unet = load_model("digits8")
     unet.net.double()
-    print("| digits8 UNet (eps) | " + " | ".join(f"{equivalence(unet, (1, 8, 8), s, 32):.1e}" for s in (5, 10, 50))
-          + " |")
+    print(
+        "| digits8 UNet (eps) | " + " | ".join(f"{equivalence(unet, (1, 8, 8), s, 32):.1e}" for s in (5, 10, 50)) + " |"
+    )
 
     data = digits8().x
     train, test = Dataset("digits8_train", data[:1497]), data[1497:]
@@ -152,8 +162,13 @@ def main() -> None:
     levels = {"lowlight": {"kind": "lowlight", "level": 0.25, "noise": 0.05}, "noise": {"kind": "noise", "level": 0.3}}
     s_steps = [int(v) for v in a.sample_steps.split(",")]
     print(f"\n(2) restoration of 300 held-out digits, {a.steps} training steps each; PSNR dB / SSIM")
-    print("| task | input | regression (1 NFE) | " + " | ".join(f"RDDM {s}" for s in s_steps) + " | "
-          + " | ".join(f"SR3 {s}" for s in s_steps) + " |")
+    print(
+        "| task | input | regression (1 NFE) | "
+        + " | ".join(f"RDDM {s}" for s in s_steps)
+        + " | "
+        + " | ".join(f"SR3 {s}" for s in s_steps)
+        + " |"
+    )
     print("|---" * (3 + 2 * len(s_steps)) + "|")
     for task in a.tasks.split(","):
         out = Path(a.out) / f"{task}_{a.steps}"
@@ -171,8 +186,12 @@ def main() -> None:
         cells = [psnr_ssim(x_in, test), psnr_ssim(y_reg, test)]
         cells += [psnr_ssim(model.sample(x_in, steps=s), test) for s in s_steps]
         cells += [psnr_ssim(sr3_restore(sr3, x_in, s), test) for s in s_steps]
-        print(f"| {task} | " + " | ".join(f"{ps:.2f} / {ss:.3f}" for ps, ss in cells) + " |"
-              + f"  <!-- {time.process_time() - t0:.0f} CPU s -->")
+        print(
+            f"| {task} | "
+            + " | ".join(f"{ps:.2f} / {ss:.3f}" for ps, ss in cells)
+            + " |"
+            + f"  <!-- {time.process_time() - t0:.0f} CPU s -->"
+        )
 
 
 if __name__ == "__main__":

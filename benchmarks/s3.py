@@ -66,8 +66,9 @@ def run(name: str, sch: DiscreteVP, n: int, generations: int, peers: bool, plans
     sets = []
     for seed in (0, 1):
         x = torch.randn(n, mix.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-        sets.append((x, reference_solution(model, sch, x * float(sch.sigma(torch.tensor(sch.t_max))), sch.t_max,
-                                           0.0).x))
+        sets.append(
+            (x, reference_solution(model, sch, x * float(sch.sigma(torch.tensor(sch.t_max))), sch.t_max, 0.0).x)
+        )
     x_test, ref_test = sets[1]
     peer = {}
     if peers:
@@ -77,29 +78,45 @@ def run(name: str, sch: DiscreteVP, n: int, generations: int, peers: bool, plans
         for r in peer_rows(model, sch, x_test, {0.0: end, t_idx0: mid}, NFES):
             if r.rms == r.rms and (r.nfe not in peer or r.rms < peer[r.nfe].rms):
                 peer[r.nfe] = r
-    out = [f"## {name}", "", "| NFE | S³ plan | S³ + predictor | best initial preset | best fixed solver "
-           "(chosen on fit set) | oracle best fixed (test) | best diffusers |", "|---|---|---|---|---|---|---|"]
+    out = [
+        f"## {name}",
+        "",
+        "| NFE | S³ plan | S³ + predictor | best initial preset | best fixed solver "
+        "(chosen on fit set) | oracle best fixed (test) | best diffusers |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for nfe in NFES:
         t0 = time.time()
         cells = []
         for pred in (False, True):
-            res = fit_s3_plan(model, sch, nfe, n_samples=n, seed=0, generations=generations, predictor=pred,
-                              model_name=name)
-            out_t = sample(Problem(model, sch), x_test * float(sch.sigma(torch.tensor(sch.t_max))),
-                           res.plan.grid(), USF(res.plan))
+            res = fit_s3_plan(
+                model, sch, nfe, n_samples=n, seed=0, generations=generations, predictor=pred, model_name=name
+            )
+            out_t = sample(
+                Problem(model, sch), x_test * float(sch.sigma(torch.tensor(sch.t_max))), res.plan.grid(), USF(res.plan)
+            )
             cells.append(f"{rms(out_t, ref_test):.3e} (fit {res.fitness:.3e}, {res.evaluations} evals)")
             if plans is not None and not pred:
                 res.plan.save(plans / f"s3_{name}_nfe{nfe}.json")
             best_init = min(res.baselines, key=res.baselines.__getitem__)
         init_plan: Plan = initial_plans(sch, nfe, True, name)[best_init]
-        e_init = rms(sample(Problem(model, sch), x_test * float(sch.sigma(torch.tensor(sch.t_max))),
-                            init_plan.grid(), USF(init_plan)), ref_test)
+        e_init = rms(
+            sample(
+                Problem(model, sch),
+                x_test * float(sch.sigma(torch.tensor(sch.t_max))),
+                init_plan.grid(),
+                USF(init_plan),
+            ),
+            ref_test,
+        )
         fixed = fixed_solvers(model, sch, nfe, sets)
         by_fit = min(fixed, key=lambda r: r[1])
         by_test = min(fixed, key=lambda r: r[2])
         p = peer.get(nfe)
-        out.append(f"| {nfe} | {cells[0]} | {cells[1]} | {e_init:.3e} ({best_init}) | {by_fit[2]:.3e} ({by_fit[0]}) "
-                   f"| {by_test[2]:.3e} ({by_test[0]}) | " + (f"{p.rms:.3e} ({p.label})" if p else "—") + " |")
+        out.append(
+            f"| {nfe} | {cells[0]} | {cells[1]} | {e_init:.3e} ({best_init}) | {by_fit[2]:.3e} ({by_fit[0]}) "
+            f"| {by_test[2]:.3e} ({by_test[0]}) | " + (f"{p.rms:.3e} ({p.label})" if p else "—") + " |"
+        )
         print(f"{name} NFE {nfe}: {time.time() - t0:.0f}s", file=sys.stderr)
     return out + [""]
 

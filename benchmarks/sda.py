@@ -58,8 +58,11 @@ def main() -> None:
     xs, ys = sda.synthetic_set(model, ftc, proj, seed=1, progress=True)
     finetuned = sda.finetune_classifier(source, xs, ys, ftc, seed=1)
     syn_acc = float((sda.logits(source, xs).argmax(1) == ys).float().mean())
-    print(f"synthetic set: {len(ys)} projected images, source accuracy on them {syn_acc:.3f} "
-          f"({time.process_time() - t_cpu:.0f} s CPU)", flush=True)
+    print(
+        f"synthetic set: {len(ys)} projected images, source accuracy on them {syn_acc:.3f} "
+        f"({time.process_time() - t_cpu:.0f} s CPU)",
+        flush=True,
+    )
 
     # clean diagnostics
     data = mnist_5k()
@@ -79,13 +82,18 @@ def main() -> None:
         rows[name] = sda.evaluate(source, finetuned, xc, xc_proj, y)
         rows[name]["B_proj"] = float((evaluator_predictions(xc_proj) == y).float().mean())
         s_raw, s_proj, f_proj = (sda.logits(m, z) for m, z in ((source, xc), (source, xc_proj), (finetuned, xc_proj)))
-        correct[name] = {"dda": (s_proj.argmax(1) == y).float(), "sda": ((s_raw + f_proj).argmax(1) == y).float(),
-                         "source": (s_raw.argmax(1) == y).float()}
+        correct[name] = {
+            "dda": (s_proj.argmax(1) == y).float(),
+            "sda": ((s_raw + f_proj).argmax(1) == y).float(),
+            "source": (s_raw.argmax(1) == y).float(),
+        }
         print(f"{name}: {rows[name]} ({time.process_time() - t_cpu:.0f} s CPU)", flush=True)
 
     n = len(y)
-    print(f"\nSeverity {a.severity}, {n} held-out digits per corruption; projection {proj.to_dict()}; "
-          f"synthetic set {len(ys)} images, fine-tune {ftc.steps} steps\n")
+    print(
+        f"\nSeverity {a.severity}, {n} held-out digits per corruption; projection {proj.to_dict()}; "
+        f"synthetic set {len(ys)} images, fine-tune {ftc.steps} steps\n"
+    )
     print("| corruption | " + " | ".join(HEAD) + " | B on proj |")
     print("|---|" + "---:|" * (len(HEAD) + 1))
     for name, r in rows.items():
@@ -94,19 +102,37 @@ def main() -> None:
     print("| **mean** | " + " | ".join(f"**{100 * mean[c]:.1f}**" for c in COLS) + f" | {100 * mean['B_proj']:.1f} |")
     print("| clean | " + " | ".join(f"{100 * clean[c]:.1f}" for c in COLS) + f" | {100 * clean['B_proj']:.1f} |")
     se = math.sqrt(0.25 / (n * len(rows)))
-    print(f"\n(binomial SE of a mean over {n * len(rows)} images <= {100 * se:.1f} points; "
-          f"per corruption <= {100 * math.sqrt(0.25 / n):.1f})")
+    print(
+        f"\n(binomial SE of a mean over {n * len(rows)} images <= {100 * se:.1f} points; "
+        f"per corruption <= {100 * math.sqrt(0.25 / n):.1f})"
+    )
     for a_, b_ in (("sda", "dda"), ("dda", "source"), ("sda", "source")):
         d = torch.cat([correct[k][a_] - correct[k][b_] for k in correct])
-        print(f"paired {a_} - {b_}: {100 * float(d.mean()):+.1f} +- {100 * float(d.std() / math.sqrt(len(d))):.1f} "
-              f"points (SE over {len(d)} images)")
-    print(f"\nsource on clean {100 * clean['source']:.1f} -> on projected clean {100 * clean['dda']:.1f} "
-          f"(fine-tuned on projected clean {100 * clean['sda_finetuned']:.1f}); "
-          f"total {time.process_time() - t_cpu:.0f} s CPU")
+        print(
+            f"paired {a_} - {b_}: {100 * float(d.mean()):+.1f} +- {100 * float(d.std() / math.sqrt(len(d))):.1f} "
+            f"points (SE over {len(d)} images)"
+        )
+    print(
+        f"\nsource on clean {100 * clean['source']:.1f} -> on projected clean {100 * clean['dda']:.1f} "
+        f"(fine-tuned on projected clean {100 * clean['sda_finetuned']:.1f}); "
+        f"total {time.process_time() - t_cpu:.0f} s CPU"
+    )
     if a.json:
         with open(a.json, "w") as fh:
-            json.dump({"projection": proj.to_dict(), "finetune": ftc.to_dict(), "severity": a.severity, "n": n,
-                       "synthetic_source_accuracy": syn_acc, "clean": clean, "rows": rows, "mean": mean}, fh, indent=2)
+            json.dump(
+                {
+                    "projection": proj.to_dict(),
+                    "finetune": ftc.to_dict(),
+                    "severity": a.severity,
+                    "n": n,
+                    "synthetic_source_accuracy": syn_acc,
+                    "clean": clean,
+                    "rows": rows,
+                    "mean": mean,
+                },
+                fh,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

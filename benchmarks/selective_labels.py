@@ -48,19 +48,39 @@ def main() -> None:
     ap.add_argument("--tree-depth", type=int, default=6)
     ap.add_argument("--json", help="write the table here")
     a = ap.parse_args()
-    rows: dict[str, dict[str, list[float]]] = {c: {"err": [], "cover": [], "width": [], "err_s": [], "cover_s": [],
-                                                   "width_s": [], "auc": [], "div": [], "neff": []} for c in CONDITIONS}
+    rows: dict[str, dict[str, list[float]]] = {
+        c: {
+            "err": [],
+            "cover": [],
+            "width": [],
+            "err_s": [],
+            "cover_s": [],
+            "width_s": [],
+            "auc": [],
+            "div": [],
+            "neff": [],
+        }
+        for c in CONDITIONS
+    }
     oracle = []
     t0 = time.process_time()
     for k in range(a.datasets):
         sim = sl.simulate(sl.SyntheticConfig(n=a.n), seed=100 + k)
         untested = sim.data.T == 0
         truth = scored(sim.params)
-        oracle.append(sl.auc(model_for("none", sim).expected_outcome(sim.params, sim.data.X)[untested],
-                             sim.Y_full[untested]))
+        oracle.append(
+            sl.auc(model_for("none", sim).expected_outcome(sim.params, sim.data.X)[untested], sim.Y_full[untested])
+        )
         for c in CONDITIONS:
-            post = sl.sample_posterior(model_for(c, sim), sim.data, num_samples=a.samples, warmup=a.warmup,
-                                       seed=k, max_tree_depth=a.tree_depth, progress=False)
+            post = sl.sample_posterior(
+                model_for(c, sim),
+                sim.data,
+                num_samples=a.samples,
+                warmup=a.warmup,
+                seed=k,
+                max_tree_depth=a.tree_depth,
+                progress=False,
+            )
             draws = scored(dict(post.samples))
             lo, hi = torch.quantile(draws, torch.tensor([0.05, 0.95], dtype=torch.float64), dim=0)
             r = rows[c]
@@ -73,26 +93,38 @@ def main() -> None:
             r["auc"].append(sl.auc(post.risk(sim.data.X)[untested], sim.Y_full[untested]))
             r["div"].append(post.info["divergences"])
             r["neff"].append(post.info["min_n_eff"])
-            print(f"  data set {k} {c:<10} sigma {float(post.samples['sigma'].mean()):.2f} "
-                  f"(true {float(sim.params['sigma']):.2f}), {time.process_time() - t0:.0f} CPU s", flush=True)
+            print(
+                f"  data set {k} {c:<10} sigma {float(post.samples['sigma'].mean()):.2f} "
+                f"(true {float(sim.params['sigma']):.2f}), {time.process_time() - t0:.0f} CPU s",
+                flush=True,
+            )
     table = {}
     print(f"\nuniform model, N = {a.n}, {a.datasets} data sets, NUTS {a.warmup} + {a.samples} (1 chain)\n")
-    print("| constraint | RMSE | 90% coverage | 90% width | sigma RMSE | sigma coverage | sigma width | "
-          "AUC untested | divergences | min n_eff |")
+    print(
+        "| constraint | RMSE | 90% coverage | 90% width | sigma RMSE | sigma coverage | sigma width | "
+        "AUC untested | divergences | min n_eff |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for c in CONDITIONS:
         r = rows[c]
-        t = {"rmse": math.sqrt(np.mean(r["err"])), "coverage": float(np.mean(r["cover"])),
-             "width": float(np.mean(r["width"])), "sigma_rmse": math.sqrt(np.mean(r["err_s"])),
-             "sigma_coverage": float(np.mean(r["cover_s"])), "sigma_width": float(np.mean(r["width_s"])),
-             "auc": float(np.mean(r["auc"])), "divergences": float(np.mean(r["div"])),
-             "min_n_eff": float(np.min(r["neff"]))}
+        t = {
+            "rmse": math.sqrt(np.mean(r["err"])),
+            "coverage": float(np.mean(r["cover"])),
+            "width": float(np.mean(r["width"])),
+            "sigma_rmse": math.sqrt(np.mean(r["err_s"])),
+            "sigma_coverage": float(np.mean(r["cover_s"])),
+            "sigma_width": float(np.mean(r["width_s"])),
+            "auc": float(np.mean(r["auc"])),
+            "divergences": float(np.mean(r["div"])),
+            "min_n_eff": float(np.min(r["neff"])),
+        }
         table[c] = t
-        print(f"| {c} | {t['rmse']:.3f} | {t['coverage']:.2f} | {t['width']:.3f} | {t['sigma_rmse']:.3f} | "
-              f"{t['sigma_coverage']:.2f} | {t['sigma_width']:.3f} | {t['auc']:.3f} | {t['divergences']:.1f} | "
-              f"{t['min_n_eff']:.0f} |")
-    print(f"\nAUC of the true p(Y=1 | X) on the untested: {np.mean(oracle):.3f}; "
-          f"{time.process_time() - t0:.0f} CPU s")
+        print(
+            f"| {c} | {t['rmse']:.3f} | {t['coverage']:.2f} | {t['width']:.3f} | {t['sigma_rmse']:.3f} | "
+            f"{t['sigma_coverage']:.2f} | {t['sigma_width']:.3f} | {t['auc']:.3f} | {t['divergences']:.1f} | "
+            f"{t['min_n_eff']:.0f} |"
+        )
+    print(f"\nAUC of the true p(Y=1 | X) on the untested: {np.mean(oracle):.3f}; {time.process_time() - t0:.0f} CPU s")
     if a.json:
         with open(a.json, "w") as fh:
             json.dump({"settings": vars(a), "table": table, "oracle_auc": float(np.mean(oracle))}, fh, indent=2)

@@ -32,8 +32,12 @@ from dpmlab.models.guidance import classifier_free, with_cond
 from dpmlab.models.t2i import TextToImage
 from dpmlab.training.captions import DIGIT_WORDS, captioned_mnist, slant_class, thickness_class
 
-NEGATIVE = {"bold": ("thickness", 2), "thin": ("thickness", 0), "left slanted": ("slant", 0),
-            "right slanted": ("slant", 2)}  # negative prompt -> (measured attribute, class it names)
+NEGATIVE = {
+    "bold": ("thickness", 2),
+    "thin": ("thickness", 0),
+    "left slanted": ("slant", 0),
+    "right slanted": ("slant", 2),
+}  # negative prompt -> (measured attribute, class it names)
 
 
 def crop(images: torch.Tensor) -> torch.Tensor:
@@ -44,32 +48,52 @@ def evaluate(model: TextToImage, z: torch.Tensor, ref: dict, pr: dict, clip) -> 
     images = model.decode(z)
     digits, negs = pr["digits"], pr["negatives"]
     thick, sl = thickness_class(images, digits), slant_class(images)
-    has = torch.tensor([bool((thick[i] if NEGATIVE[n][0] == "thickness" else sl[i]) == NEGATIVE[n][1])
-                        for i, n in enumerate(negs)]).double()
+    has = torch.tensor(
+        [bool((thick[i] if NEGATIVE[n][0] == "thickness" else sl[i]) == NEGATIVE[n][1]) for i, n in enumerate(negs)]
+    ).double()
     acc = (evaluator_predictions(crop(images)) == digits).double()
-    out = {"fd_mnist": fd_mnist(crop(images), ref["heldout"]), "acc_b": float(acc.mean()),
-           "acc_b_se": float(acc.std() / len(acc) ** 0.5), "neg_share": float(has.mean()),
-           "neg_share_se": float(has.std() / len(has) ** 0.5),
-           "clip": float(clip_score(images, pr["prompts"], clip).mean()),
-           "neg_share_by": {k: float(has[[n == k for n in negs]].mean()) for k in NEGATIVE}}
+    out = {
+        "fd_mnist": fd_mnist(crop(images), ref["heldout"]),
+        "acc_b": float(acc.mean()),
+        "acc_b_se": float(acc.std() / len(acc) ** 0.5),
+        "neg_share": float(has.mean()),
+        "neg_share_se": float(has.std() / len(has) ** 0.5),
+        "clip": float(clip_score(images, pr["prompts"], clip).mean()),
+        "neg_share_by": {k: float(has[[n == k for n in negs]].mean()) for k in NEGATIVE},
+    }
     if "teacher_z" in ref:
         out["rmse_latent"] = float((z - ref["teacher_z"]).square().mean().sqrt())
         out["rmse_pixel"] = float((images - ref["teacher_x"]).square().mean().sqrt())
     return out
 
 
-def rows(model: TextToImage, adapter: SpeedUpNetAdapter, gain: float, pr: dict, w: float, heldout: torch.Tensor,
-         clip, log) -> dict:
+def rows(
+    model: TextToImage, adapter: SpeedUpNetAdapter, gain: float, pr: dict, w: float, heldout: torch.Tensor, clip, log
+) -> dict:
     n, prompts, negs = len(pr["prompts"]), pr["prompts"], pr["negatives"]
     cfg = classifier_free(model, with_cond(model, prompt=negs), w)
-    plans = [("teacher: DPM-Solver++ 20 steps, CFG", cfg, "dpm_solver_pp", 20, 40, {"prompt": prompts}),
-             ("base: DDIM 4 steps, no CFG", model, "ddim", 4, 4, {"prompt": prompts}),
-             ("base: DPM-Solver++ 4 steps, no CFG", model, "dpm_solver_pp", 4, 4, {"prompt": prompts}),
-             ("base: DPM-Solver++ 4 steps, CFG", cfg, "dpm_solver_pp", 4, 8, {"prompt": prompts}),
-             (f"untrained adapter (W' = W, gamma = {gain:g}): DDIM 4 steps", SpeedUpNetDenoiser(model), "ddim", 4, 4,
-              {"prompt": prompts, "negative_prompt": negs}),
-             ("SpeedUpNet student: DDIM 4 steps, no CFG", SpeedUpNetDenoiser(model), "ddim", 4, 4,
-              {"prompt": prompts, "negative_prompt": negs})]
+    plans = [
+        ("teacher: DPM-Solver++ 20 steps, CFG", cfg, "dpm_solver_pp", 20, 40, {"prompt": prompts}),
+        ("base: DDIM 4 steps, no CFG", model, "ddim", 4, 4, {"prompt": prompts}),
+        ("base: DPM-Solver++ 4 steps, no CFG", model, "dpm_solver_pp", 4, 4, {"prompt": prompts}),
+        ("base: DPM-Solver++ 4 steps, CFG", cfg, "dpm_solver_pp", 4, 8, {"prompt": prompts}),
+        (
+            f"untrained adapter (W' = W, gamma = {gain:g}): DDIM 4 steps",
+            SpeedUpNetDenoiser(model),
+            "ddim",
+            4,
+            4,
+            {"prompt": prompts, "negative_prompt": negs},
+        ),
+        (
+            "SpeedUpNet student: DDIM 4 steps, no CFG",
+            SpeedUpNetDenoiser(model),
+            "ddim",
+            4,
+            4,
+            {"prompt": prompts, "negative_prompt": negs},
+        ),
+    ]
     ref: dict = {"heldout": heldout}
     out = {}
     for name, den, solver, steps, evals, cond in plans:
@@ -145,8 +169,11 @@ def main() -> None:
     heldout = crop(data.images[data.val_idx])
     clip = load_clip()
     log(f"n = {len(pr['prompts'])} samples per row; teacher w = {w}")
-    result = {"n": len(pr["prompts"]), "guidance": w, "adapter_parameters": sum(p.numel() for p in
-                                                                                 sun.adapter.parameters())}
+    result = {
+        "n": len(pr["prompts"]),
+        "guidance": w,
+        "adapter_parameters": sum(p.numel() for p in sun.adapter.parameters()),
+    }
     log("base model + adapter:")
     gain = sun.settings.gain_init
     result["base"] = rows(sun.model, sun.adapter, gain, pr, w, heldout, clip, log)
@@ -157,20 +184,32 @@ def main() -> None:
     result["finetuned"] = rows(ft, sun.adapter, gain, pr, w, heldout, clip, log)  # plug-and-play: no retraining
     with torch.no_grad():  # how far the fine-tune moved the model: its teacher vs the base's, same noise
         cfg = {"prompt": pr["prompts"]}
-        za, zb = (dpmlab.sample(classifier_free(m, with_cond(m, prompt=pr["negatives"]), w), len(pr["prompts"]),
-                                solver="dpm_solver_pp", nfe=20, cond=cfg, batch_size=len(pr["prompts"]))
-                  for m in (sun.model, ft))
+        za, zb = (
+            dpmlab.sample(
+                classifier_free(m, with_cond(m, prompt=pr["negatives"]), w),
+                len(pr["prompts"]),
+                solver="dpm_solver_pp",
+                nfe=20,
+                cond=cfg,
+                batch_size=len(pr["prompts"]),
+            )
+            for m in (sun.model, ft)
+        )
     result["teacher_shift_rmse_latent"] = float((za - zb).square().mean().sqrt())
     log(f"base teacher vs fine-tuned teacher, RMSE latent: {result['teacher_shift_rmse_latent']:.3f}")
     result["nfe_ratio_vs_25_step_cfg"] = 50 / sun.settings.student_steps
     Path(args.out).write_text(json.dumps(result, indent=2))
     for part in ("base", "finetuned"):
-        print(f"\n### {part}\n\n| row | UNet evals | RMSE to teacher (latent / pixel) | FD-MNIST | accuracy (B) | "
-              "has the negative attribute | CLIP |\n|---|---|---|---|---|---|---|")
+        print(
+            f"\n### {part}\n\n| row | UNet evals | RMSE to teacher (latent / pixel) | FD-MNIST | accuracy (B) | "
+            "has the negative attribute | CLIP |\n|---|---|---|---|---|---|---|"
+        )
         for name, m in result[part].items():
             dist = "—" if name.startswith("teacher") else f"{m['rmse_latent']:.3f} / {m['rmse_pixel']:.3f}"
-            print(f"| {name} | {m['unet_evals']} | {dist} | {m['fd_mnist']:.1f} | {m['acc_b']:.3f} ± "
-                  f"{m['acc_b_se']:.3f} | {m['neg_share']:.3f} ± {m['neg_share_se']:.3f} | {m['clip']:.2f} |")
+            print(
+                f"| {name} | {m['unet_evals']} | {dist} | {m['fd_mnist']:.1f} | {m['acc_b']:.3f} ± "
+                f"{m['acc_b_se']:.3f} | {m['neg_share']:.3f} ± {m['neg_share_se']:.3f} | {m['clip']:.2f} |"
+            )
         print("\nshare with the negative attribute, per negative prompt:")
         for name, m in result[part].items():
             print(f"  {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in m["neg_share_by"].items()))

@@ -41,9 +41,11 @@ def main() -> None:
     ts = make_grid(sch, "uniform_time", 50)
     n = len(val)
     rec = model.decode(z0)
-    print(f"{n} held-out thin digits; VAE round trip alone: RMS {float((rec - x).square().mean().sqrt()):.3f}, "
-          f"bold {float((thickness_class(rec, digits) == 2).float().mean()):.2f}, "
-          f"classifier B keeps the digit {float((clf(rec[..., 2:30, 2:30]).argmax(1) == digits).float().mean()):.2f}")
+    print(
+        f"{n} held-out thin digits; VAE round trip alone: RMS {float((rec - x).square().mean().sqrt()):.3f}, "
+        f"bold {float((thickness_class(rec, digits) == 2).float().mean()):.2f}, "
+        f"classifier B keeps the digit {float((clf(rec[..., 2:30, 2:30]).argmax(1) == digits).float().mean()):.2f}"
+    )
 
     def score(out: torch.Tensor) -> str:
         img = model.decode(out)
@@ -62,8 +64,9 @@ def main() -> None:
             inv = invert(guided(model, 1.0, {"prompt": src}), z0, ts[skip:], ddim)
             di = sample(guided(model, 15.0, {"prompt": tar}), inv, ts[skip:], ddim)
             t = ts[skip : skip + 1]
-            noisy = sch.alpha(t).float() * z0 + sch.sigma(t).float() * counter_normal(1, torch.arange(n), 0,
-                                                                                       tuple(z0.shape[1:]))
+            noisy = sch.alpha(t).float() * z0 + sch.sigma(t).float() * counter_normal(
+                1, torch.arange(n), 0, tuple(z0.shape[1:])
+            )
             sd = sample(guided(model, 15.0, {"prompt": tar}, noise=noise), noisy, ts[skip:], ddpm)
             print(f"| {skip} | {score(ef)} | {score(di)} | {score(sd)} |")
 

@@ -87,13 +87,17 @@ def run(model, sch, solver, nfe, x_T, ref, exact):
 
 
 def ts_grid(base, v0):
-    return [TimeShift(base=base, window=w, cutoff=c, data_var=dv)
-            for w, c, dv in itertools.product((10, 30, 60), (300, 600), (0.0, v0))]
+    return [
+        TimeShift(base=base, window=w, cutoff=c, data_var=dv)
+        for w, c, dv in itertools.product((10, 30, 60), (300, 600), (0.0, v0))
+    ]
 
 
 def df_grid(base):
-    return [DualFast(base=base, c=c, prediction=p, tau=tau)
-            for c, p, tau in itertools.product((0.25, 0.5, 1.0, 2.0), ("noise", "data"), ("first", "previous"))]
+    return [
+        DualFast(base=base, c=c, prediction=p, tau=tau)
+        for c, p, tau in itertools.product((0.25, 0.5, 1.0, 2.0), ("noise", "data"), ("first", "previous"))
+    ]
 
 
 def label(s) -> str:
@@ -121,11 +125,13 @@ def main() -> None:
     mix, sch = img256(), DiscreteVP.from_preset("linear")
     v0 = float(torch.diagonal(mix.cov()).mean())
     x_T = float(sch.sigma(torch.tensor(sch.t_max))) * torch.randn(
-        args.n, mix.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        args.n, mix.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+    )
     ref = reference_solution(mix.denoiser(sch), sch, x_T, sch.t_max, sch.t_min, rtol=1e-6, atol=1e-6).x
     exact = mix.sample_t(8000, sch, sch.t_min, generator=torch.Generator().manual_seed(1))
-    floor = sliced_wasserstein(mix.sample_t(args.n, sch, sch.t_min, generator=torch.Generator().manual_seed(2)),
-                               exact, 256, 0)
+    floor = sliced_wasserstein(
+        mix.sample_t(args.n, sch, sch.t_min, generator=torch.Generator().manual_seed(2)), exact, 256, 0
+    )
     print(f"img256: data variance per coordinate v0={v0:.3f}; SW floor (exact samples, n={args.n}) {floor:.4f}\n")
     models = {"exact": 0.0, "eps_scale": 0.03, "lam_shift": 0.3, "blur": 0.3}
     # UniPC with its corrector reuses an evaluation DualFast cannot see: measured without the corrector
@@ -133,8 +139,10 @@ def main() -> None:
     for kind, strength in models.items():
         model = Biased(mix, sch, kind, strength)
         hi = run(model, sch, get("dpm_solver_pp"), 200, x_T, ref, exact)
-        print(f"## model {kind} (strength {strength}): model error alone (DPM-Solver++, 200 NFE) "
-              f"rms {hi[0]:.4f}, sw {hi[1]:.4f}\n")
+        print(
+            f"## model {kind} (strength {strength}): model error alone (DPM-Solver++, 200 NFE) "
+            f"rms {hi[0]:.4f}, sw {hi[1]:.4f}\n"
+        )
         for bname, base in bases.items():
             cands = ([] if bname == "unipc" else ts_grid(base, v0)) + df_grid(base)
             scored = [(run(model, sch, s, 10, x_T, ref, exact)[1], s) for s in cands]
@@ -184,14 +192,18 @@ def trained_section(name: str, n: int = 1000, nfes: tuple[int, ...] = NFES, quic
     print(f"\n## {name} ({metric}), n={n}, uniform-time grids\n")
     print("| variant | " + " | ".join(f"NFE {k}" for k in nfes) + " |")
     print("|---|" + "---|" * len(nfes))
-    rows = [("DDIM", get("ddim")), ("TS-DDIM (w=30, c=300)", TimeShift()),
-                      ("DualFast-DDIM (c=0.5)", DualFast()), ("DPM-Solver++", get("dpm_solver_pp")),
-                      ("TS-DPM-Solver++", TimeShift(base=get("dpm_solver_pp"))),
-                      ("DualFast-DPM-Solver++", DualFast(base=get("dpm_solver_pp"))), ("UniPC", get("unipc")),
-                      ("DualFast-UniPC", DualFast(base=get("unipc")))]
+    rows = [
+        ("DDIM", get("ddim")),
+        ("TS-DDIM (w=30, c=300)", TimeShift()),
+        ("DualFast-DDIM (c=0.5)", DualFast()),
+        ("DPM-Solver++", get("dpm_solver_pp")),
+        ("TS-DPM-Solver++", TimeShift(base=get("dpm_solver_pp"))),
+        ("DualFast-DPM-Solver++", DualFast(base=get("dpm_solver_pp"))),
+        ("UniPC", get("unipc")),
+        ("DualFast-UniPC", DualFast(base=get("unipc"))),
+    ]
     for label_, s in rows[:6] if quick else rows:
-        cells = [score(dpmlab.sample(model, n, solver=s, nfe=k, seed=0, grid="uniform_time", cond=cond))
-                 for k in nfes]
+        cells = [score(dpmlab.sample(model, n, solver=s, nfe=k, seed=0, grid="uniform_time", cond=cond)) for k in nfes]
         print(f"| {label_} | " + " | ".join(cells) + " |")
 
 

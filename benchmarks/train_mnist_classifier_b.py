@@ -42,8 +42,10 @@ def main() -> None:
     result.card["agreement_with_mnist_classifier_on_val"] = round(float((pred_a == pred_b).float().mean()), 4)
     save_mnist_classifier(result.model, args.out, result.card)
     card = result.card
-    print(f"held-out accuracy {card['val_accuracy']:.4f}  agreement with the guiding classifier "
-          f"{card['agreement_with_mnist_classifier_on_val']:.4f}  training time {card['training_time_s']:.1f} s")
+    print(
+        f"held-out accuracy {card['val_accuracy']:.4f}  agreement with the guiding classifier "
+        f"{card['agreement_with_mnist_classifier_on_val']:.4f}  training time {card['training_time_s']:.1f} s"
+    )
     print(f"wrote {args.out} ({args.out.stat().st_size / 1024:.0f} KiB) and {args.out.with_suffix('.json')}")
 
 

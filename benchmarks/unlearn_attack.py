@@ -70,15 +70,20 @@ def main() -> None:
     rows: list[dict[str, object]] = []
 
     def row(model_name: str, what: str, p: str, r: float, extra: str = "") -> None:
-        rows.append({"model": model_name, "prompt_kind": what, "prompt": p, "rate": r, "se": _se(r, a.n),
-                     "note": extra})
-        print(f"{model_name:<8} {what:<34} {p!r:<44} {r:.3f} ± {_se(r, a.n):.3f} {extra} ({time.time() - t0:.0f} s)",
-              flush=True)
+        rows.append(
+            {"model": model_name, "prompt_kind": what, "prompt": p, "rate": r, "se": _se(r, a.n), "note": extra}
+        )
+        print(
+            f"{model_name:<8} {what:<34} {p!r:<44} {r:.3f} ± {_se(r, a.n):.3f} {extra} ({time.time() - t0:.0f} s)",
+            flush=True,
+        )
 
     row("base", "plain", prompt, rate(base, prompt))
     row("erased", "plain (Pre-ASR)", prompt, rate(erased, prompt))
-    pics = {"base, plain": ua.generate(base, prompt, 16, guidance=a.guidance, nfe=a.nfe),
-            "erased, plain": ua.generate(erased, prompt, 16, guidance=a.guidance, nfe=a.nfe)}
+    pics = {
+        "base, plain": ua.generate(base, prompt, 16, guidance=a.guidance, nfe=a.nfe),
+        "erased, plain": ua.generate(erased, prompt, 16, guidance=a.guidance, nfe=a.nfe),
+    }
     attacks = []
     for forbid in ((), (word,)):
         for s in range(a.attack_seeds):
@@ -88,19 +93,22 @@ def main() -> None:
             first, last = sum(res.losses[:n]) / n, sum(res.losses[-n:]) / n
             kind = f"UnlearnDiffAtk seed {s}" + (f", no '{word}'" if forbid else "")
             row("erased", kind, res.prompt, rate(erased, res.prompt), f"loss {first:.4f}->{last:.4f}")
-            attacks.append({"seed": s, "forbid": list(forbid), "prompt": res.prompt, "loss_first": first,
-                            "loss_last": last})
+            attacks.append(
+                {"seed": s, "forbid": list(forbid), "prompt": res.prompt, "loss_first": first, "loss_last": last}
+            )
             if s == 0:
                 pics[f"erased, attack{' (no ' + word + ')' if forbid else ''}"] = ua.generate(
-                    erased, res.prompt, 16, guidance=a.guidance, nfe=a.nfe)
+                    erased, res.prompt, 16, guidance=a.guidance, nfe=a.nfe
+                )
     rnd = []
     for s in range(a.random_draws):
         p = ua.random_prefix(erased, a.k, prompt, seed=100 + s)
         r = rate(erased, p)
         rnd.append(r)
         row("erased", f"random prefix draw {s}", p, r)
-    res = ua.attack(base, prompt, targets, ua.AttackConfig(k=a.k, steps=a.attack_steps, seed=0,
-                                                          relaxation=a.relaxation))
+    res = ua.attack(
+        base, prompt, targets, ua.AttackConfig(k=a.k, steps=a.attack_steps, seed=0, relaxation=a.relaxation)
+    )
     row("base", "UnlearnDiffAtk seed 0", res.prompt, rate(base, res.prompt))
     other = {}
     for d in range(10):
@@ -109,8 +117,15 @@ def main() -> None:
         p = f"a {DIGIT_WORDS[d]}"
         other[d] = {"base": rate(base, p, a.n_other, digit=d), "erased": rate(erased, p, a.n_other, digit=d)}
         print(f"other digit {d}: base {other[d]['base']:.3f} erased {other[d]['erased']:.3f}", flush=True)
-    out = {"esd_card": card, "rows": rows, "attacks": attacks, "random_mean": sum(rnd) / len(rnd) if rnd else None,
-           "other_digits": other, "settings": vars(a), "seconds": time.time() - t0}
+    out = {
+        "esd_card": card,
+        "rows": rows,
+        "attacks": attacks,
+        "random_mean": sum(rnd) / len(rnd) if rnd else None,
+        "other_digits": other,
+        "settings": vars(a),
+        "seconds": time.time() - t0,
+    }
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(out, indent=2))
 

@@ -34,8 +34,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     sch = LinearVP(0.1, 20.0, t_min=1e-4)  # the ScoreSDE VP schedule (continuous time)
     gmm = preset("gmm16")
     model = gmm.denoiser(sch)
-    ems = fit_ems(model, sch, gmm.sample(1024, generator=torch.Generator().manual_seed(123)), n_points=1024,
-                  grid_size=200, t_start=1.0, t_end=1e-4, model_name="gmm16")
+    ems = fit_ems(
+        model,
+        sch,
+        gmm.sample(1024, generator=torch.Generator().manual_seed(123)),
+        n_points=1024,
+        grid_size=200,
+        t_start=1.0,
+        t_end=1e-4,
+        model_name="gmm16",
+    )
     rows = ["| schedule | NFE | solver | RMSE vs reference (mean +- s.e.) |", "|---|---|---|---|"]
     for nfe in (5, 10):
         base = Plan.from_authors(f"cifar10_sde_nfe{nfe}", v3="data", drop_skip=True, afs_mean=gmm.mean())
@@ -49,14 +57,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             return f"{e.mean():.4g} +- {e.std() / len(e) ** 0.5:.2g}"
 
         kept = Plan.from_authors(f"cifar10_sde_nfe{nfe}", drop_skip=True, afs_mean=gmm.mean())
-        cands: list[tuple[str, torch.Tensor, USF]] = [("USF released (v3 with fitted EMS, own grid)", kept.grid(),
-                                                       USF(kept, ems=ems))]
+        cands: list[tuple[str, torch.Tensor, USF]] = [
+            ("USF released (v3 with fitted EMS, own grid)", kept.grid(), USF(kept, ems=ems))
+        ]
         for v3 in ("data", "noise"):
             p = Plan.from_authors(f"cifar10_sde_nfe{nfe}", v3=v3, drop_skip=True, afs_mean=gmm.mean())
             assert p.nfe == nfe
             cands.append((f"USF released (v3->{v3}, own grid)", p.grid(), USF(p)))
-        for name, pre in (("DPM-Solver++ 2M", Preset.dpm_solver_pp(2)), ("DPM-Solver++ 3M", Preset.dpm_solver_pp(3)),
-                          ("UniPC-2 bh1", Preset.unipc(2)), ("UniPC-3 bh2", Preset.unipc(3, "bh2"))):
+        for name, pre in (
+            ("DPM-Solver++ 2M", Preset.dpm_solver_pp(2)),
+            ("DPM-Solver++ 3M", Preset.dpm_solver_pp(3)),
+            ("UniPC-2 bh1", Preset.unipc(2)),
+            ("UniPC-3 bh2", Preset.unipc(3, "bh2")),
+        ):
             for grid in ("uniform_lambda", "quadratic_time"):
                 usf = USF(pre)
                 steps = usf.steps_for_nfe(nfe, False)

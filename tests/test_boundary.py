@@ -52,8 +52,9 @@ def test_edit_lands_at_the_requested_signed_distance_from_the_svm_plane():
         assert torch.allclose(step, (step @ bd.normal)[:, None] * bd.normal[None], atol=1e-12)  # along the normal
     per_sample = torch.linspace(-1, 1, 7, dtype=torch.float64)
     assert torch.allclose(bd.distance(bd.move(pts, per_sample)), per_sample, atol=1e-12)
-    assert bool((bd.distance(bd.move(pts, 3.0)) > 0).all()) and set(svm.predict(bd.move(pts, 3.0).reshape(7, -1)
-                                                                                .numpy())) == {1}
+    assert bool((bd.distance(bd.move(pts, 3.0)) > 0).all()) and set(
+        svm.predict(bd.move(pts, 3.0).reshape(7, -1).numpy())
+    ) == {1}
 
 
 def test_held_out_accuracy_above_chance_on_a_separable_toy_and_at_chance_on_noise():
@@ -114,9 +115,16 @@ def test_latents_edit_and_first_call_replacement_on_a_dpmlab_unet():
 def test_diffusers_mid_block_hook_captures_and_replaces_the_first_call():
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-                                 layers_per_block=1, norm_num_groups=4, down_block_types=("DownBlock2D",) * 2,
-                                 up_block_types=("UpBlock2D",) * 2).eval()
+    unet = diffusers.UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D",) * 2,
+        up_block_types=("UpBlock2D",) * 2,
+    ).eval()
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 10])
     with torch.no_grad():
         ref = unet(x, t).sample

@@ -12,7 +12,7 @@ def _stroke(shear: float, width: int = 1, height: int = 16) -> torch.Tensor:
     for r in range(14 - height // 2, 14 + height // 2):
         y_up = 14 - r
         c = round(14 + shear * y_up)
-        img[0, 0, r, c - width // 2: c - width // 2 + width] = 1.0
+        img[0, 0, r, c - width // 2 : c - width // 2 + width] = 1.0
     return img
 
 
@@ -77,8 +77,12 @@ def test_every_caption_parses_back_to_its_spec_and_conflicts_are_refused():
         assert C.parse_caption(spec.text()) == spec
     assert C.parse_caption("Seven, BOLD left-slanted") == C.CaptionSpec(7, 2, "left")
     assert C.parse_caption("a slanted two") == C.CaptionSpec(2, None, "slanted")
-    for bad, msg in [("a thin bold seven", "two thicknesss"), ("a seven eight", "two digits"),
-                     ("a left right seven", "two slants"), ("a cat", "'cat'")]:
+    for bad, msg in [
+        ("a thin bold seven", "two thicknesss"),
+        ("a seven eight", "two digits"),
+        ("a left right seven", "two slants"),
+        ("a cat", "'cat'"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             C.parse_caption(bad)
     with pytest.raises(ValueError, match="context holds 8"):

@@ -14,8 +14,9 @@ from dpmlab.models.unet import UNet, UNetConfig
 
 def _tiny_unet(size: int = 16) -> UNet:
     torch.manual_seed(0)
-    return UNet(UNetConfig(image_size=size, model_channels=8, channel_mult=(1, 2), num_res_blocks=1, groups=4,
-                           num_heads=2))
+    return UNet(
+        UNetConfig(image_size=size, model_channels=8, channel_mult=(1, 2), num_res_blocks=1, groups=4, num_heads=2)
+    )
 
 
 def test_masks_exact_unchanged_added_moved():
@@ -63,9 +64,17 @@ def test_diffusers_features_shapes():
     from diffusers.models.unets.unet_2d import UNet2DModel
 
     torch.manual_seed(0)
-    net = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                      down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                      up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, attention_head_dim=4)
+    net = UNet2DModel(
+        sample_size=16,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        attention_head_dim=4,
+    )
     ext = cd.DiffusionFeatures(net, timesteps=(50, 100))
     feats = ext(torch.zeros(3, 1, 16, 16))
     assert ext.channels == [32, 16] and [tuple(f.shape) for f in feats] == [(3, 32, 8, 8), (3, 16, 16, 16)]
@@ -162,8 +171,21 @@ def test_command_line(tmp_path, capsys):
     head = tmp_path / "pix.safetensors"
     common = ["train", "--pairs", str(d / "train.safetensors"), "--epochs", "2", "--quiet"]
     assert cd.main([*common, "--features", "pixels", "--out", str(head)]) == 0
-    assert cd.main(["eval", "--pairs", str(d / "test.safetensors"), "--head", str(head), "--json",
-                    str(tmp_path / "m.json"), "--quiet"]) == 0
+    assert (
+        cd.main(
+            [
+                "eval",
+                "--pairs",
+                str(d / "test.safetensors"),
+                "--head",
+                str(head),
+                "--json",
+                str(tmp_path / "m.json"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     m = json.loads((tmp_path / "m.json").read_text())
     assert set(m) >= {"f1", "iou", "precision", "recall", "accuracy"} and m["tp"] + m["fn"] > 0
     # a (tiny, untrained) dpmlab diffusion model file as the feature extractor
@@ -171,8 +193,10 @@ def test_command_line(tmp_path, capsys):
     spec = ModelSpec("unet", cfg, Objective.EPS, "linear", (1, 32, 32))
     save_model(tmp_path / "m.safetensors", spec.build_net(), spec)
     dh = tmp_path / "ddpm.safetensors"
-    assert cd.main([*common, "--features", str(tmp_path / "m.safetensors"), "--timesteps", "50,100",
-                    "--out", str(dh)]) == 0
+    assert (
+        cd.main([*common, "--features", str(tmp_path / "m.safetensors"), "--timesteps", "50,100", "--out", str(dh)])
+        == 0
+    )
     assert json.loads(dh.with_suffix(".json").read_text())["head"]["channels"] == [32, 16]
     assert cd.main(["eval", "--pairs", str(d / "test.safetensors"), "--head", str(dh), "--quiet"]) == 0
     assert cd.main([*common, "--features", "missing.safetensors", "--out", str(tmp_path / "x.safetensors")]) == 2

@@ -27,8 +27,26 @@ def test_sample_writes_picture_and_raw(tmp_path, capsys):
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.png"]  # only the file the user named
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert main(["sample", "--model", "gmm2d", "--nfe", "10", "-n", "300", "--out", str(out), "--raw",
-                 str(tmp_path / "s.npz"), "-q", "--overwrite"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--model",
+                "gmm2d",
+                "--nfe",
+                "10",
+                "-n",
+                "300",
+                "--out",
+                str(out),
+                "--raw",
+                str(tmp_path / "s.npz"),
+                "-q",
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
     raw = np.load(tmp_path / "s.npz")
     assert raw["samples"].shape == (300, 2)
     st = tmp_path / "r.safetensors"

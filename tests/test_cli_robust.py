@@ -141,8 +141,10 @@ def test_solver_options_are_checked_by_type():
 
 
 def test_cli_solver_options_and_listing(tmp_path, capsys):
-    assert main(["sample", "--options", '{"order": true}', "--solver", "dpm_solver_pp", "--out",
-                 str(tmp_path / "s.png")]) == 2
+    assert (
+        main(["sample", "--options", '{"order": true}', "--solver", "dpm_solver_pp", "--out", str(tmp_path / "s.png")])
+        == 2
+    )
     assert "has the wrong type" in capsys.readouterr().err
     assert main(["sample", "--options", "{eta: 1}", "--out", str(tmp_path / "s.png")]) == 2
     assert "--options is not valid JSON" in capsys.readouterr().err
@@ -178,25 +180,75 @@ def test_artifact_solvers_need_an_artifact_or_an_explicit_none(tmp_path, capsys)
         assert main(["sample", "--model", "gmm2d", "--solver", solver, "--nfe", "6", "--out", str(out)]) == 2
         assert f"give --artifact FILE ({fix}) or --artifact none" in capsys.readouterr().err
     raw = tmp_path / "v3.npz"
-    assert main(["sample", "--model", "gmm2d", "--solver", "dpm_solver_v3", "--artifact", "none", "--nfe", "6",
-                 "--out", str(out), "--raw", str(raw), "-q"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--model",
+                "gmm2d",
+                "--solver",
+                "dpm_solver_v3",
+                "--artifact",
+                "none",
+                "--nfe",
+                "6",
+                "--out",
+                str(out),
+                "--raw",
+                str(raw),
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert json.loads(str(np.load(raw)["meta"]))["artifact"] == "none"
-    assert main(["sample", "--model", "gmm2d", "--solver", "dpm_solver_v3", "--artifact", "none", "--options",
-                 '{"ems": null}', "--nfe", "6", "--out", str(tmp_path / "b.png")]) == 2
+    assert (
+        main(
+            [
+                "sample",
+                "--model",
+                "gmm2d",
+                "--solver",
+                "dpm_solver_v3",
+                "--artifact",
+                "none",
+                "--options",
+                '{"ems": null}',
+                "--nfe",
+                "6",
+                "--out",
+                str(tmp_path / "b.png"),
+            ]
+        )
+        == 2
+    )
     assert "the solver options set ems and the artifact gives it too" in capsys.readouterr().err
-    assert main(["sample", "--model", "gmm2d", "--solver", "ddim", "--artifact", "none", "--out",
-                 str(tmp_path / "c.png")]) == 2
+    assert (
+        main(["sample", "--model", "gmm2d", "--solver", "ddim", "--artifact", "none", "--out", str(tmp_path / "c.png")])
+        == 2
+    )
     assert "takes no artifact" in capsys.readouterr().err
 
 
 def _tiny():
     g = torch.Generator().manual_seed(0)
     data = Dataset("tiny", torch.rand(16, 2, generator=g) * 2 - 1, None, ())
-    recipe = Recipe.from_dict({"name": "tiny", "data": {"name": "moons"},
-                               "model": {"net": "mlp", "objective": "eps",
-                                         "net_config": {"data_shape": [2], "width": 16, "depth": 2}},
-                               "train": {"steps": 8, "batch_size": 4, "lr": 1e-3, "ema_decay": 0.9,
-                                         "checkpoint_every": 100, "log_every": 1, "seed": 1}})
+    recipe = Recipe.from_dict(
+        {
+            "name": "tiny",
+            "data": {"name": "moons"},
+            "model": {"net": "mlp", "objective": "eps", "net_config": {"data_shape": [2], "width": 16, "depth": 2}},
+            "train": {
+                "steps": 8,
+                "batch_size": 4,
+                "lr": 1e-3,
+                "ema_decay": 0.9,
+                "checkpoint_every": 100,
+                "log_every": 1,
+                "seed": 1,
+            },
+        }
+    )
     return recipe, data
 
 
@@ -213,8 +265,13 @@ def test_sigint_during_training_checkpoints_and_resume_is_bit_exact(tmp_path):
     assert read_checkpoint(tmp_path / "run" / "checkpoint.safetensors")[1]["step"] == 3
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler was put back
     with pytest.raises(ValueError, match=r"at step 3, train.steps=3: nothing to resume; give more steps"):
-        train(Recipe.from_dict({**recipe.to_dict(), "train": {**recipe.to_dict()["train"], "steps": 3}}),
-              tmp_path / "run", resume=True, dataset=data, progress=False)
+        train(
+            Recipe.from_dict({**recipe.to_dict(), "train": {**recipe.to_dict()["train"], "steps": 3}}),
+            tmp_path / "run",
+            resume=True,
+            dataset=data,
+            progress=False,
+        )
     more = {**recipe.to_dict(), "train": {**recipe.to_dict()["train"], "checkpoint_every": 2}}  # may change
     res = train(Recipe.from_dict(more), tmp_path / "run", resume=True, dataset=data, progress=False)
     assert res.losses == ref.losses
@@ -224,8 +281,18 @@ def test_sigint_during_training_checkpoints_and_resume_is_bit_exact(tmp_path):
 
 
 def test_cli_resume_names_the_differing_field(tmp_path, capsys):
-    args = ["train", "--data", "moons", "--net", "mlp", "--out", str(tmp_path / "r"), "-q",
-            "--set", "model.net_config.width=8"]
+    args = [
+        "train",
+        "--data",
+        "moons",
+        "--net",
+        "mlp",
+        "--out",
+        str(tmp_path / "r"),
+        "-q",
+        "--set",
+        "model.net_config.width=8",
+    ]
     assert main([*args, "--steps", "2"]) == 0
     assert main([*args, "--steps", "4", "--resume", "--lr", "0.01"]) == 2
     assert "train config differs at lr (saved 0.0002, now 0.01)" in capsys.readouterr().err

@@ -34,8 +34,14 @@ def rms(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).pow(2).mean().sqrt())
 
 
-BASES = [S.get("unipc"), S.get("unipc", prediction="noise", variant="bh2"), S.get("unic"),
-         S.get("dpm_solver_pp", order=3), S.get("ddim"), S.get("deis")]
+BASES = [
+    S.get("unipc"),
+    S.get("unipc", prediction="noise", variant="bh2"),
+    S.get("unic"),
+    S.get("dpm_solver_pp", order=3),
+    S.get("ddim"),
+    S.get("deis"),
+]
 
 
 @pytest.mark.parametrize("base", BASES, ids=lambda b: str(b.config()))
@@ -63,8 +69,9 @@ def test_lagrange_compensation_is_exact_on_polynomials():
 
 @pytest.fixture(scope="module")
 def fitted() -> tuple[DCRatios, torch.Tensor]:
-    r = fit_dc_ratios(MODEL, SCH, S.get("unipc"), 6, n_datapoints=10, grid="quadratic_time", model_name="gmm16",
-                      ref_tol=1e-8)
+    r = fit_dc_ratios(
+        MODEL, SCH, S.get("unipc"), 6, n_datapoints=10, grid="quadratic_time", model_name="gmm16", ref_tol=1e-8
+    )
     return r, make_grid(SCH, "quadratic_time", 6, to_zero=True)
 
 
@@ -111,8 +118,11 @@ def test_ratios_record_and_check_grid_nfe_and_base(tmp_path, fitted):
 def test_version_1_artifacts_are_refused_unless_unchecked(tmp_path):
     path = tmp_path / "old.safetensors"
     meta = {"dc_order": 2, "guidance": 1.0, "model": "gmm16", "solver": ""}
-    save_file({"ratios": torch.tensor([1.0, 1.0, 0.9], dtype=torch.float64)}, str(path),
-              metadata={"format": "dpmlab.dc_ratios", "version": "1", "meta": json.dumps(meta)})
+    save_file(
+        {"ratios": torch.tensor([1.0, 1.0, 0.9], dtype=torch.float64)},
+        str(path),
+        metadata={"format": "dpmlab.dc_ratios", "version": "1", "meta": json.dumps(meta)},
+    )
     with pytest.raises(ValueError, match="version-1 dc_ratios artifact.*refit it.*allow_unchecked=True"):
         DCRatios.load(path)
     old = DCRatios.load(path, allow_unchecked=True)
@@ -147,8 +157,9 @@ def test_bad_artifacts_raise_clear_errors(tmp_path, fitted):
 @pytest.mark.parametrize("degree", [2, 3])
 def test_cpr_recovers_a_cascade_polynomial_and_interpolates(degree):
     n_coef = 9 * (degree + 1)
-    true = CPRModel(tuple(torch.randn(n_coef, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-                          .mul(0.1).tolist()))
+    true = CPRModel(
+        tuple(torch.randn(n_coef, generator=torch.Generator().manual_seed(0), dtype=torch.float64).mul(0.1).tolist())
+    )
     assert true.degree == degree
     fits = [true.predict(n, w) for n in (5, 6, 8, 10) for w in (1.0, 3.0, 7.0)]
     cpr = fit_cpr(fits, degree=degree)
@@ -166,8 +177,10 @@ def test_cpr_on_fitted_ratios(fitted):
     """Through real (noisy) fitted ratios CPR is a regression: its residual is well below the ratios'
     own deviation from 1 on the training settings."""
     ratios6, _ = fitted
-    fits = [ratios6] + [fit_dc_ratios(MODEL, SCH, S.get("unipc"), n, grid="quadratic_time", n_datapoints=4,
-                                      ref_tol=1e-8) for n in (5, 8)]
+    fits = [ratios6] + [
+        fit_dc_ratios(MODEL, SCH, S.get("unipc"), n, grid="quadratic_time", n_datapoints=4, ref_tol=1e-8)
+        for n in (5, 8)
+    ]
     cpr = fit_cpr(fits, degree=2)
     res = [a - b for f in fits for a, b in zip(cpr.predict(len(f.ratios)).ratios[2:], f.ratios[2:])]
     dev = [r - 1.0 for f in fits for r in f.ratios[2:]]
@@ -232,8 +245,7 @@ def test_authors_released_cpr_loads_and_reproduces_their_ratios(tmp_path):
 def test_adamw_fit_is_the_authors_unbounded_gradient_search():
     ts = make_grid(SCH, "uniform_time", 5, to_zero=True)
     base = S.get("unipc", variant="bh2")
-    r = fit_dc_ratios(MODEL, SCH, base, 5, n_datapoints=3, grid="uniform_time", method="adamw",
-                      ref_tol=1e-7)
+    r = fit_dc_ratios(MODEL, SCH, base, 5, n_datapoints=3, grid="uniform_time", method="adamw", ref_tol=1e-7)
     assert r.fit == "adamw" and r.ratios[:2] == (1.0, 1.0) and any(abs(v - 1) > 1e-3 for v in r.ratios)
     # the gradient it follows is the true derivative of the step in rho (central difference)
     dc, p = DynamicCompensation(base), S.Problem(MODEL, SCH)

@@ -15,8 +15,7 @@ from dpmlab.solvers.differentiable import Checkpointed, sample_with_grad
 
 torch.set_num_threads(1)
 
-SOLVERS = [("ddim", {}), ("heun", {}), ("dpm_solver_pp", {"order": 2}), ("unipc", {}), ("deis", {}),
-           ("ipndm", {})]
+SOLVERS = [("ddim", {}), ("heun", {}), ("dpm_solver_pp", {"order": 2}), ("unipc", {}), ("deis", {}), ("ipndm", {})]
 
 
 def tiny_model() -> Denoiser:
@@ -93,8 +92,10 @@ def test_gradient_reaches_the_starting_noise():
     with torch.no_grad():
         e = torch.zeros_like(x)
         e[1, 2] = h
-        fd = (loss_of(plain_sample(Problem(model, sch), x + e, ts, get("ddim")))
-              - loss_of(plain_sample(Problem(model, sch), x - e, ts, get("ddim")))) / (2 * h)
+        fd = (
+            loss_of(plain_sample(Problem(model, sch), x + e, ts, get("ddim")))
+            - loss_of(plain_sample(Problem(model, sch), x - e, ts, get("ddim")))
+        ) / (2 * h)
     assert abs(float(gx[1, 2]) - float(fd)) < 1e-6 * max(1.0, abs(float(fd)))
 
 

@@ -45,14 +45,16 @@ def test_form2_forward_process_is_the_papers_chain_and_a_ddpm_on_the_residual():
         var = (1 - betas[t]) * var + betas[t]
         if t in (0, 9, 499, 999):
             a, s = ab[t].sqrt(), (1 - ab[t]).sqrt()
-            torch.testing.assert_close(q_sample(x0, x_hat, a, s, torch.zeros_like(x0), "form2"), mean, rtol=0,
-                                       atol=1e-12)
+            torch.testing.assert_close(
+                q_sample(x0, x_hat, a, s, torch.zeros_like(x0), "form2"), mean, rtol=0, atol=1e-12
+            )
             assert float(var) == pytest.approx(float(s**2), abs=1e-12)
     # x_T ~ N(x^, I); minus x^ it is the DDPM of y = x0 - x^; Form-1 is the plain DDPM
     eps = torch.randn(4, 6, generator=g, dtype=torch.float64)
     a, s = ab[-1].sqrt(), (1 - ab[-1]).sqrt()
-    torch.testing.assert_close(q_sample(x0, x_hat, a, s, torch.zeros_like(x0), Form.FORM2), x_hat, atol=0.03,
-                               rtol=0)  # alpha_T = 0.0064
+    torch.testing.assert_close(
+        q_sample(x0, x_hat, a, s, torch.zeros_like(x0), Form.FORM2), x_hat, atol=0.03, rtol=0
+    )  # alpha_T = 0.0064
     t = torch.tensor(0.37, dtype=torch.float64)
     a, s = vp.alpha(t), vp.sigma(t)
     torch.testing.assert_close(q_sample(x0, x_hat, a, s, eps, "form2") - x_hat, vp.add_noise(x0 - x_hat, eps, t))
@@ -101,12 +103,18 @@ def test_exact_eps_network_samples_x0_through_the_denoiser(form):
 def test_vae_kl_is_the_closed_form_and_the_objective_is_the_authors_loss():
     g = torch.Generator().manual_seed(2)
     mu, logvar = (torch.randn(5, 7, generator=g, dtype=torch.float64) for _ in range(2))
-    ref = torch.distributions.kl_divergence(torch.distributions.Normal(mu, (0.5 * logvar).exp()),
-                                            torch.distributions.Normal(0.0, 1.0)).sum(1)
+    ref = torch.distributions.kl_divergence(
+        torch.distributions.Normal(mu, (0.5 * logvar).exp()), torch.distributions.Normal(0.0, 1.0)
+    ).sum(1)
     torch.testing.assert_close(ConvVAE.kl(mu, logvar), ref)
     assert float(ConvVAE.kl(torch.zeros(1, 3), torch.zeros(1, 3))) == 0.0
-    recipe = MethodRecipe.from_dict({"name": "v", "method": {"name": "diffusevae_vae", "latent_dim": 3, "width": 8,
-                                                             "beta": 0.3}, "data": {"name": "digits8"}})
+    recipe = MethodRecipe.from_dict(
+        {
+            "name": "v",
+            "method": {"name": "diffusevae_vae", "latent_dim": 3, "width": 8, "beta": 0.3},
+            "data": {"name": "digits8"},
+        }
+    )
     from dpmlab.methods.diffusevae import VAEObjective
     from dpmlab.training.data import load_data
 
@@ -121,8 +129,18 @@ def test_vae_kl_is_the_closed_form_and_the_objective_is_the_authors_loss():
 
 def _trained_like_net(form: Form = Form.FORM1) -> DiffuseVAEModel:
     torch.manual_seed(5)
-    unet = UNet(UNetConfig(image_size=8, in_channels=1, cond_channels=1, model_channels=8, channel_mult=(1, 2),
-                           num_res_blocks=1, num_heads=2, groups=4))
+    unet = UNet(
+        UNetConfig(
+            image_size=8,
+            in_channels=1,
+            cond_channels=1,
+            model_channels=8,
+            channel_mult=(1, 2),
+            num_res_blocks=1,
+            num_heads=2,
+            groups=4,
+        )
+    )
     torch.nn.init.normal_(unet.conv_out.weight, std=0.1)  # zero-initialised output: make the net non-trivial
     from dpmlab.methods.diffusevae import DiffuseVAENet
 
@@ -159,10 +177,18 @@ def test_cfg_scale_one_is_conditional_and_scale_w_is_the_authors_eps_combination
 
 
 def test_unet_concatenated_conditioning_is_backwards_compatible():
-    old = UNet(UNetConfig(image_size=8, model_channels=8, channel_mult=(1, 2), num_res_blocks=1, num_heads=2,
-                          groups=4))
-    new = UNet(UNetConfig(image_size=8, model_channels=8, channel_mult=(1, 2), num_res_blocks=1, num_heads=2,
-                          groups=4, cond_channels=2))
+    old = UNet(UNetConfig(image_size=8, model_channels=8, channel_mult=(1, 2), num_res_blocks=1, num_heads=2, groups=4))
+    new = UNet(
+        UNetConfig(
+            image_size=8,
+            model_channels=8,
+            channel_mult=(1, 2),
+            num_res_blocks=1,
+            num_heads=2,
+            groups=4,
+            cond_channels=2,
+        )
+    )
     so, sn = old.state_dict(), new.state_dict()
     assert so.keys() == sn.keys()
     assert [k for k in so if so[k].shape != sn[k].shape] == ["conv_in.weight"] and sn["conv_in.weight"].shape[1] == 3
@@ -187,8 +213,9 @@ def test_latent_gmm_prior(tmp_path):
     gmm = LatentGMM.fit(z, 2, seed=0)
     order = gmm.means[:, 0].argsort()
     torch.testing.assert_close(gmm.weights[order], torch.tensor([0.3, 0.7], dtype=torch.float64), atol=0.03, rtol=0)
-    torch.testing.assert_close(gmm.means[order], torch.tensor([[-3.0, 0.0], [3.0, 1.0]], dtype=torch.float64),
-                               atol=0.06, rtol=0)
+    torch.testing.assert_close(
+        gmm.means[order], torch.tensor([[-3.0, 0.0], [3.0, 1.0]], dtype=torch.float64), atol=0.06, rtol=0
+    )
     s = gmm.sample(torch.arange(20000), seed=4)
     assert float((s[:, 0] < 0).float().mean()) == pytest.approx(0.3, abs=0.015)
     assert float(s[s[:, 0] > 0].std(0).mean()) == pytest.approx(0.5, abs=0.03)
@@ -219,17 +246,48 @@ def test_settings_errors():
 
 def test_two_stage_recipes_through_the_cli_and_controllable_synthesis(tmp_path, capsys):
     vae_run, run = tmp_path / "vae", tmp_path / "ddpm"
-    assert main(["train", "--recipe", str(ROOT / "recipes" / "methods" / "diffusevae_vae_digits8.json"), "--steps",
-                 "150", "--out", str(vae_run), "-q", "--set", "method.width=8"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--recipe",
+                str(ROOT / "recipes" / "methods" / "diffusevae_vae_digits8.json"),
+                "--steps",
+                "150",
+                "--out",
+                str(vae_run),
+                "-q",
+                "--set",
+                "method.width=8",
+            ]
+        )
+        == 0
+    )
     vae = load(vae_run)
     x = digits8().x[:300]
     with torch.no_grad():
         x_hat = vae.x_hat(x, torch.zeros(300, vae.settings.latent_dim))
     assert float((x_hat - x).square().mean()) < 0.6 * float(x.var())  # it reconstructs (measured 0.30 vs 0.58)
-    args = ["train", "--recipe", str(ROOT / "recipes" / "methods" / "diffusevae_digits8.json"), "--steps", "20",
-            "--out", str(run), "-q", "--set", f"method.vae={vae_run}", "--set", "method.net_config.model_channels=8",
-            "--set", "method.net_config.num_heads=2", "--set", "method.net_config.groups=4",
-            "--set", "train.checkpoint_every=10"]
+    args = [
+        "train",
+        "--recipe",
+        str(ROOT / "recipes" / "methods" / "diffusevae_digits8.json"),
+        "--steps",
+        "20",
+        "--out",
+        str(run),
+        "-q",
+        "--set",
+        f"method.vae={vae_run}",
+        "--set",
+        "method.net_config.model_channels=8",
+        "--set",
+        "method.net_config.num_heads=2",
+        "--set",
+        "method.net_config.groups=4",
+        "--set",
+        "train.checkpoint_every=10",
+    ]
     assert main(args) == 0
     card = json.loads((run / "model.json").read_text())
     assert card["method"]["name"] == "diffusevae" and card["method"]["settings"]["net_config"]["cond_channels"] == 1

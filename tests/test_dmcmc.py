@@ -86,8 +86,18 @@ def test_dmcmc_recovers_mode_weights_better_than_plain_sampling_at_equal_nfe():
     n, tv_plain, tv_ours = 2000, [], []
     for seed in range(3):
         plain = dpmlab.sample(model, n, solver="dpm_solver_pp", nfe=6, seed=seed, grid="quadratic_time")
-        ours, nfe, _ = dmcmc_sample(model, SCH, n, levels=levels, level_posterior=post, langevin_steps=2,
-                                    step_size=1.0, nfe_budget=6, seed=seed, grid="quadratic_time")
+        ours, nfe, _ = dmcmc_sample(
+            model,
+            SCH,
+            n,
+            levels=levels,
+            level_posterior=post,
+            langevin_steps=2,
+            step_size=1.0,
+            nfe_budget=6,
+            seed=seed,
+            grid="quadratic_time",
+        )
         assert nfe == 6
         tv_plain.append(_mode_tv(mix, plain))
         tv_ours.append(_mode_tv(mix, ours))
@@ -103,8 +113,17 @@ def test_persistent_chain_start_and_keep_lowest():
     post = ExactLevelPosterior(mix, SCH, levels)
     _, kept = langevin_gibbs(Problem(model, SCH), chain, levels, post, steps=4, step_size=1.0, keep="lowest")
     assert bool((kept.k >= chain.k).all())  # the lowest noise level seen, the start included
-    out, nfe, _ = dmcmc_sample(model, SCH, 16, levels=levels, level_posterior=post, chain=chain, keep="lowest",
-                               langevin_steps=3, integrator_steps=4)
+    out, nfe, _ = dmcmc_sample(
+        model,
+        SCH,
+        16,
+        levels=levels,
+        level_posterior=post,
+        chain=chain,
+        keep="lowest",
+        langevin_steps=3,
+        integrator_steps=4,
+    )
     assert nfe == 3 + get("dpm_solver_pp").nfe_for_steps(4, False) and out.shape == (16, 2)
 
 
@@ -122,8 +141,16 @@ def test_trained_level_classifier_drives_the_chain():
     exact = ExactLevelPosterior(mix, SCH, levels)(x)
     nll, nll_exact = -logp[torch.arange(500), k].mean(), -exact[torch.arange(500), k].mean()
     assert float(nll) < float(nll_exact) + 0.3, (float(nll), float(nll_exact))  # near the Bayes-optimal posterior
-    out, nfe, _ = dmcmc_sample(mix.denoiser(SCH), SCH, 64, levels=levels, level_posterior=clf.log_posterior,
-                               langevin_steps=2, nfe_budget=7, seed=0)
+    out, nfe, _ = dmcmc_sample(
+        mix.denoiser(SCH),
+        SCH,
+        64,
+        levels=levels,
+        level_posterior=clf.log_posterior,
+        langevin_steps=2,
+        nfe_budget=7,
+        seed=0,
+    )
     assert nfe == 7 and bool(torch.isfinite(out).all())
 
 
@@ -140,8 +167,17 @@ def _target_law_check(gibbs: str, step: str = "relative", step_size: float = 0.2
     x = torch.cat([mix.sample_t(int((k == j).sum()), SCH, float(levels[j]), generator=g) for j in range(6)])
     k = torch.cat([k[k == j] for j in range(6)])
     post = ExactLevelPosterior(mix, SCH, levels)
-    last, _ = langevin_gibbs(Problem(mix.denoiser(SCH), SCH), Chain(x, k), levels, post, steps=15,
-                             step_size=step_size, gibbs=gibbs, seed=3, step=step)
+    last, _ = langevin_gibbs(
+        Problem(mix.denoiser(SCH), SCH),
+        Chain(x, k),
+        levels,
+        post,
+        steps=15,
+        step_size=step_size,
+        gibbs=gibbs,
+        seed=3,
+        step=step,
+    )
     t = levels[last.k]
     a, s = SCH.alpha(t)[:, None], SCH.sigma(t)[:, None]
     sd = (a**2 * mix.stds[None, :, 0] ** 2 + s**2).sqrt()  # p_t = sum_j w_j N(a mu_j, a^2 s_j^2 + sigma^2)

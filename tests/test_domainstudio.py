@@ -55,8 +55,9 @@ def test_haar_perfect_reconstruction_energy_and_closed_form():
     torch.testing.assert_close(sum(b.square().sum() for b in bands), x.square().sum(), rtol=1e-12, atol=0)
     a, b, c, d = 1.0, 2.0, 4.0, 8.0  # one 2x2 block [[a, b], [c, d]]
     ll, lh, hl, hh = (float(v) for v in haar(torch.tensor([[[[a, b], [c, d]]]], dtype=torch.float64)))
-    assert (ll, lh, hl, hh) == pytest.approx(((a + b + c + d) / 2, (b - a + d - c) / 2, (c + d - a - b) / 2,
-                                              (a - b - c + d) / 2), abs=1e-12)
+    assert (ll, lh, hl, hh) == pytest.approx(
+        ((a + b + c + d) / 2, (b - a + d - c) / 2, (c + d - a - b) / 2, (a - b - c + d) / 2), abs=1e-12
+    )
     const = torch.full((2, 1, 6, 6), 0.7, dtype=torch.float64)
     assert float(high_frequency(const).abs().max()) < 1e-12
     assert float(high_frequency(x).abs().max()) > 0.1
@@ -119,8 +120,11 @@ def test_terms_zero_at_source_positive_after_change_and_switched_off_by_weights(
     only_hf = _objective(pair_weight=0.0, hf_pair_weight=0.0)
     with torch.no_grad():
         to = only_hf.terms(obj.module, batch)
-    assert float(to["img"]) == 0.0 and float(to["hf"]) == 0.0 and float(to["hfmse"]) == pytest.approx(
-        float(t1["hfmse"]), rel=1e-5)
+    assert (
+        float(to["img"]) == 0.0
+        and float(to["hf"]) == 0.0
+        and float(to["hfmse"]) == pytest.approx(float(t1["hfmse"]), rel=1e-5)
+    )
 
 
 def test_domain_and_shots_are_deterministic():
@@ -139,8 +143,22 @@ def test_domain_and_shots_are_deterministic():
 
 def test_recipe_runs_from_the_command_line_and_the_model_samples(tmp_path):
     out = tmp_path / "run"
-    rc = main(["train", "--recipe", str(RECIPE), "--out", str(out), "--quiet", "--set", "train.steps=3",
-               "--set", "train.batch_size=4", "--set", "train.checkpoint_every=3"])
+    rc = main(
+        [
+            "train",
+            "--recipe",
+            str(RECIPE),
+            "--out",
+            str(out),
+            "--quiet",
+            "--set",
+            "train.steps=3",
+            "--set",
+            "train.batch_size=4",
+            "--set",
+            "train.checkpoint_every=3",
+        ]
+    )
     assert rc == 0
     card = json.loads((out / "model.json").read_text())
     assert card["method"]["name"] == "domainstudio" and card["method"]["settings"]["pair_weight"] == 4.0
@@ -154,15 +172,18 @@ def test_recipe_runs_from_the_command_line_and_the_model_samples(tmp_path):
         model.sample(2, cond={"label": torch.zeros(2)})
 
 
-@pytest.mark.parametrize(("settings", "match"), [
-    ({"domain": "sketch"}, "unknown DomainStudio domain 'sketch'"),
-    ({"sim_size": 2}, "sim_size must be 0"),
-    ({"pair_weight": -1.0}, "pair_weight must be a finite number >= 0"),
-    ({"hf_mse_weight": math.inf}, "hf_mse_weight must be a finite number >= 0"),
-    ({"shots": 0}, "shots must be an int >= 1"),
-    ({"label": -1}, "label must be None or a class index"),
-    ({"temperature": 1.0}, "unknown DomainStudio method fields: temperature"),
-])
+@pytest.mark.parametrize(
+    ("settings", "match"),
+    [
+        ({"domain": "sketch"}, "unknown DomainStudio domain 'sketch'"),
+        ({"sim_size": 2}, "sim_size must be 0"),
+        ({"pair_weight": -1.0}, "pair_weight must be a finite number >= 0"),
+        ({"hf_mse_weight": math.inf}, "hf_mse_weight must be a finite number >= 0"),
+        ({"shots": 0}, "shots must be an int >= 1"),
+        ({"label": -1}, "label must be None or a class index"),
+        ({"temperature": 1.0}, "unknown DomainStudio method fields: temperature"),
+    ],
+)
 def test_bad_settings_raise(settings, match):
     with pytest.raises(ValueError, match=match):
         DomainStudio.from_dict(settings)
@@ -196,8 +217,13 @@ def test_t2i_variant_terms_dreambooth_switch_and_round_trip(tmp_path):
     assert float(t0["img"]) < 1e-6 and float(t0["hf"]) < 1e-6  # adapted == source
     assert all(float(t0[k]) > 0 for k in ("simple", "prior", "hfmse"))
     s = obj.settings
-    want = (t0["simple"] + s.prior_weight * t0["prior"] + s.pair_weight * t0["img"] + s.hf_pair_weight * t0["hf"]
-            + s.hf_mse_weight * t0["hfmse"])
+    want = (
+        t0["simple"]
+        + s.prior_weight * t0["prior"]
+        + s.pair_weight * t0["img"]
+        + s.hf_pair_weight * t0["hf"]
+        + s.hf_mse_weight * t0["hfmse"]
+    )
     with torch.no_grad():
         torch.testing.assert_close(obj.loss(obj.module, batch), want)
     dream = copy.copy(obj)  # the same objective with the DomainStudio weights 0: DreamBooth

@@ -39,12 +39,26 @@ def _targets() -> torch.Tensor:
 def _fitted(tmp_path: Path, source: str = "uniform", steps: int = 300) -> BrenierPotential:
     """The trainer's fit on five 2-D targets with unequal weights (sigma tiny: the targets are the points)."""
     y = _targets()
-    recipe = MethodRecipe.from_dict({"name": "ot5", "method": {"name": "dpm_ot", "model": None, "sigma": 1e-9,
-                                                                 "source": source}, "data": {"name": "moons"}})
+    recipe = MethodRecipe.from_dict(
+        {
+            "name": "ot5",
+            "method": {"name": "dpm_ot", "model": None, "sigma": 1e-9, "source": source},
+            "data": {"name": "moons"},
+        }
+    )
     obj = OTObjective(recipe, Dataset("five", y))
     obj.module.weights.copy_(WEIGHTS)  # the objective's potential owns the target weights
-    tc = TrainConfig(steps=steps, batch_size=4000, lr=0.1, warmup=0, lr_decay="cosine", grad_clip=0.0,
-                     ema_decay=0.95, checkpoint_every=10_000, log_every=100)
+    tc = TrainConfig(
+        steps=steps,
+        batch_size=4000,
+        lr=0.1,
+        warmup=0,
+        lr_decay="cosine",
+        grad_clip=0.0,
+        ema_decay=0.95,
+        checkpoint_every=10_000,
+        log_every=100,
+    )
     fit(obj, tc, tmp_path / "ot5", progress=False)
     return load(tmp_path / "ot5").potential  # the EMA (Polyak-averaged) heights
 
@@ -150,8 +164,22 @@ def test_recipe_through_the_cli(tmp_path, capsys):
     recipe = ROOT / "recipes" / "methods" / "dpm_ot_digits8.json"
     assert load_recipe(recipe).settings.model == "digits8"
     assert load_recipe(ROOT / "recipes" / "methods" / "dpm_ot_mnist.json").settings.model == "mnist"
-    args = ["train", "--recipe", str(recipe), "--steps", "200", "--out", str(out), "-q", "--set",
-            "method.n_targets=40", "--set", "train.batch_size=1000", "--set", "train.checkpoint_every=100"]
+    args = [
+        "train",
+        "--recipe",
+        str(recipe),
+        "--steps",
+        "200",
+        "--out",
+        str(out),
+        "-q",
+        "--set",
+        "method.n_targets=40",
+        "--set",
+        "train.batch_size=1000",
+        "--set",
+        "train.checkpoint_every=100",
+    ]
     assert main(args) == 0
     card = json.loads((out / "model.json").read_text())
     assert card["method"]["name"] == "dpm_ot" and card["method"]["fit"]["empty_cells"] == 0

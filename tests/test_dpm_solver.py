@@ -38,8 +38,11 @@ def test_first_order_is_ddim(to_zero):
     x = _x(64, 16)
     ts = karras(sch, 10, to_zero=to_zero) if to_zero else uniform_time(sch, 10)
     ddim = sample(Problem(model, sch), x, ts, get("ddim"))
-    for name, opts in [("dpm_solver", {"order": 1}), ("dpm_solver_pp", {"order": 1}),
-                       ("sde_dpm_solver_pp", {"order": 1, "eta": 0.0})]:
+    for name, opts in [
+        ("dpm_solver", {"order": 1}),
+        ("dpm_solver_pp", {"order": 1}),
+        ("sde_dpm_solver_pp", {"order": 1, "eta": 0.0}),
+    ]:
         out = sample(Problem(model, sch), x, ts, get(name, **opts))
         assert (out - ddim).abs().max() < 1e-10, name
 
@@ -81,8 +84,12 @@ ORDERS = [  # (name, options, expected slope, steps): steps past the pre-asympto
     ("dpm_solver_pp_2s", {}, 2, (12, 24, 48, 96)),
     # the authors' third-order multistep weight (half the Taylor one) is only second order
     ("dpm_solver_pp", {"order": 3, "lower_order_final": False, "third_order_term": "reference"}, 2, (24, 48, 96, 192)),
-    ("dpm_solver_multistep", {"order": 3, "lower_order_final": False, "third_order_term": "reference"}, 2,
-     (24, 48, 96, 192)),
+    (
+        "dpm_solver_multistep",
+        {"order": 3, "lower_order_final": False, "third_order_term": "reference"},
+        2,
+        (24, 48, 96, 192),
+    ),
 ]
 
 
@@ -94,9 +101,15 @@ def test_measured_order(name, opts, expected, steps):
 
 # --- NFE accounting, grids into sigma = 0 -------------------------------------------------------
 CONFIGS = [
-    ("dpm_solver", {"order": 1}), ("dpm_solver", {"order": 2}), ("dpm_solver", {"order": 3}),
-    ("dpm_solver_fast", {}), ("dpm_solver_fast", {"order": 2}), ("dpm_solver_fast", {"lower_order_final": False}),
-    ("dpm_solver_multistep", {"order": 3}), ("dpm_solver_pp", {"order": 3}), ("dpm_solver_pp_2s", {}),
+    ("dpm_solver", {"order": 1}),
+    ("dpm_solver", {"order": 2}),
+    ("dpm_solver", {"order": 3}),
+    ("dpm_solver_fast", {}),
+    ("dpm_solver_fast", {"order": 2}),
+    ("dpm_solver_fast", {"lower_order_final": False}),
+    ("dpm_solver_multistep", {"order": 3}),
+    ("dpm_solver_pp", {"order": 3}),
+    ("dpm_solver_pp_2s", {}),
     ("sde_dpm_solver_pp", {"order": 3}),
 ]
 
@@ -122,8 +135,15 @@ def test_every_budget_is_reachable(name, opts):
     assert get("dpm_solver", order=3).nfe_for_steps(4, to_zero=True) == 10  # last step first order
 
 
-@pytest.mark.parametrize(("name", "opts"), [("dpm_solver", {"order": 3}), ("dpm_solver_multistep", {"order": 3}),
-                                            ("dpm_solver_pp", {"order": 3}), ("dpm_solver_fast", {})])
+@pytest.mark.parametrize(
+    ("name", "opts"),
+    [
+        ("dpm_solver", {"order": 3}),
+        ("dpm_solver_multistep", {"order": 3}),
+        ("dpm_solver_pp", {"order": 3}),
+        ("dpm_solver_fast", {}),
+    ],
+)
 def test_step_into_sigma_zero_is_alpha_x0(name, opts):
     sch = LinearVP()
     model = preset("gmm16").denoiser(sch)
@@ -172,11 +192,18 @@ def test_inversion_round_trip():
 
 
 def test_options_are_validated():
-    bad = [("dpm_solver", {"order": 4}), ("dpm_solver", {"solver_type": "dpmsolver"}),
-           ("dpm_solver", {"order": 2, "r2": 0.5}), ("dpm_solver", {"order": 3, "r1": 0.7, "r2": 0.5}),
-           ("dpm_solver_fast", {"order": 1}), ("dpm_solver_multistep", {"order": 1}),
-           ("dpm_solver_pp", {"order": 0}), ("dpm_solver_pp", {"third_order_term": "exact"}),
-           ("dpm_solver_pp_2s", {"r1": 1.0}), ("sde_dpm_solver_pp", {"eta": -1.0})]
+    bad = [
+        ("dpm_solver", {"order": 4}),
+        ("dpm_solver", {"solver_type": "dpmsolver"}),
+        ("dpm_solver", {"order": 2, "r2": 0.5}),
+        ("dpm_solver", {"order": 3, "r1": 0.7, "r2": 0.5}),
+        ("dpm_solver_fast", {"order": 1}),
+        ("dpm_solver_multistep", {"order": 1}),
+        ("dpm_solver_pp", {"order": 0}),
+        ("dpm_solver_pp", {"third_order_term": "exact"}),
+        ("dpm_solver_pp_2s", {"r1": 1.0}),
+        ("sde_dpm_solver_pp", {"eta": -1.0}),
+    ]
     for name, opts in bad:
         with pytest.raises(ValueError, match="allowed|must|need|no node"):
             get(name, **opts)
@@ -185,8 +212,9 @@ def test_options_are_validated():
 # --- SDE variants: moments of p0 --------------------------------------------------------------
 @pytest.mark.parametrize("order", [1, 2, 3])
 def test_sde_samples_match_p0_moments(order):
-    mix = GaussianMixture([1.0, 2.0, 1.0], [[-1.0, 0.5], [0.8, 0.8], [0.3, -1.2]],
-                          [[0.5, 0.3], [0.4, 0.6], [0.35, 0.45]])
+    mix = GaussianMixture(
+        [1.0, 2.0, 1.0], [[-1.0, 0.5], [0.8, 0.8], [0.3, -1.2]], [[0.5, 0.3], [0.4, 0.6], [0.35, 0.45]]
+    )
     sch = LinearVP()
     n = 2000
     problem = Problem(mix.denoiser(sch), sch, noise=SeededNoise(5, range(n)))

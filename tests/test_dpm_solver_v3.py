@@ -56,8 +56,10 @@ def test_noise_degenerate_is_dpm_solver(grid, order):
     """l = 0, s = -1, b = 0 (paper App. A): DPM-Solver multistep in noise form; also as an EMS on knots."""
     ts = GRIDS[grid]
     ref = run(S.get("dpm_solver_multistep", order=order, solver_type="heun"), ts)
-    for solver in (S.get("dpm_solver_v3", degenerate="noise", order=order, use_corrector=False),
-                   S.get("dpm_solver_v3", ems=constant_ems(0.0, -1.0, 0.0), order=order, use_corrector=False)):
+    for solver in (
+        S.get("dpm_solver_v3", degenerate="noise", order=order, use_corrector=False),
+        S.get("dpm_solver_v3", ems=constant_ems(0.0, -1.0, 0.0), order=order, use_corrector=False),
+    ):
         assert float((run(solver, ts) - ref).abs().max()) < 1e-8
     # s = 0 instead of -1 expands e^{-lam} eps, not eps: a different (worse) solver
     other = run(S.get("dpm_solver_v3", ems=constant_ems(0.0, 0.0, 0.0), order=order, use_corrector=False), ts)

@@ -126,8 +126,10 @@ def _order(solver, model, x_ref, steps=(12, 24, 48, 96)):
     """Slope of the RMS error against the model's own float64 reference ODE solution, lambda-uniform grids
     (measured: DualFast 1.14, its base DPM-Solver++(2M) 1.82)."""
     x, ref = x_ref
-    errs = [float((sample(Problem(model, SCH), x, uniform_lambda(SCH, k), solver) - ref).pow(2).mean().sqrt())
-            for k in steps]
+    errs = [
+        float((sample(Problem(model, SCH), x, uniform_lambda(SCH, k), solver) - ref).pow(2).mean().sqrt())
+        for k in steps
+    ]
     return slope(steps, errs), errs
 
 
@@ -148,15 +150,18 @@ def test_schedule_config_and_errors():
     s = DualFast(base=get("dpm_solver_pp"), c=0.8)
     assert s.replace == "both"  # the default reading (docs/methods/dualfast.md: why)
     assert [s.c_at(ts, i) for i in range(4)] == pytest.approx(
-        [0.8 * float((ts[0] - ts[i]) / (ts[0] - ts[-1])) for i in range(4)])
+        [0.8 * float((ts[0] - ts[i]) / (ts[0] - ts[-1])) for i in range(4)]
+    )
     assert DualFast(c=0.3, c_schedule="constant").c_at(ts, 2) == 0.3
     assert get(**s.config()) == s and s.order == 1 and DualFast(c=0.0, base=get("dpm_solver_pp")).order == 2
     a = sample(Problem(MODEL, SCH), _x(), ts, s)
     assert torch.equal(a, sample(Problem(MODEL, SCH), _x(), ts, s))
-    for bad, msg in (({"tau": "last"}, "unknown tau 'last'; allowed: first, previous"),
-                     ({"prediction": "v"}, "unknown prediction 'v'; allowed: noise, data"),
-                     ({"c_schedule": "cosine"}, "unknown c_schedule 'cosine'; allowed: linear, constant"),
-                     ({"replace": "all"}, "unknown replace 'all'; allowed: explicit, both"),
-                     ({"c": float("nan")}, "c must be a finite number, got nan")):
+    for bad, msg in (
+        ({"tau": "last"}, "unknown tau 'last'; allowed: first, previous"),
+        ({"prediction": "v"}, "unknown prediction 'v'; allowed: noise, data"),
+        ({"c_schedule": "cosine"}, "unknown c_schedule 'cosine'; allowed: linear, constant"),
+        ({"replace": "all"}, "unknown replace 'all'; allowed: explicit, both"),
+        ({"c": float("nan")}, "c must be a finite number, got nan"),
+    ):
         with pytest.raises(ValueError, match=msg):
             DualFast(**bad)

@@ -129,8 +129,9 @@ def test_two_temperature_likelihood():
     log_softmax = torch.log_softmax(logits, 1).gather(1, y[:, None])[:, 0]
     assert torch.allclose(calibrated_log_likelihood(logits, y), log_softmax)
     # tau2 = 0: the marginal is the constant log K, only the logit term remains (the authors' EDM setting)
-    assert torch.allclose(calibrated_log_likelihood(logits, y, 2.0, 0.0), 2.0 * logits.gather(1, y[:, None])[:, 0]
-                          - math.log(5))
+    assert torch.allclose(
+        calibrated_log_likelihood(logits, y, 2.0, 0.0), 2.0 * logits.gather(1, y[:, None])[:, 0] - math.log(5)
+    )
 
 
 def test_scale_zero_returns_the_unguided_x0_exactly_and_the_label_is_consumed():
@@ -138,8 +139,11 @@ def test_scale_zero_returns_the_unguided_x0_exactly_and_the_label_is_consumed():
     x = torch.randn(3, 6, dtype=torch.float64)
     t = torch.full((3,), 0.5, dtype=torch.float64)
     ref = model(x, t)
-    for guide in (OffTheShelfGuidance(model, clf, 0.0), ClassifierGuidance(model, lambda z, tt: clf(z), 0.0),
-                  OffTheShelfGuidance(model, clf, 0.0, rescale=True)):
+    for guide in (
+        OffTheShelfGuidance(model, clf, 0.0),
+        ClassifierGuidance(model, lambda z, tt: clf(z), 0.0),
+        OffTheShelfGuidance(model, clf, 0.0, rescale=True),
+    ):
         assert torch.equal(guide(x, t, label=1, other=7), ref)
         assert model.seen[-1] == {"other": 7}  # the target went to the classifier only
     guided = OffTheShelfGuidance(model, clf, 1.0, pass_label=True)(x, t, label=1)

@@ -67,9 +67,12 @@ def test_sampling_to_zero_stays_in_range():
 
 
 def test_validation():
-    for kw, match in (({"ratio": 0.0}, r"ratio must be in \(0, 1\], got 0.0"), ({"ratio": 1.5}, "got 1.5"),
-                      ({"max_value": 0.0}, "need 0 < max_value <= s_max, got max_value=0.0"),
-                      ({"max_value": 2.0, "s_max": 1.0}, "got max_value=2.0, s_max=1.0"),
-                      ({"max_value": math.inf}, "got max_value=inf")):
+    for kw, match in (
+        ({"ratio": 0.0}, r"ratio must be in \(0, 1\], got 0.0"),
+        ({"ratio": 1.5}, "got 1.5"),
+        ({"max_value": 0.0}, "need 0 < max_value <= s_max, got max_value=0.0"),
+        ({"max_value": 2.0, "s_max": 1.0}, "got max_value=2.0, s_max=1.0"),
+        ({"max_value": math.inf}, "got max_value=inf"),
+    ):
         with pytest.raises(ValueError, match=match):
             dynamic_threshold(Fixed(_x0(1.0)), **kw)

@@ -64,22 +64,52 @@ def test_mnist_samples_show_the_requested_digit():
 
 def test_cli_sample_label_grid(tmp_path, capsys):
     out = tmp_path / "m.png"
-    assert main(["sample", "--model", "mnist", "--nfe", "3", "-n", "12", "--label", "grid", "--out", str(out),
-                 "-q"]) == 0
+    assert (
+        main(["sample", "--model", "mnist", "--nfe", "3", "-n", "12", "--label", "grid", "--out", str(out), "-q"]) == 0
+    )
     assert out.read_bytes()[:4] == b"\x89PNG"
-    assert main(["sample", "--model", "mnist", "--nfe", "3", "-n", "2", "--label", "7", "--out", str(out), "-q",
-                 "--overwrite"]) == 0
-    assert main(["sample", "--model", "mnist", "--nfe", "3", "-n", "2", "--label", "x", "--out", str(out),
-                 "--overwrite"]) == 2
+    assert (
+        main(
+            [
+                "sample",
+                "--model",
+                "mnist",
+                "--nfe",
+                "3",
+                "-n",
+                "2",
+                "--label",
+                "7",
+                "--out",
+                str(out),
+                "-q",
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(["sample", "--model", "mnist", "--nfe", "3", "-n", "2", "--label", "x", "--out", str(out), "--overwrite"])
+        == 2
+    )
     assert "unknown --label 'x'" in capsys.readouterr().err
-    assert main(["sample", "--model", "digits8", "--nfe", "3", "-n", "2", "--label", "1", "--out", str(out),
-                 "--overwrite"]) == 2
+    assert (
+        main(
+            ["sample", "--model", "digits8", "--nfe", "3", "-n", "2", "--label", "1", "--out", str(out), "--overwrite"]
+        )
+        == 2
+    )
     assert "class-conditional" in capsys.readouterr().err
 
 
 def _small(tmp_path, dtype=None):
-    spec = ModelSpec("mlp", MLPConfig(data_shape=(2,), width=16, depth=1, num_classes=2).to_dict(), "eps",
-                     data_shape=(2,), class_names=("a", "b"))
+    spec = ModelSpec(
+        "mlp",
+        MLPConfig(data_shape=(2,), width=16, depth=1, num_classes=2).to_dict(),
+        "eps",
+        data_shape=(2,),
+        class_names=("a", "b"),
+    )
     torch.manual_seed(0)
     net = spec.build_net()
     path = save_model(tmp_path / "model.safetensors", net, spec, dtype=dtype, card={"note": "test"})
@@ -142,10 +172,16 @@ def test_a_diffusers_pipeline_folder_without_vae_loads_and_samples_from_the_cli(
     import diffusers
 
     torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-                                 layers_per_block=1, norm_num_groups=4,
-                                 down_block_types=("DownBlock2D", "DownBlock2D"),
-                                 up_block_types=("UpBlock2D", "UpBlock2D"))
+    unet = diffusers.UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
     diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler()).save_pretrained(tmp_path / "pipe")
     model = dpmlab.load(str(tmp_path / "pipe"))
     assert tuple(model.data_shape) == (1, 8, 8)

@@ -18,6 +18,7 @@ LAYERS = {
     "models": 2,
     "solvers": 3,
     "api": 4,
+    "parallel": 4,
     "bench": 4,
     "calibrate": 4,
     "training": 4,
@@ -31,7 +32,7 @@ LAYERS = {
     "__init__": 6,
     "__main__": 6,
 }
-SOLVER_SHARED = {"base", "_expint", "__init__"}
+SOLVER_SHARED = {"base", "_expint", "_ems", "__init__"}
 
 
 def _module_of(path: Path) -> tuple[str, ...]:

@@ -75,9 +75,21 @@ def test_sampling_with_score_plus_gauge_stays_exact():
     ts = karras(SCH, 120, t_start=SCH.t_max, t_end=SCH.t_min)
     target = data.cov_t(0.0)
     outs = {}
-    for name, fn in [("score", None), ("gauge", gauged),
-                     ("wrong", lambda x, t: data.score(x, t) + 1.0 * torch.cos((x * x).sum(1, keepdim=True))
-                      * x @ gauge.A.T / (x * x).sum(1, keepdim=True).sqrt().clamp_min(1e-3))]:
+    for name, fn in [
+        ("score", None),
+        ("gauge", gauged),
+        (
+            "wrong",
+            lambda x, t: (
+                data.score(x, t)
+                + 1.0
+                * torch.cos((x * x).sum(1, keepdim=True))
+                * x
+                @ gauge.A.T
+                / (x * x).sum(1, keepdim=True).sqrt().clamp_min(1e-3)
+            ),
+        ),
+    ]:
         outs[name] = sample(Problem(data.denoiser(fn), SCH), x1, ts, get("heun"))
     err = {k: float((v.T @ v / n - target).abs().max()) for k, v in outs.items()}
     assert err["score"] < 0.08 and err["gauge"] < 0.08, err  # Monte Carlo error ~ sqrt(2 / n) = 0.018

@@ -37,15 +37,29 @@ from dpmlab.training.data import Dataset
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
-NET = {"image_size": 8, "in_channels": 1, "model_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1,
-       "num_heads": 2, "groups": 4, "num_classes": 3}
+NET = {
+    "image_size": 8,
+    "in_channels": 1,
+    "model_channels": 8,
+    "channel_mult": [1, 2],
+    "num_res_blocks": 1,
+    "num_heads": 2,
+    "groups": 4,
+    "num_classes": 3,
+}
 
 
 def tiny_model(zero=(), classes=3):
     """A small class-conditional v-prediction UNet with perturbed weights (no block is the identity), except
     the blocks in ``zero``, whose output convolution is zeroed: they compute exactly their input."""
-    spec = ModelSpec("unet", {**NET, "num_classes": classes}, "v", "linear", (1, 8, 8),
-                     class_names=tuple(str(i) for i in range(classes)))
+    spec = ModelSpec(
+        "unet",
+        {**NET, "num_classes": classes},
+        "v",
+        "linear",
+        (1, 8, 8),
+        class_names=tuple(str(i) for i in range(classes)),
+    )
     torch.manual_seed(0)
     net = spec.build_net()
     with torch.no_grad():
@@ -143,8 +157,12 @@ def test_save_and_load_the_pruned_model(tmp_path):
     assert isinstance(model, LDPrunedModel) and model.pruned == tuple(names)
     assert parameter_count(model.denoiser.net) == parameter_count(net) < parameter_count(den.net)
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([0.3, 0.7], dtype=torch.float64)
-    torch.testing.assert_close(model.denoiser(x, t, label=torch.tensor([0, 2])),
-                               spec.denoiser(net)(x, t, label=torch.tensor([0, 2])), rtol=0, atol=0)
+    torch.testing.assert_close(
+        model.denoiser(x, t, label=torch.tensor([0, 2])),
+        spec.denoiser(net)(x, t, label=torch.tensor([0, 2])),
+        rtol=0,
+        atol=0,
+    )
     assert model.sample(2, solver="ddim", nfe=3, cond={"label": torch.tensor([1, 1])}).shape == (2, 1, 8, 8)
 
 
@@ -156,15 +174,20 @@ def _base_file(tmp_path):
 def test_distillation_term_vanishes_without_pruning(tmp_path):
     base = _base_file(tmp_path)
     ds = Dataset("toy", torch.rand(16, 1, 8, 8) * 2 - 1, torch.arange(16) % 3, ("a", "b", "c"))
-    objs = [LDPrunerObjective(MethodRecipe("x", "ld_pruner", LDPruner(base=str(base), k=0, prune=(),
-                                                                         seeds=1, nfe=2, distill=d)), ds)
-            for d in (0.0, 1.0)]
+    objs = [
+        LDPrunerObjective(
+            MethodRecipe("x", "ld_pruner", LDPruner(base=str(base), k=0, prune=(), seeds=1, nfe=2, distill=d)), ds
+        )
+        for d in (0.0, 1.0)
+    ]
     batch = objs[0].draw(torch.arange(8), torch.Generator().manual_seed(0))
     assert torch.equal(objs[0].loss(objs[0].module, batch), objs[1].loss(objs[1].module, batch))
-    pruned = LDPrunerObjective(MethodRecipe("x", "ld_pruner", LDPruner(base=str(base), k=1, prune=("mid.1",),
-                                                                         distill=1.0)), ds)
-    nodist = LDPrunerObjective(MethodRecipe("x", "ld_pruner", LDPruner(base=str(base), k=1, prune=("mid.1",),
-                                                                         distill=0.0)), ds)
+    pruned = LDPrunerObjective(
+        MethodRecipe("x", "ld_pruner", LDPruner(base=str(base), k=1, prune=("mid.1",), distill=1.0)), ds
+    )
+    nodist = LDPrunerObjective(
+        MethodRecipe("x", "ld_pruner", LDPruner(base=str(base), k=1, prune=("mid.1",), distill=0.0)), ds
+    )
     with torch.no_grad():
         assert float(pruned.loss(pruned.module, batch)) > float(nodist.loss(nodist.module, batch))
 
@@ -172,9 +195,12 @@ def test_distillation_term_vanishes_without_pruning(tmp_path):
 def test_recipe_scores_prunes_and_fine_tunes_from_the_cli(tmp_path):
     den, spec = tiny_model(classes=10)  # scikit-learn's 8x8 digits: 10 classes
     base = save_model(tmp_path / "base.safetensors", den.net, spec)
-    recipe = {"name": "ldp", "method": {"name": "ld_pruner", "base": str(base), "k": 2, "seeds": 1, "nfe": 3},
-              "data": {"name": "digits8"},
-              "train": {"steps": 2, "batch_size": 8, "lr": 1e-4, "warmup": 0, "log_every": 1, "checkpoint_every": 1}}
+    recipe = {
+        "name": "ldp",
+        "method": {"name": "ld_pruner", "base": str(base), "k": 2, "seeds": 1, "nfe": 3},
+        "data": {"name": "digits8"},
+        "train": {"steps": 2, "batch_size": 8, "lr": 1e-4, "warmup": 0, "log_every": 1, "checkpoint_every": 1},
+    }
     path = tmp_path / "r.json"
     path.write_text(json.dumps(recipe))
     out = tmp_path / "run"
@@ -196,10 +222,18 @@ def tiny_diffusers_unet():
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
-                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8,
-                                norm_num_groups=4, attention_head_dim=2)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=8,
+        norm_num_groups=4,
+        attention_head_dim=2,
+    )
     with torch.no_grad():
         for p in unet.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -209,9 +243,15 @@ def tiny_diffusers_unet():
 def test_diffusers_unet_operators_bypass_and_prune():
     unet = tiny_diffusers_unet()
     ops = operators(unet)
-    assert ops == ["down_blocks.0.resnets.0", "down_blocks.0.attentions.0", "mid_block.resnets.0",
-                   "mid_block.attentions.0", "mid_block.resnets.1", "up_blocks.1.attentions.0",
-                   "up_blocks.1.attentions.1"]
+    assert ops == [
+        "down_blocks.0.resnets.0",
+        "down_blocks.0.attentions.0",
+        "mid_block.resnets.0",
+        "mid_block.attentions.0",
+        "mid_block.resnets.1",
+        "up_blocks.1.attentions.0",
+        "up_blocks.1.attentions.1",
+    ]
     x, t, e = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 3, 8)
     names = ["down_blocks.0.attentions.0", "mid_block.resnets.1"]
     with torch.no_grad():
@@ -246,13 +286,30 @@ def t2i_folder(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("t2i") / "tiny_t2i"
     torch.manual_seed(1)
-    vae = AutoencoderKL(in_channels=1, out_channels=1, sample_size=32, down_block_types=("DownEncoderBlock2D",) * 3,
-                        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(4, 4, 4), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=2)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(VOCAB), hidden_size=8, intermediate_size=16,
-                                        num_hidden_layers=1, num_attention_heads=2,
-                                        max_position_embeddings=CONTEXT_LENGTH, bos_token_id=0, eos_token_id=1,
-                                        pad_token_id=1))
+    vae = AutoencoderKL(
+        in_channels=1,
+        out_channels=1,
+        sample_size=32,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(4, 4, 4),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=2,
+    )
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(VOCAB),
+            hidden_size=8,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=CONTEXT_LENGTH,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
     for name, m in (("unet", tiny_diffusers_unet()), ("vae", vae), ("text_encoder", text)):
         m.save_pretrained(str(root / name), safe_serialization=True)
     build_tokenizer(root / "tokenizer")
@@ -265,8 +322,13 @@ def _t2i_recipe(folder, **settings):
     from dpmlab.training import DataConfig, TrainConfig
 
     tc = TrainConfig(steps=2, batch_size=4, lr=1e-3, warmup=0, ema_decay=0.0, log_every=1, checkpoint_every=1)
-    return MethodRecipe("ldp_t2i", "ld_pruner", LDPruner(base=str(folder), seeds=1, nfe=2, **settings),
-                        data=DataConfig(name="mnist"), train=tc)
+    return MethodRecipe(
+        "ldp_t2i",
+        "ld_pruner",
+        LDPruner(base=str(folder), seeds=1, nfe=2, **settings),
+        data=DataConfig(name="mnist"),
+        train=tc,
+    )
 
 
 def test_t2i_objective_fine_tunes_and_exports_a_reloadable_pruned_text_to_image(tmp_path, t2i_folder):

@@ -55,7 +55,7 @@ def test_linear_kernel_closed_form_for_two_gaussians():
         y = torch.randn(17, 3, generator=g, dtype=F64) * 0.7 + mu_y
         est = mmd2_unbiased(x, y, LINEAR)
         if rep < 5:  # exact identity: |x̄ - ȳ|² - tr(S_x)/m - tr(S_y)/n with unbiased covariances
-            ident = ((x.mean(0) - y.mean(0)).square().sum() - x.var(0).sum() / 12 - y.var(0).sum() / 17)
+            ident = (x.mean(0) - y.mean(0)).square().sum() - x.var(0).sum() / 12 - y.var(0).sum() / 17
             torch.testing.assert_close(est, ident, rtol=1e-12, atol=1e-12)
         vals.append(float(est))
     arr = np.array(vals)
@@ -119,8 +119,9 @@ def test_classifier_features_pass_gradients_to_the_images():
 
 
 def tiny_base(tmp_path: Path, shape=(1, 4, 4)) -> Path:
-    spec = ModelSpec("mlp", {"data_shape": list(shape), "width": 32, "depth": 2, "time_dim": 16}, "eps", "linear",
-                     shape)
+    spec = ModelSpec(
+        "mlp", {"data_shape": list(shape), "width": 32, "depth": 2, "time_dim": 16}, "eps", "linear", shape
+    )
     torch.manual_seed(0)
     net = spec.build_net()
     with torch.no_grad():
@@ -135,8 +136,9 @@ def test_loss_decreases_in_a_few_steps_on_a_tiny_model(tmp_path):
     pattern = torch.linspace(-0.8, 0.8, 16).reshape(1, 4, 4)
     ds = Dataset("toy", (pattern + 0.1 * torch.randn(256, 1, 4, 4, generator=g)).clamp(-1, 1))
     settings = MMDDDM(base=str(base), features="pixels", nfe=4)
-    tc = TrainConfig(steps=20, batch_size=32, lr=1e-2, warmup=0, grad_clip=1.0, ema_decay=0.0, log_every=1,
-                     checkpoint_every=100)
+    tc = TrainConfig(
+        steps=20, batch_size=32, lr=1e-2, warmup=0, grad_clip=1.0, ema_decay=0.0, log_every=1, checkpoint_every=100
+    )
     recipe = MethodRecipe("mmd_tiny", "mmd_ddm", settings, DataConfig(), tc)
     obj = MMDDDMObjective(recipe, ds)
     fixed = obj.draw(torch.arange(64), torch.Generator().manual_seed(9))
@@ -160,18 +162,37 @@ def test_loss_decreases_in_a_few_steps_on_a_tiny_model(tmp_path):
 
 def test_recipe_runs_from_the_cli_and_resumes(tmp_path):
     base = tiny_base(tmp_path, (1, 8, 8))
-    recipe = {"name": "mmd_cli", "method": {"name": "mmd_ddm", "base": str(base), "features": "pixels", "nfe": 3,
-                                            "kernel": "rbf", "checkpoint": True},
-              "data": {"name": "digits8", "conditional": False},
-              "train": {"steps": 2, "batch_size": 8, "lr": 1e-4, "warmup": 0, "ema_decay": 0.0, "log_every": 1,
-                        "checkpoint_every": 1}}
+    recipe = {
+        "name": "mmd_cli",
+        "method": {
+            "name": "mmd_ddm",
+            "base": str(base),
+            "features": "pixels",
+            "nfe": 3,
+            "kernel": "rbf",
+            "checkpoint": True,
+        },
+        "data": {"name": "digits8", "conditional": False},
+        "train": {
+            "steps": 2,
+            "batch_size": 8,
+            "lr": 1e-4,
+            "warmup": 0,
+            "ema_decay": 0.0,
+            "log_every": 1,
+            "checkpoint_every": 1,
+        },
+    }
     path = tmp_path / "r.json"
     path.write_text(json.dumps(recipe))
     out = tmp_path / "run"
     assert main(["train", "--recipe", str(path), "--out", str(out), "--quiet"]) == 0
-    assert main(["train", "--recipe", str(path), "--out", str(out), "--quiet", "--resume",
-                 "--set", "train.steps=3"]) == 0
+    assert (
+        main(["train", "--recipe", str(path), "--out", str(out), "--quiet", "--resume", "--set", "train.steps=3"]) == 0
+    )
     assert json.loads((out / "model.json").read_text())["steps"] == 3
     with pytest.raises(ValueError, match="shape"):  # base and data must fit together
-        MMDDDMObjective(MethodRecipe("x", "mmd_ddm", MMDDDM(base=str(base), features="pixels")),
-                        Dataset("toy", torch.zeros(4, 1, 4, 4)))
+        MMDDDMObjective(
+            MethodRecipe("x", "mmd_ddm", MMDDDM(base=str(base), features="pixels")),
+            Dataset("toy", torch.zeros(4, 1, 4, 4)),
+        )

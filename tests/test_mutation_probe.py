@@ -34,14 +34,19 @@ def test_ddpm_step_variances_are_beta_tilde_and_beta():
         return torch.zeros_like(x)
 
     i = 3
-    abar_t, abar_n = float(SCH.alpha(ts[i:i + 1])) ** 2, float(SCH.alpha(ts[i + 1:i + 2])) ** 2
+    abar_t, abar_n = float(SCH.alpha(ts[i : i + 1])) ** 2, float(SCH.alpha(ts[i + 1 : i + 2])) ** 2
     beta = 1 - abar_t / abar_n
     beta_tilde = (1 - abar_n) / (1 - abar_t) * beta
     _, var_small, var_large = posterior(Problem(zero, SCH), x, ts, i)
     assert math.isclose(var_small, beta_tilde, rel_tol=1e-10) and math.isclose(var_large, beta, rel_tol=1e-10)
     for variance, want in (("fixed_small", beta_tilde), ("fixed_large", beta)):
-        problem = Problem(zero, SCH, noise=lambda stream, like: torch.randn(
-            like.shape, dtype=like.dtype, generator=torch.Generator().manual_seed(stream)))
+        problem = Problem(
+            zero,
+            SCH,
+            noise=lambda stream, like: torch.randn(
+                like.shape, dtype=like.dtype, generator=torch.Generator().manual_seed(stream)
+            ),
+        )
         out, _ = DDPM(variance=variance).step(problem, x, ts, i, None)  # mean 0: x = 0, x0 = 0
         got = float(out.var())
         # 20,000 draws: the sample variance's relative standard error is sqrt(2/n) = 1%; 5% is 5 sigma
@@ -70,12 +75,26 @@ def test_training_drops_labels_at_the_configured_rate():
     """Mutation: ``train.label_dropout`` ignored (set to 0). The null class (index = number of classes) appears
     in a drawn batch at the configured rate."""
     data = Dataset("tiny", torch.zeros(64, 1, 8, 8), torch.arange(64) % 4, ("a", "b", "c", "d"))
-    recipe = Recipe.from_dict({"name": "t", "data": {"name": "digits8"},
-                               "model": {"net": "unet", "objective": "eps",
-                                         "net_config": {"image_size": 8, "model_channels": 8, "channel_mult": [1],
-                                                        "num_res_blocks": 1, "num_heads": 1, "groups": 4,
-                                                        "num_classes": 4}},
-                               "train": {"steps": 1, "batch_size": 64, "label_dropout": 0.3}})
+    recipe = Recipe.from_dict(
+        {
+            "name": "t",
+            "data": {"name": "digits8"},
+            "model": {
+                "net": "unet",
+                "objective": "eps",
+                "net_config": {
+                    "image_size": 8,
+                    "model_channels": 8,
+                    "channel_mult": [1],
+                    "num_res_blocks": 1,
+                    "num_heads": 1,
+                    "groups": 4,
+                    "num_classes": 4,
+                },
+            },
+            "train": {"steps": 1, "batch_size": 64, "label_dropout": 0.3},
+        }
+    )
     obj = DiffusionObjective(recipe, data)
     g = torch.Generator().manual_seed(0)
     nulls = sum(int((obj.draw(torch.arange(64), g)["label"] == 4).sum()) for _ in range(50))
@@ -121,8 +140,29 @@ def test_cli_artifact_changes_the_samples(tmp_path):
     out = {}
     for name, a in (("fit", str(art)), ("none", "none")):
         raw = tmp_path / f"{name}.npz"
-        assert main(["sample", "--model", "gmm16", "--solver", "dc_solver", "--artifact", a, "--nfe", "6", "-n", "16",
-                     "--out", str(tmp_path / f"{name}.png"), "--raw", str(raw), "-q"]) == 0
+        assert (
+            main(
+                [
+                    "sample",
+                    "--model",
+                    "gmm16",
+                    "--solver",
+                    "dc_solver",
+                    "--artifact",
+                    a,
+                    "--nfe",
+                    "6",
+                    "-n",
+                    "16",
+                    "--out",
+                    str(tmp_path / f"{name}.png"),
+                    "--raw",
+                    str(raw),
+                    "-q",
+                ]
+            )
+            == 0
+        )
         out[name] = np.load(raw)["samples"]
     api = dpmlab.sample("gmm16", 16, solver="dc_solver", nfe=6, ratios=ratios, dc_order=2)
     assert np.array_equal(out["fit"], api.numpy())

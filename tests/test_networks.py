@@ -140,8 +140,9 @@ def test_edm_preconditioning_coefficients():
 
 
 def test_model_spec_round_trip_and_denoiser():
-    spec = ModelSpec("mlp", MLPConfig(data_shape=(2,), width=16, depth=1).to_dict(), Objective.V,
-                     schedule="cosine", data_shape=(2,))
+    spec = ModelSpec(
+        "mlp", MLPConfig(data_shape=(2,), width=16, depth=1).to_dict(), Objective.V, schedule="cosine", data_shape=(2,)
+    )
     assert ModelSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
     den = spec.denoiser(spec.build_net())
     assert den.data_shape == (2,) and den(torch.randn(4, 2), 0.5).shape == (4, 2)

@@ -52,8 +52,11 @@ def test_radial_law_matches_its_closed_form_for_small_D(n_dims, D):
 
 def test_direction_is_uniform_on_the_sphere():
     n_dims = 6
-    e = kernel_noise(torch.randn(4000, n_dims, dtype=torch.float64, generator=torch.Generator().manual_seed(2)),
-                     5.0, np.random.default_rng(2))
+    e = kernel_noise(
+        torch.randn(4000, n_dims, dtype=torch.float64, generator=torch.Generator().manual_seed(2)),
+        5.0,
+        np.random.default_rng(2),
+    )
     u = e / e.norm(dim=1, keepdim=True)
     # one coordinate of a uniform unit vector: (u_1 + 1) / 2 ~ Beta((N-1)/2, (N-1)/2)
     for k in (0, 3):
@@ -87,8 +90,9 @@ def test_prior_radius_and_reproducibility():
     assert stats.kstest(rho2, stats.betaprime(6 / 2, D / 2).cdf).pvalue > 1e-3  # (R / r_max)^2 ~ BetaPrime(N/2, D/2)
     assert stats.kstest(rho2, stats.betaprime(6 / 2, 2 * D).cdf).pvalue < 1e-6  # another D is rejected
     assert torch.equal(prior(torch.arange(7), shape, D, s_max, seed=4, dtype=torch.float64), x[:7])  # per sample
-    assert torch.equal(prior(torch.arange(5), shape, math.inf, s_max, seed=4),
-                       s_max * counter_normal(4, torch.arange(5), 0, shape))  # D = inf: dpmlab.sample's start
+    assert torch.equal(
+        prior(torch.arange(5), shape, math.inf, s_max, seed=4), s_max * counter_normal(4, torch.arange(5), 0, shape)
+    )  # D = inf: dpmlab.sample's start
 
 
 def test_sigma_ode_is_the_field_ode_of_the_augmented_space():
@@ -123,8 +127,16 @@ def _recipe(D, **train):
 
 def test_infinite_D_is_the_edm_objective_exactly(tmp_path):
     ds = _toy()
-    edm = DiffusionObjective(Recipe.from_dict({"name": "pf", "model": {"net": "mlp", "objective": "edm",
-                             "net_config": {"data_shape": [2], **NET}}, "train": TRAIN.__dict__}), ds)
+    edm = DiffusionObjective(
+        Recipe.from_dict(
+            {
+                "name": "pf",
+                "model": {"net": "mlp", "objective": "edm", "net_config": {"data_shape": [2], **NET}},
+                "train": TRAIN.__dict__,
+            }
+        ),
+        ds,
+    )
     pf = PFGMPPObjective(_recipe(math.inf), ds)
     for k, v in edm.module.state_dict().items():
         assert torch.equal(v, pf.module.state_dict()[k])
@@ -139,8 +151,9 @@ def test_infinite_D_is_the_edm_objective_exactly(tmp_path):
     # not vacuous: a finite D changes the draw (a rescaled eps of the same directions) and the loss
     b_fin = PFGMPPObjective(_recipe(64.0), ds).draw(idx, torch.Generator().manual_seed(9))
     assert not torch.equal(b_fin["eps"], b_edm["eps"])
-    torch.testing.assert_close(b_fin["eps"] / b_fin["eps"].norm(dim=1, keepdim=True),
-                               b_edm["eps"] / b_edm["eps"].norm(dim=1, keepdim=True))
+    torch.testing.assert_close(
+        b_fin["eps"] / b_fin["eps"].norm(dim=1, keepdim=True), b_edm["eps"] / b_edm["eps"].norm(dim=1, keepdim=True)
+    )
 
 
 def _analytic(name="gmm2d"):
@@ -186,10 +199,30 @@ def test_recipe_trains_through_the_cli_and_samples(tmp_path, capsys):
     recipe = load_recipe(ROOT / "recipes" / "methods" / "pfgmpp_digits8.json")
     assert recipe.method == "pfgmpp" and recipe.settings.D == 128 and recipe.data.name == "digits8"
     out = tmp_path / "run"
-    args = ["train", "--recipe", str(ROOT / "recipes" / "methods" / "pfgmpp_digits8.json"), "--data",
-            "moons", "--steps", "400", "--out", str(out), "-q", "--lr", "3e-3", "--ema-decay", "0.99",
-            "--set", "method.D=4", "--set", "method.net_config.width=64", "--set", "train.warmup=20",
-            "--set", "train.checkpoint_every=200"]
+    args = [
+        "train",
+        "--recipe",
+        str(ROOT / "recipes" / "methods" / "pfgmpp_digits8.json"),
+        "--data",
+        "moons",
+        "--steps",
+        "400",
+        "--out",
+        str(out),
+        "-q",
+        "--lr",
+        "3e-3",
+        "--ema-decay",
+        "0.99",
+        "--set",
+        "method.D=4",
+        "--set",
+        "method.net_config.width=64",
+        "--set",
+        "train.warmup=20",
+        "--set",
+        "train.checkpoint_every=200",
+    ]
     assert main(args) == 0
     card = json.loads((out / "model.json").read_text())
     assert card["method"]["name"] == "pfgmpp" and card["method"]["settings"]["D"] == 4 and card["steps"] == 400

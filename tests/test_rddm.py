@@ -34,8 +34,9 @@ def test_schedule_is_the_authors_gen_coefficients():
     last, clean = torch.full((3,), 3), torch.full((3,), -1)
     torch.testing.assert_close(s.q_sample(x0, x_in, last, eps), x_in + 0.1 * eps)  # x_T = I_in + bbar_T eps
     assert torch.equal(s.q_sample(x0, x_in, clean, eps), x0)
-    torch.testing.assert_close(s.q_sample(x0, x_in, torch.full((3,), 1), eps),
-                               x0 + 0.7 * (x_in - x0) + 0.003**0.5 * eps)
+    torch.testing.assert_close(
+        s.q_sample(x0, x_in, torch.full((3,), 1), eps), x0 + 0.7 * (x_in - x0) + 0.003**0.5 * eps
+    )
     with pytest.raises(ValueError, match="'rising' is not a valid Shape"):
         RDDMSchedule.residual(4, alpha="rising")
     with pytest.raises(ValueError, match="need an int T >= 2 and 0 < sum_scale <= 1, got T=4, sum_scale=2"):
@@ -48,8 +49,9 @@ def test_coefficient_transform_gives_the_ddpm_marginal():
     g = torch.Generator().manual_seed(1)
     x0, eps = torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randn(5, 3, generator=g, dtype=torch.float64)
     t = torch.tensor([0, 10, 400, 800, 999])
-    torch.testing.assert_close(s.q_sample(x0, torch.zeros_like(x0), t, eps), vp.add_noise(x0, eps, vp.index_to_t(t)),
-                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        s.q_sample(x0, torch.zeros_like(x0), t, eps), vp.add_noise(x0, eps, vp.index_to_t(t)), rtol=1e-12, atol=1e-12
+    )
 
 
 def _ddim_pair(steps, seed=3, n=16):
@@ -60,8 +62,14 @@ def _ddim_pair(steps, seed=3, n=16):
     dim = den.data_shape[0]
     s = RDDMSchedule.from_vp(vp.alphas_cumprod)
     traj = []
-    sample(predictor_from_denoiser(den, vp), s, torch.zeros(n, dim, dtype=torch.float64), steps, seed=seed,
-           callback=lambda t, x: traj.append(x.clone()))
+    sample(
+        predictor_from_denoiser(den, vp),
+        s,
+        torch.zeros(n, dim, dtype=torch.float64),
+        steps,
+        seed=seed,
+        callback=lambda t, x: traj.append(x.clone()),
+    )
     times = torch.linspace(-1, 999, steps + 1).int().tolist()[::-1]
     ts = torch.cat([vp.index_to_t(torch.tensor(times[:-1])), torch.zeros(1, dtype=torch.float64)])
     x = (1 - vp.alphas_cumprod[-1]).sqrt() * counter_normal(seed, torch.arange(n), 0, (dim,), dtype=torch.float64)
@@ -94,8 +102,15 @@ def test_any_per_step_sigma_is_the_ddim_form_and_rddm_eta_is_not_ddims():
         sigma = eta * math.sqrt((1 - a_s) / (1 - a_t) * (1 - a_t / a_s))  # DDIM eq. 16
         res, eps = predict(x, torch.zeros_like(x), torch.full((n,), t))
         z = problem.randn(i, x)
-        x = rddm_step(x, res, eps, *(float(s.alpha_cumsum[k]) for k in (t, u)),
-                      *(float(s.beta2_cumsum[k]) for k in (t, u)), sigma, z)
+        x = rddm_step(
+            x,
+            res,
+            eps,
+            *(float(s.alpha_cumsum[k]) for k in (t, u)),
+            *(float(s.beta2_cumsum[k]) for k in (t, u)),
+            sigma,
+            z,
+        )
         assert float((x - info.x).abs().max()) < 1e-10, i
     # the sampler's eta = 1, first step, against the closed form sqrt(abar_s) * DDIM(eta=1) std
     first = []
@@ -105,8 +120,17 @@ def test_any_per_step_sigma_is_the_ddim_form_and_rddm_eta_is_not_ddims():
     a_t, a_s = float(vp.alphas_cumprod[999]), float(vp.alphas_cumprod[799])
     sigma = math.sqrt(a_s) * math.sqrt((1 - a_s) / (1 - a_t) * (1 - a_t / a_s))
     res, eps = predict(x_t, x_in, torch.full((n,), 999))
-    want = rddm_step(x_t, res, eps, float(s.alpha_cumsum[999]), float(s.alpha_cumsum[799]),
-                     float(s.beta2_cumsum[999]), float(s.beta2_cumsum[799]), sigma, problem.randn(0, x_t))
+    want = rddm_step(
+        x_t,
+        res,
+        eps,
+        float(s.alpha_cumsum[999]),
+        float(s.alpha_cumsum[799]),
+        float(s.beta2_cumsum[999]),
+        float(s.beta2_cumsum[799]),
+        sigma,
+        problem.randn(0, x_t),
+    )
     assert float((first[0] - want).abs().max()) < 1e-10
 
 
@@ -143,8 +167,24 @@ def test_settings_and_errors():
 def test_restoration_and_generation_through_the_cli(tmp_path, capsys):
     out = tmp_path / "lowlight"
     recipe = ROOT / "recipes" / "methods" / "rddm_digits8_lowlight.json"
-    args = ["train", "--recipe", str(recipe), "--steps", "300", "--out", str(out), "-q", "--lr", "3e-3",
-            "--ema-decay", "0.99", "--set", "method.net_config.width=96", "--set", "train.checkpoint_every=300"]
+    args = [
+        "train",
+        "--recipe",
+        str(recipe),
+        "--steps",
+        "300",
+        "--out",
+        str(out),
+        "-q",
+        "--lr",
+        "3e-3",
+        "--ema-decay",
+        "0.99",
+        "--set",
+        "method.net_config.width=96",
+        "--set",
+        "train.checkpoint_every=300",
+    ]
     assert main(args) == 0
     card = json.loads((out / "model.json").read_text())
     assert card["method"]["name"] == "rddm" and card["method"]["settings"]["net_config"]["data_shape"] == [2, 8, 8]
@@ -163,8 +203,23 @@ def test_restoration_and_generation_through_the_cli(tmp_path, capsys):
         model.sample(torch.zeros(3, 64))
     # generation (I_in = 0): the same objective, another recipe
     gen = tmp_path / "gen"
-    assert main(["train", "--recipe", str(ROOT / "recipes" / "methods" / "rddm_digits8_generation.json"), "--steps",
-                 "20", "--out", str(gen), "-q", "--set", "method.net_config.width=32"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--recipe",
+                str(ROOT / "recipes" / "methods" / "rddm_digits8_generation.json"),
+                "--steps",
+                "20",
+                "--out",
+                str(gen),
+                "-q",
+                "--set",
+                "method.net_config.width=32",
+            ]
+        )
+        == 0
+    )
     x = load(gen).sample(n=6, steps=4, eta=1.0, seed=2)
     assert x.shape == (6, 1, 8, 8) and torch.isfinite(x).all() and float(x.abs().max()) <= 1.0
     rec = MethodRecipe.from_dict(json.loads((gen / "model.json").read_text())["recipe"])

@@ -171,8 +171,14 @@ def test_finetune_fits_labels_and_leaves_the_source_untouched():
     assert all(torch.equal(v, clf.state_dict()[k]) for k, v in before.items())
     assert not ft.training
     res = sda.evaluate(clf, ft, x, x, y)
-    assert res["sda_finetuned"] == 1.0 and set(res) == {"source", "dda", "dda_ensemble", "sda_finetuned", "sda",
-                                                      "sda_ft_both"}
+    assert res["sda_finetuned"] == 1.0 and set(res) == {
+        "source",
+        "dda",
+        "dda_ensemble",
+        "sda_finetuned",
+        "sda",
+        "sda_ft_both",
+    }
     assert res["source"] == res["dda"] == res["dda_ensemble"]  # x_proj = x: DDA changes nothing
     with pytest.raises(ValueError, match="labels must be int64"):
         sda.finetune_classifier(clf, x, y.float())

@@ -47,8 +47,12 @@ def test_generator_marginals_match_the_model(variant):
     py, p11, p10, p0 = (q.mean() for q in model.cell_probs(p, d.X))
     t, y = d.T == 1, sim.Y_full == 1
     n = len(t)
-    for freq, prob in [((t & y).double().mean(), p11), ((t & ~y).double().mean(), p10),
-                       ((~t).double().mean(), p0), (y.double().mean(), py)]:
+    for freq, prob in [
+        ((t & y).double().mean(), p11),
+        ((t & ~y).double().mean(), p10),
+        ((~t).double().mean(), p0),
+        (y.double().mean(), py),
+    ]:
         assert abs(float(freq - prob)) < 4 * math.sqrt(float(prob * (1 - prob)) / n)
     assert torch.isnan(d.Y[~t]).all() and torch.equal(d.Y[t], sim.Y_full[t])
 
@@ -83,14 +87,19 @@ def _cells_by_integration(a, d, alpha, z, w):
 def test_uniform_closed_form_equals_the_integral_including_small_d():
     g = torch.Generator().manual_seed(0)
     a = torch.cat([torch.randn(40, generator=g, dtype=torch.float64) * 3, torch.tensor([-12.0, 9.0, 0.3, 0.3, 0.3])])
-    d = torch.cat([torch.randn(40, generator=g, dtype=torch.float64) * 3,
-                   torch.tensor([1.0, -2.0, 1e-7, -9.9e-6, 1.1e-5], dtype=torch.float64)])
+    d = torch.cat(
+        [
+            torch.randn(40, generator=g, dtype=torch.float64) * 3,
+            torch.tensor([1.0, -2.0, 1e-7, -9.9e-6, 1.1e-5], dtype=torch.float64),
+        ]
+    )
     s = 1.7
     x, w = np.polynomial.legendre.leggauss(200)  # on [0, s]: exact to far below 1e-12 for these smooth integrands
     z, wn = torch.as_tensor((x + 1) * s / 2), torch.as_tensor(w / 2)
     # through the model: X1 beta_Y = a and X1 beta_Delta = d with X = [a, d], beta_Y = (0, 1, 0), beta_Delta = (0, 0, 1)
     got = sl.SelectiveLabelsModel().cell_probs(
-        _params(beta_Y=[0.0, 1.0, 0.0], beta_Delta=[0.0, 0.0, 1.0], sigma=s, alpha=1.0), torch.stack([a, d], 1))
+        _params(beta_Y=[0.0, 1.0, 0.0], beta_Delta=[0.0, 0.0, 1.0], sigma=s, alpha=1.0), torch.stack([a, d], 1)
+    )
     want = _cells_by_integration(a, d, 1.0, z, wn)
     for gq, wq in zip(got, want):
         assert torch.allclose(gq, wq, rtol=1e-9, atol=1e-15)
@@ -151,10 +160,11 @@ def test_map_recovers_the_parameters_on_large_data(variant):
 def test_constraints_reduce_posterior_width_on_a_small_case():
     sim = sl.simulate(sl.SyntheticConfig(n=300, m=3), seed=2)
     widths = {}
-    for name, model in [("none", sl.SelectiveLabelsModel()),
-                        ("both", sl.SelectiveLabelsModel(prevalence=sim.prevalence, testing_features=(0,)))]:
-        post = sl.sample_posterior(model, sim.data, num_samples=50, warmup=50, seed=0, max_tree_depth=4,
-                                   progress=False)
+    for name, model in [
+        ("none", sl.SelectiveLabelsModel()),
+        ("both", sl.SelectiveLabelsModel(prevalence=sim.prevalence, testing_features=(0,))),
+    ]:
+        post = sl.sample_posterior(model, sim.data, num_samples=50, warmup=50, seed=0, max_tree_depth=4, progress=False)
         assert post.samples["beta_Y"].shape == (50, 3) and post.method == "nuts"
         lo, hi = post.interval(0.9)["beta_Y"]
         widths[name] = float((hi - lo).mean())
@@ -242,8 +252,25 @@ def test_command_line_simulate_fit_and_errors(tmp_path, capsys):
     data, truth, out, risk = (tmp_path / n for n in ("d.csv", "t.json", "p.json", "r.csv"))
     assert sl.main(["simulate", "--n", "1500", "--seed", "1", "--out", str(data), "--truth", str(truth)]) == 0
     prev = json.loads(truth.read_text())["prevalence"]
-    assert sl.main(["fit", str(data), "--method", "map", "--prevalence", str(prev), "--testing-features", "x1",
-                    "--out", str(out), "--risk-out", str(risk)]) == 0
+    assert (
+        sl.main(
+            [
+                "fit",
+                str(data),
+                "--method",
+                "map",
+                "--prevalence",
+                str(prev),
+                "--testing-features",
+                "x1",
+                "--out",
+                str(out),
+                "--risk-out",
+                str(risk),
+            ]
+        )
+        == 0
+    )
     post = sl.Posterior.from_dict(json.loads(out.read_text()))
     assert post.method == "map" and post.model.testing_features == (0,)
     assert len(risk.read_text().splitlines()) == 1501
@@ -262,10 +289,12 @@ def test_the_module_imports_nothing_from_dpmlab():
             elif isinstance(node, ast.Import):
                 assert not any(a.name.startswith("dpmlab") for a in node.names), path
     # and it runs as a stand-alone file: no dpmlab (diffusion) module gets loaded
-    code = (f"import importlib.util, sys\n"
-            f"spec = importlib.util.spec_from_file_location('sl', {str(MODULE)!r})\n"
-            f"m = importlib.util.module_from_spec(spec); sys.modules['sl'] = m; spec.loader.exec_module(m)\n"
-            f"m.simulate(m.SyntheticConfig(n=50))\n"
-            f"print(sorted(k for k in sys.modules if k.startswith('dpmlab')))")
+    code = (
+        f"import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('sl', {str(MODULE)!r})\n"
+        f"m = importlib.util.module_from_spec(spec); sys.modules['sl'] = m; spec.loader.exec_module(m)\n"
+        f"m.simulate(m.SyntheticConfig(n=50))\n"
+        f"print(sorted(k for k in sys.modules if k.startswith('dpmlab')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

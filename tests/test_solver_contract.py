@@ -106,8 +106,11 @@ def test_a_step_without_a_pending_output_first_evaluates_at_its_start(name):
         pending = solver.pending_output(state)
         calls.clear()
         x_next, state = solver.step(problem, x, ts, i, state)
-        at_start = [k for k, (xx, tt) in enumerate(calls)
-                    if torch.allclose(xx, x, rtol=0, atol=1e-12) and bool(((tt - ts[i]).abs() < 1e-12).all())]
+        at_start = [
+            k
+            for k, (xx, tt) in enumerate(calls)
+            if torch.allclose(xx, x, rtol=0, atol=1e-12) and bool(((tt - ts[i]).abs() < 1e-12).all())
+        ]
         if pending is None:
             assert calls and at_start[:1] == [0], (name, i)
         else:

@@ -39,10 +39,18 @@ def tiny_unet(seed: int = 0, cross: int = 16):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
-                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
-                                cross_attention_dim=cross, attention_head_dim=4, norm_num_groups=4).eval()
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        layers_per_block=1,
+        cross_attention_dim=cross,
+        attention_head_dim=4,
+        norm_num_groups=4,
+    ).eval()
 
 
 def run_unet(unet, states, seed=1):
@@ -118,6 +126,7 @@ def test_save_load_and_plug_into_another_unet(tmp_path):
         install(tiny_unet(0, cross=32), path)
     with pytest.raises(ValueError, match="not a SpeedUpNet adapter"):
         from dpmlab.models.hub import write_safetensors
+
         write_safetensors(tmp_path / "other.safetensors", {"w": torch.zeros(1)}, {"format": "x"})
         load_adapter(tmp_path / "other.safetensors")
 
@@ -148,8 +157,16 @@ def test_msc_target_and_loss_against_the_constant_x0_teacher(t2i):
 
 def small_recipe(**train):
     s = SpeedUpNet(teacher_steps=4, student_steps=2, guidance=5.0, negatives=("", "bold"))
-    cfg = {"steps": 3, "batch_size": 4, "lr": 1e-2, "warmup": 0, "ema_decay": 0.0, "checkpoint_every": 3,
-           "log_every": 1, **train}
+    cfg = {
+        "steps": 3,
+        "batch_size": 4,
+        "lr": 1e-2,
+        "warmup": 0,
+        "ema_decay": 0.0,
+        "checkpoint_every": 3,
+        "log_every": 1,
+        **train,
+    }
     return MethodRecipe(name="sun_test", method="speedupnet", settings=s, train=TrainConfig(**cfg))
 
 
@@ -179,9 +196,12 @@ def test_a_few_steps_lower_the_distillation_loss():
 def test_recipe_trains_exports_and_samples(tmp_path):
     recipe = load_recipe(ROOT / "recipes" / "methods" / "speedupnet_mnist_t2i.json")
     assert recipe.settings == SpeedUpNet(gain_init=2.0) and recipe.method == "speedupnet"
-    res = fit(SpeedUpNetObjective(small_recipe(steps=2), small_data()), TrainConfig(
-        steps=2, batch_size=2, lr=1e-3, warmup=0, ema_decay=0.0, checkpoint_every=2, log_every=1), tmp_path,
-        progress=False)
+    res = fit(
+        SpeedUpNetObjective(small_recipe(steps=2), small_data()),
+        TrainConfig(steps=2, batch_size=2, lr=1e-3, warmup=0, ema_decay=0.0, checkpoint_every=2, log_every=1),
+        tmp_path,
+        progress=False,
+    )
     assert res.step == 2 and (tmp_path / "model.safetensors").stat().st_size < 400_000
     model = load(tmp_path)
     assert isinstance(model, SpeedUpNetModel) and isinstance(model.denoiser, SpeedUpNetDenoiser)
@@ -190,15 +210,18 @@ def test_recipe_trains_exports_and_samples(tmp_path):
     assert torch.equal(load_adapter(tmp_path).state_dict()["layers.0.gamma"], model.adapter.layers[0].gamma)
 
 
-@pytest.mark.parametrize(("kw", "match"), [
-    ({"teacher_steps": 10, "student_steps": 4}, "must be a multiple"),
-    ({"teacher_steps": 4, "student_steps": 4}, "must be a multiple"),
-    ({"student_steps": 0}, "student_steps must be a positive int"),
-    ({"guidance": 0.5}, "guidance must be >= 1"),
-    ({"grid": "leading"}, "continuous named grid"),
-    ({"teacher_solver": "ddpm"}, "must be deterministic"),
-    ({"negatives": ()}, "non-empty list"),
-])
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"teacher_steps": 10, "student_steps": 4}, "must be a multiple"),
+        ({"teacher_steps": 4, "student_steps": 4}, "must be a multiple"),
+        ({"student_steps": 0}, "student_steps must be a positive int"),
+        ({"guidance": 0.5}, "guidance must be >= 1"),
+        ({"grid": "leading"}, "continuous named grid"),
+        ({"teacher_solver": "ddpm"}, "must be deterministic"),
+        ({"negatives": ()}, "non-empty list"),
+    ],
+)
 def test_bad_settings_raise(kw, match):
     with pytest.raises(ValueError, match=match):
         SpeedUpNet(**kw)
@@ -213,5 +236,7 @@ def test_bad_inputs_raise():
         SpeedUpNetObjective(small_recipe(), Dataset("toy", torch.zeros(4, 2), None, ()))
     r = small_recipe()
     with pytest.raises(ValueError, match="not in the tokenizer's vocabulary"):
-        SpeedUpNetObjective(dataclasses.replace(r, settings=SpeedUpNet(teacher_steps=4, student_steps=2,
-                                                                       negatives=("purple",))), small_data())
+        SpeedUpNetObjective(
+            dataclasses.replace(r, settings=SpeedUpNet(teacher_steps=4, student_steps=2, negatives=("purple",))),
+            small_data(),
+        )

@@ -61,12 +61,24 @@ def test_stable_diffusion_pipeline_loads_offline_and_runs_a_dpmlab_solver(no_net
 
     pipe = StableDiffusionPipeline.from_pretrained(str(FOLDER), dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    out = pipe("a bold seven", negative_prompt="slanted", num_inference_steps=5, guidance_scale=5.0,
-               generator=torch.Generator().manual_seed(0), output_type="np", num_images_per_prompt=2).images
+    out = pipe(
+        "a bold seven",
+        negative_prompt="slanted",
+        num_inference_steps=5,
+        guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+        num_images_per_prompt=2,
+    ).images
     assert out.shape == (2, 32, 32, 1) and bool(torch.isfinite(torch.as_tensor(out)).all())
     pipe.scheduler = DPMLabScheduler.from_config(pipe.scheduler.config, solver="dpm_solver_pp")
-    out = pipe(["a three", "a thin one"], num_inference_steps=6, guidance_scale=3.0, output_type="pt",
-               generator=torch.Generator().manual_seed(0)).images
+    out = pipe(
+        ["a three", "a thin one"],
+        num_inference_steps=6,
+        guidance_scale=3.0,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+    ).images
     assert out.shape == (2, 1, 32, 32) and bool(torch.isfinite(out).all())
     assert float(out.std()) > 0.1  # not a blank picture
 
@@ -79,8 +91,9 @@ def test_diffusers_pipelines_draw_the_prompted_digit(no_network):
     pipe.set_progress_bar_config(disable=True)
     clf = MNISTFeatures()
     gen = torch.Generator().manual_seed(0)
-    x = pipe(["a seven"] * 6 + ["a two"] * 6, num_inference_steps=15, guidance_scale=5.0, output_type="pt",
-             generator=gen).images
+    x = pipe(
+        ["a seven"] * 6 + ["a two"] * 6, num_inference_steps=15, guidance_scale=5.0, output_type="pt", generator=gen
+    ).images
     want = torch.tensor([7] * 6 + [2] * 6)
     assert float((clf.logits(x[..., 2:30, 2:30] * 2 - 1).argmax(1) == want).float().mean()) >= 0.75
 
@@ -88,16 +101,32 @@ def test_diffusers_pipelines_draw_the_prompted_digit(no_network):
     ones = data.images[data.val_idx][data.attrs[data.val_idx, 0] == 1][:6]  # held-out "1"s, in [-1, 1]
     i2i = StableDiffusionImg2ImgPipeline(**pipe.components)
     i2i.set_progress_bar_config(disable=True)
-    x = i2i(["a eight"] * 6, image=ones / 2 + 0.5, strength=0.9, num_inference_steps=20, guidance_scale=5.0,
-            output_type="pt", generator=gen).images
+    x = i2i(
+        ["a eight"] * 6,
+        image=ones / 2 + 0.5,
+        strength=0.9,
+        num_inference_steps=20,
+        guidance_scale=5.0,
+        output_type="pt",
+        generator=gen,
+    ).images
     assert float((clf.logits(x[..., 2:30, 2:30] * 2 - 1).argmax(1) == 8).float().mean()) >= 0.5
 
     inp = StableDiffusionInpaintPipeline(**pipe.components)
     inp.set_progress_bar_config(disable=True)
     mask = torch.ones(6, 1, 32, 32)  # repaint everything but a border: the prompt decides the digit
     mask[..., :2, :] = mask[..., -2:, :] = 0
-    x = inp(["a zero"] * 6, image=ones / 2 + 0.5, mask_image=mask, num_inference_steps=20, guidance_scale=5.0,
-            output_type="pt", generator=gen, height=32, width=32).images
+    x = inp(
+        ["a zero"] * 6,
+        image=ones / 2 + 0.5,
+        mask_image=mask,
+        num_inference_steps=20,
+        guidance_scale=5.0,
+        output_type="pt",
+        generator=gen,
+        height=32,
+        width=32,
+    ).images
     assert x.shape == (6, 1, 32, 32)
     assert float((clf.logits(x[..., 2:30, 2:30] * 2 - 1).argmax(1) == 0).float().mean()) >= 0.5
 
@@ -155,8 +184,11 @@ def test_clip_score_prefers_the_true_caption():
 
 
 def test_bad_prompts_get_clear_errors(model):
-    with pytest.raises(ValueError, match=r"word 'cat' of prompt 'a bold cat' is not in the tokenizer's vocabulary; "
-                                         r"allowed: a, bold, "):
+    with pytest.raises(
+        ValueError,
+        match=r"word 'cat' of prompt 'a bold cat' is not in the tokenizer's vocabulary; "
+        r"allowed: a, bold, ",
+    ):
         model.encode_prompt("a bold cat")
     with pytest.raises(ValueError, match="has 12 tokens; the text encoder's context holds 10"):
         model.encode_prompt("a bold thin left right slanted upright seven eight nine")
@@ -187,9 +219,33 @@ def test_missing_or_corrupt_component_folder(tmp_path, damage):
 
 def test_cli_prompt_to_picture(tmp_path, capsys):
     out = tmp_path / "sevens.png"
-    assert main(["sample", "--model", "mnist_t2i", "--prompt", "a bold seven", "--negative-prompt", "slanted",
-                 "--guidance", "5", "--solver", "dpm_solver_pp", "--nfe", "10", "-n", "4", "--out", str(out),
-                 "--raw", str(out.with_suffix(".npz")), "-q"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--model",
+                "mnist_t2i",
+                "--prompt",
+                "a bold seven",
+                "--negative-prompt",
+                "slanted",
+                "--guidance",
+                "5",
+                "--solver",
+                "dpm_solver_pp",
+                "--nfe",
+                "10",
+                "-n",
+                "4",
+                "--out",
+                str(out),
+                "--raw",
+                str(out.with_suffix(".npz")),
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert out.is_file() and out.stat().st_size > 1000
     raw = dict(__import__("numpy").load(out.with_suffix(".npz")))
     assert raw["samples"].shape == (4, 1, 32, 32)  # decoded pixels, not latents
@@ -211,14 +267,25 @@ def test_t2i_recipe_trains_every_stage_and_assembles_a_loadable_folder(tmp_path,
     from dpmlab.training.t2i import assemble, load_t2i_recipe, train_t2i
 
     r = load_t2i_recipe(ROOT / "recipes" / "t2i" / "mnist_t2i.json")
-    tiny = {"clip": {"text": {"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 1,
-                              "num_attention_heads": 2},
-                     "vision": {"patch_size": 8, "hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 1,
-                                "num_attention_heads": 2}, "projection_dim": 16},
-            "vae": {**r.vae, "block_out_channels": [8, 8, 8], "norm_num_groups": 4},
-            "unet": {**r.unet, "block_out_channels": [8, 16, 16], "norm_num_groups": 4, "attention_head_dim": 4}}
-    steps = {k: dataclasses.replace(getattr(r, k), steps=3, batch_size=8, checkpoint_every=2, warmup=1, log_every=1)
-             for k in ("train_clip", "train_vae", "train_unet")}
+    tiny = {
+        "clip": {
+            "text": {"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2},
+            "vision": {
+                "patch_size": 8,
+                "hidden_size": 16,
+                "intermediate_size": 16,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+            },
+            "projection_dim": 16,
+        },
+        "vae": {**r.vae, "block_out_channels": [8, 8, 8], "norm_num_groups": 4},
+        "unet": {**r.unet, "block_out_channels": [8, 16, 16], "norm_num_groups": 4, "attention_head_dim": 4},
+    }
+    steps = {
+        k: dataclasses.replace(getattr(r, k), steps=3, batch_size=8, checkpoint_every=2, warmup=1, log_every=1)
+        for k in ("train_clip", "train_vae", "train_unet")
+    }
     r = dataclasses.replace(r, **tiny, **steps)
     res = train_t2i(r, tmp_path / "run", progress=False)
     assert {k: v.step for k, v in res.items()} == {"clip": 3, "vae": 3, "unet": 3}

@@ -29,14 +29,34 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = {
     "name": "tiny",
     "data": {"name": "digits8"},  # replaced by the in-memory data set below
-    "model": {"net": "unet", "objective": "eps", "schedule": "linear",
-              "net_config": {"image_size": 8, "model_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1,
-                             "num_heads": 2, "groups": 4, "num_classes": 3}},
-    "train": {"steps": 12, "batch_size": 8, "lr": 1e-3, "warmup": 3, "lr_decay": "cosine", "ema_decay": 0.9,
-              "label_dropout": 0.25, "checkpoint_every": 4, "log_every": 2, "seed": 3},
+    "model": {
+        "net": "unet",
+        "objective": "eps",
+        "schedule": "linear",
+        "net_config": {
+            "image_size": 8,
+            "model_channels": 8,
+            "channel_mult": [1, 2],
+            "num_res_blocks": 1,
+            "num_heads": 2,
+            "groups": 4,
+            "num_classes": 3,
+        },
+    },
+    "train": {
+        "steps": 12,
+        "batch_size": 8,
+        "lr": 1e-3,
+        "warmup": 3,
+        "lr_decay": "cosine",
+        "ema_decay": 0.9,
+        "label_dropout": 0.25,
+        "checkpoint_every": 4,
+        "log_every": 2,
+        "seed": 3,
+    },
     "export_dtype": "float32",
 }
-
 
 
 def tiny_data():
@@ -70,13 +90,32 @@ def _assert_same(a, b):
 
 @pytest.mark.parametrize("objective,schedule", [("eps", "linear"), ("x0", "cosine"), ("edm", "linear")])
 def test_loss_falls_on_toy_data(tmp_path, objective, schedule):
-    r = Recipe.from_dict({
-        "name": f"moons-{objective}", "data": {"name": "moons", "n": 2000, "conditional": False},
-        "model": {"net": "mlp", "objective": objective, "schedule": schedule,
-                  "net_config": {"data_shape": [2], "width": 64, "depth": 2,
-                                 "time_scale": 1.0 if schedule == "linear" or objective == "edm" else 1000.0}},
-        "train": {"steps": 120, "batch_size": 128, "lr": 3e-3, "warmup": 10, "log_every": 20,
-                  "checkpoint_every": 1000, "ema_decay": 0.9}})
+    r = Recipe.from_dict(
+        {
+            "name": f"moons-{objective}",
+            "data": {"name": "moons", "n": 2000, "conditional": False},
+            "model": {
+                "net": "mlp",
+                "objective": objective,
+                "schedule": schedule,
+                "net_config": {
+                    "data_shape": [2],
+                    "width": 64,
+                    "depth": 2,
+                    "time_scale": 1.0 if schedule == "linear" or objective == "edm" else 1000.0,
+                },
+            },
+            "train": {
+                "steps": 120,
+                "batch_size": 128,
+                "lr": 3e-3,
+                "warmup": 10,
+                "log_every": 20,
+                "checkpoint_every": 1000,
+                "ema_decay": 0.9,
+            },
+        }
+    )
     res = train(r, tmp_path, progress=False)
     first, last = res.losses[0][1], min(v for _, v in res.losses[-2:])
     assert last < 0.8 * first, res.losses
@@ -91,8 +130,13 @@ def test_loss_falls_on_toy_data(tmp_path, objective, schedule):
 def test_loss_targets_agree_with_the_denoiser(objective, schedule):
     """Each target's loss is a fixed weighting of the x0 error of the Denoiser built on the same net:
     x0: 1, eps: alpha^2 / sigma^2, v (VP): 1 / sigma^2 — so training and sampling agree."""
-    spec = ModelSpec("mlp", {"data_shape": [2], "width": 16, "depth": 1, "time_scale": 3.0}, objective,
-                     schedule=schedule, data_shape=(2,))
+    spec = ModelSpec(
+        "mlp",
+        {"data_shape": [2], "width": 16, "depth": 1, "time_scale": 3.0},
+        objective,
+        schedule=schedule,
+        data_shape=(2,),
+    )
     torch.manual_seed(0)
     net = spec.build_net().double()
     with torch.no_grad():
@@ -143,8 +187,10 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_last_good_one(tmp_path, re
         train(Recipe.from_dict(json.loads({json.dumps(json.dumps(TINY))})), {str(tmp_path)!r},
               dataset=tiny_data(), progress=False)
     """)
-    prelude = "import torch\ntorch.set_num_threads(1)\nfrom dpmlab.training import Recipe, train\n" \
-              "from dpmlab.training.data import Dataset\n"
+    prelude = (
+        "import torch\ntorch.set_num_threads(1)\nfrom dpmlab.training import Recipe, train\n"
+        "from dpmlab.training.data import Dataset\n"
+    )
     proc = subprocess.run([sys.executable, "-c", prelude + script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert _state(tmp_path)[1]["step"] == 4  # the first checkpoint survived intact
@@ -160,9 +206,16 @@ def _free_port():
 
 
 def _worker(rank, world, port, recipe, out):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), ACCELERATE_USE_CPU="yes",
-                      GLOO_SOCKET_IFNAME="lo")
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        ACCELERATE_USE_CPU="yes",
+        GLOO_SOCKET_IFNAME="lo",
+    )
     torch.set_num_threads(1)
     train(Recipe.from_dict(recipe), out, dataset=tiny_data(), progress=False)
     torch.distributed.destroy_process_group()
@@ -189,8 +242,24 @@ def test_two_processes_equal_one(tmp_path, reference):
 
 def test_cli_train_from_flags_and_resume(tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["train", "--data", "rings", "--steps", "30", "--batch-size", "64", "--out", str(out), "-q",
-            "--checkpoint-every", "10", "--set", "model.net_config.width=32", "--set", "train.log_every=10"]
+    args = [
+        "train",
+        "--data",
+        "rings",
+        "--steps",
+        "30",
+        "--batch-size",
+        "64",
+        "--out",
+        str(out),
+        "-q",
+        "--checkpoint-every",
+        "10",
+        "--set",
+        "model.net_config.width=32",
+        "--set",
+        "train.log_every=10",
+    ]
     assert main(args) == 0
     card = json.loads((out / "model.json").read_text())
     assert card["spec"]["net"] == "mlp" and card["spec"]["class_names"] == ["inner", "middle", "outer"]
@@ -203,8 +272,24 @@ def test_cli_train_from_flags_and_resume(tmp_path, capsys):
     assert main([*args, "--resume", "--lr", "0.5"]) == 2
     assert "different recipe" in capsys.readouterr().err
     exported = tmp_path / "assets" / "rings.safetensors"
-    assert main(["train", "--data", "moons", "--unconditional", "--steps", "5", "--out", str(tmp_path / "m"), "-q",
-                 "--export", str(exported)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                "moons",
+                "--unconditional",
+                "--steps",
+                "5",
+                "--out",
+                str(tmp_path / "m"),
+                "-q",
+                "--export",
+                str(exported),
+            ]
+        )
+        == 0
+    )
     assert exported.is_file() and exported.with_suffix(".json").is_file()
     assert dpmlab.load(exported).data_shape == (2,)
 
@@ -224,8 +309,9 @@ def test_recipes_parse_and_errors_are_clear(tmp_path):
         Recipe.from_dict({"name": "x", "train": {"lr_decay": "step"}})
     with pytest.raises(ValueError, match="unknown objective 'score'; allowed: eps, x0, v, edm"):
         Recipe.from_dict({"name": "x", "model": {"objective": "score"}})
-    r = Recipe.from_dict({**TINY, "model": {**TINY["model"], "net_config": {**TINY["model"]["net_config"],
-                                                                            "num_classes": 4}}})
+    r = Recipe.from_dict(
+        {**TINY, "model": {**TINY["model"], "net_config": {**TINY["model"]["net_config"], "num_classes": 4}}}
+    )
     with pytest.raises(ValueError, match="num_classes=4 but dataset 'tiny' has 3 classes"):
         train(r, tmp_path / "x", dataset=tiny_data(), progress=False)
 
@@ -285,8 +371,9 @@ class LinReg:
         return self.meta
 
 
-LINREG_TRAIN = TrainConfig(steps=40, batch_size=16, lr=0.1, warmup=0, ema_decay=0.9, checkpoint_every=10,
-                           log_every=10, seed=5)
+LINREG_TRAIN = TrainConfig(
+    steps=40, batch_size=16, lr=0.1, warmup=0, ema_decay=0.9, checkpoint_every=10, log_every=10, seed=5
+)
 
 
 def test_fit_custom_objective_trains_keeps_frozen_and_exports_the_ema(tmp_path):
@@ -327,8 +414,12 @@ def test_diffusion_objective_checkpoint_header(reference):
     assert meta["recipe"] == Recipe.from_dict(TINY).to_dict() and meta["spec"] == obj.spec.to_dict()
     assert meta["objective"] == obj.config() and "steps" not in meta["objective"]["train"]
     assert meta["train"] == {**TINY["train"], **{k: v for k, v in meta["train"].items() if k not in TINY["train"]}}
-    assert len(obj) == 20 and set(obj.draw(torch.arange(4), torch.Generator().manual_seed(0))) == \
-        {"x0", "t", "eps", "label"}
+    assert len(obj) == 20 and set(obj.draw(torch.arange(4), torch.Generator().manual_seed(0))) == {
+        "x0",
+        "t",
+        "eps",
+        "label",
+    }
 
 
 def test_fit_resume_after_stop_is_bit_exact(tmp_path):
@@ -345,8 +436,11 @@ def test_fit_resume_after_stop_is_bit_exact(tmp_path):
 def test_fit_resume_refuses_a_changed_config(tmp_path):
     fit(LinReg(), dataclasses.replace(LINREG_TRAIN, steps=10), tmp_path, progress=False)
     ckpt = tmp_path / "checkpoint.safetensors"
-    with pytest.raises(ValueError, match=rf"^{re.escape(str(ckpt))}: .*objective 'linreg' config differs at "
-                                         r"noise_scale \(saved 0.01, now 0.5\)"):
+    with pytest.raises(
+        ValueError,
+        match=rf"^{re.escape(str(ckpt))}: .*objective 'linreg' config differs at "
+        r"noise_scale \(saved 0.01, now 0.5\)",
+    ):
         fit(LinReg(noise_scale=0.5), LINREG_TRAIN, tmp_path, resume=True, progress=False)
     with pytest.raises(ValueError, match=rf"^{re.escape(str(ckpt))}: .*train config differs at lr"):
         fit(LinReg(), dataclasses.replace(LINREG_TRAIN, lr=0.2), tmp_path, resume=True, progress=False)
@@ -368,7 +462,11 @@ def test_train_seed_changes_every_draw(tmp_path):
     assert all(0 <= stream_seed(s, k) < 2**32 for s in (0, 1, 2**40) for k in (0, 7))
     losses = []
     for k, seed in enumerate((0, 1, 0)):  # the same start weights (LinReg seeds its own), only train.seed differs
-        res = fit(LinReg(noise_scale=1.0), dataclasses.replace(LINREG_TRAIN, steps=5, seed=seed),
-                  tmp_path / str(k), progress=False)
+        res = fit(
+            LinReg(noise_scale=1.0),
+            dataclasses.replace(LINREG_TRAIN, steps=5, seed=seed),
+            tmp_path / str(k),
+            progress=False,
+        )
         losses.append(res.losses)
     assert losses[0] == losses[2] and losses[0] != losses[1]

@@ -34,11 +34,18 @@ def _bisection(v: torch.Tensor) -> torch.Tensor:
 
 
 def test_project_simplex_exact():
-    cases = {(0.5, 0.5): (0.5, 0.5), (2.0, 0.0): (1.0, 0.0), (0.0, 0.0, 0.0): (1 / 3, 1 / 3, 1 / 3),
-             (1.0, 0.5, -1.0): (0.75, 0.25, 0.0), (5.0,): (1.0,), (0.2, 0.3, 0.5): (0.2, 0.3, 0.5)}
+    cases = {
+        (0.5, 0.5): (0.5, 0.5),
+        (2.0, 0.0): (1.0, 0.0),
+        (0.0, 0.0, 0.0): (1 / 3, 1 / 3, 1 / 3),
+        (1.0, 0.5, -1.0): (0.75, 0.25, 0.0),
+        (5.0,): (1.0,),
+        (0.2, 0.3, 0.5): (0.2, 0.3, 0.5),
+    }
     for v, want in cases.items():
-        torch.testing.assert_close(ua.project_simplex(torch.tensor(v, dtype=torch.float64)),
-                                   torch.tensor(want, dtype=torch.float64))
+        torch.testing.assert_close(
+            ua.project_simplex(torch.tensor(v, dtype=torch.float64)), torch.tensor(want, dtype=torch.float64)
+        )
     v = 3 * torch.randn(50, 18, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     p = ua.project_simplex(v)
     assert (p >= 0).all()
@@ -118,8 +125,9 @@ def test_attack_finds_the_concept_word_and_respects_limits(model, sevens):
     assert ua.attack(model, "a", sevens, cfg).words == ("seven",)
     assert ua.attack(model, "a", zeros, cfg).words == ("zero",)
     words, _ = ua.allowed_words(model)
-    res = ua.attack(model, "a seven", sevens, ua.AttackConfig(k=6, steps=2, forbid=("seven",),
-                                                             relaxation="straight_through"))
+    res = ua.attack(
+        model, "a seven", sevens, ua.AttackConfig(k=6, steps=2, forbid=("seven",), relaxation="straight_through")
+    )
     assert len(res.words) == 6 and set(res.words) <= set(words) and "seven" not in res.words
     assert res.prompt.endswith(" a seven") and len(model.tokenizer(res.prompt).input_ids) <= 10
     model.check_prompt(res.prompt)

@@ -44,16 +44,20 @@ PAIRS = [
     (S.get("dpm_solver_pp", order=2, solver_type="heun"), Preset.dpm_solver_pp(2, "heun")),
     (S.get("dpm_solver_pp", order=3), Preset.dpm_solver_pp(3)),
     (S.get("dpm_solver_pp", order=3, lower_order_final=False), Preset.dpm_solver_pp(3, lower_order_final=False)),
-    (S.get("dpm_solver_multistep", order=2),
-     Preset(Family.DPM_SOLVER_PP, 2, Prediction.NOISE, Relaxation.DPM_SOLVER_2)),
+    (
+        S.get("dpm_solver_multistep", order=2),
+        Preset(Family.DPM_SOLVER_PP, 2, Prediction.NOISE, Relaxation.DPM_SOLVER_2),
+    ),
     (S.get("unipc", predictor_order=1), Preset.unipc(1)),
     (S.get("unipc"), Preset.unipc(2, "bh1")),
     (S.get("unipc", variant="bh2"), Preset.unipc(2, "bh2")),
     (S.get("unipc", predictor_order=3), Preset.unipc(3)),
     (S.get("unipc", predictor_order=2, prediction="noise"), Preset.unipc(2, "bh1", "noise")),
     (S.get("unipc", predictor_order=3, variant="bh2", prediction="noise"), Preset.unipc(3, "bh2", "noise")),
-    (S.get("unipc", lower_order_final=False, final_corrector=True),
-     Preset.unipc(2, lower_order_final=False, final_corrector=True)),
+    (
+        S.get("unipc", lower_order_final=False, final_corrector=True),
+        Preset.unipc(2, lower_order_final=False, final_corrector=True),
+    ),
 ]
 
 
@@ -73,8 +77,9 @@ def test_fixed_plan_equals_its_preset_and_honest_nfe():
     sch = LinearVP()
     model = preset("gmm16").denoiser(sch)
     plan = Preset.unipc().expand(6, False)
-    assert torch.equal(S.sample(S.Problem(model, sch), X, ts, USF(plan)),
-                       S.sample(S.Problem(model, sch), X, ts, USF(Preset.unipc())))
+    assert torch.equal(
+        S.sample(S.Problem(model, sch), X, ts, USF(plan)), S.sample(S.Problem(model, sch), X, ts, USF(Preset.unipc()))
+    )
     steps = list(plan.steps)
     steps[2] = dataclasses.replace(steps[2], corrector=Corrector.IMPLICIT)  # +1: next step re-evaluates
     for p, nfe in ((plan, 6), (dataclasses.replace(plan, afs=AFS.ZERO_X0), 5), (Plan(tuple(steps)), 7)):
@@ -129,8 +134,12 @@ def test_plan_validation_errors():
 
 
 def test_plan_artifact_round_trip_and_bad_files(tmp_path):
-    plan = dataclasses.replace(Preset.unipc(3, "bh2").expand(6, True), ts=tuple(make_grid(SCH, "karras", 6,
-                               to_zero=True).tolist()), afs=AFS.ZERO_X0, model="gmm16")
+    plan = dataclasses.replace(
+        Preset.unipc(3, "bh2").expand(6, True),
+        ts=tuple(make_grid(SCH, "karras", 6, to_zero=True).tolist()),
+        afs=AFS.ZERO_X0,
+        model="gmm16",
+    )
     path = plan.save(tmp_path / "plan.json")
     assert Plan.load(path, model="gmm16", nfe=plan.nfe) == plan
     solver = USF(plan)
@@ -140,8 +149,12 @@ def test_plan_artifact_round_trip_and_bad_files(tmp_path):
     with pytest.raises(ValueError, match="plan uses nfe=5, not 6"):
         Plan.load(path, nfe=6)
     d = json.loads(path.read_text())
-    for change, msg in (({"format": "other"}, "is not a 'dpmlab.usf_plan'"), ({"nfe": 9}, "recorded nfe=9"),
-                        ({"ts": [0.5, 1.0]}, "invalid plan"), ({"extra": 1}, "invalid plan")):
+    for change, msg in (
+        ({"format": "other"}, "is not a 'dpmlab.usf_plan'"),
+        ({"nfe": 9}, "recorded nfe=9"),
+        ({"ts": [0.5, 1.0]}, "invalid plan"),
+        ({"extra": 1}, "invalid plan"),
+    ):
         (tmp_path / "bad.json").write_text(json.dumps({**d, **change}))
         with pytest.raises(ValueError, match=msg):
             Plan.load(tmp_path / "bad.json")
@@ -152,19 +165,22 @@ def test_plan_artifact_round_trip_and_bad_files(tmp_path):
 
 def test_s3_search_never_worse_than_its_initial_presets(tmp_path):
     init = {k: v for k, v in initial_plans(SCH, 5, True, "gmm16").items() if "uniform_time" in k}
-    res = fit_s3_plan(MODEL, SCH, 5, n_samples=64, population=6, generations=4, elite=2, initial=init,
-                      model_name="gmm16")
+    res = fit_s3_plan(
+        MODEL, SCH, 5, n_samples=64, population=6, generations=4, elite=2, initial=init, model_name="gmm16"
+    )
     assert res.plan.nfe == 5 and res.plan.model == "gmm16" and len(res.history) == 4
     assert res.fitness <= min(res.baselines.values())
     assert list(res.history) == sorted(res.history, reverse=True)  # elitism: monotone
     loaded = Plan.load(res.plan.save(tmp_path / "s3.json"), model="gmm16", nfe=5)
-    x = torch.randn(64, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * float(SCH.sigma(
-        torch.tensor(SCH.t_max, dtype=torch.float64)))
+    x = torch.randn(64, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * float(
+        SCH.sigma(torch.tensor(SCH.t_max, dtype=torch.float64))
+    )
     p = S.Problem(MODEL, SCH)
     out = S.sample(p, x, loaded.grid(), USF(loaded))
     assert p.nfe == 5 and torch.isfinite(out).all()
-    res2 = fit_s3_plan(MODEL, SCH, 5, n_samples=64, population=6, generations=2, elite=2, initial=init,
-                       predictor=True, proposals=3)
+    res2 = fit_s3_plan(
+        MODEL, SCH, 5, n_samples=64, population=6, generations=2, elite=2, initial=init, predictor=True, proposals=3
+    )
     assert res2.fitness <= min(res2.baselines.values())
 
 
@@ -172,8 +188,19 @@ def test_s3_selects_on_fresh_noise_and_reports_on_a_third_set():
     """A searched plan over-fits its search noise: with select_n the returned plan is the best of the final elite
     and the presets on a second noise set, and report_n measures it on a third set used for nothing else."""
     init = {k: v for k, v in initial_plans(SCH, 5, True, "gmm16").items() if "uniform_time" in k}
-    res = fit_s3_plan(MODEL, SCH, 5, n_samples=16, population=6, generations=2, elite=2, initial=init,
-                      model_name="gmm16", select_n=16, report_n=16)
+    res = fit_s3_plan(
+        MODEL,
+        SCH,
+        5,
+        n_samples=16,
+        population=6,
+        generations=2,
+        elite=2,
+        initial=init,
+        model_name="gmm16",
+        select_n=16,
+        report_n=16,
+    )
     assert res.selection is not None and res.held_out is not None
     t0 = float(SCH.sigma(torch.tensor(SCH.t_max, dtype=torch.float64)))
     from dpmlab.models.reference import reference_solution
@@ -232,8 +259,12 @@ def test_released_schedules_load_with_their_nfe_and_run(nfe):
     x = torch.randn(8, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     out = S.sample(S.Problem(counted, VPSDE), x, plan.grid(), USF(plan))
     assert torch.isfinite(out).all() and len(calls) == nfe
-    ref = S.sample(S.Problem(model, VPSDE), x, make_grid(VPSDE, "uniform_lambda", 40, t_start=plan.ts[0],
-                                                          t_end=plan.ts[-1]), S.get("dpm_solver_pp", order=3))
+    ref = S.sample(
+        S.Problem(model, VPSDE),
+        x,
+        make_grid(VPSDE, "uniform_lambda", 40, t_start=plan.ts[0], t_end=plan.ts[-1]),
+        S.get("dpm_solver_pp", order=3),
+    )
     assert float((out - ref).pow(2).mean().sqrt()) < 0.2  # a real solve (x_T has RMS ~1; the data ~0.8)
 
 
@@ -273,11 +304,20 @@ def test_linear_relaxation_and_the_new_afs_kinds():
     base = Preset.dpm_solver_pp(2).expand(6, False)
 
     def with_rel(rel, c):
-        return Plan(tuple(dataclasses.replace(s, predictor=Taylor(s.predictor.order, s.predictor.points,
-                                                                     rel if s.predictor.order == 2 else
-                                                                     Relaxation.NONE,
-                                                                     c if s.predictor.order == 2 else 0.0))
-                          for s in base.steps))
+        return Plan(
+            tuple(
+                dataclasses.replace(
+                    s,
+                    predictor=Taylor(
+                        s.predictor.order,
+                        s.predictor.points,
+                        rel if s.predictor.order == 2 else Relaxation.NONE,
+                        c if s.predictor.order == 2 else 0.0,
+                    ),
+                )
+                for s in base.steps
+            )
+        )
 
     run = lambda p: S.sample(S.Problem(MODEL, SCH), X, ts, USF(p))  # noqa: E731
     assert torch.equal(run(with_rel(Relaxation.LINEAR, 0.0)), run(with_rel(Relaxation.NONE, 0.0)))
@@ -311,8 +351,12 @@ def test_version_1_artifacts_without_the_new_fields_still_load(tmp_path):
 
 def _ems(l, s_, n=3):
     lam = torch.linspace(-20, 20, n, dtype=torch.float64)
-    return EMS(lam, torch.full((n, 1), l, dtype=torch.float64), torch.full((n, 1), s_, dtype=torch.float64),
-               torch.zeros(n, 1, dtype=torch.float64))
+    return EMS(
+        lam,
+        torch.full((n, 1), l, dtype=torch.float64),
+        torch.full((n, 1), s_, dtype=torch.float64),
+        torch.zeros(n, 1, dtype=torch.float64),
+    )
 
 
 @pytest.mark.parametrize("nfe", [5, 10])
@@ -341,8 +385,12 @@ def test_v3_steps_equal_dpm_solver_v3_and_released_schedules_run_with_a_fitted_e
     for k in (2, 3):  # a plan of v3 steps (nearest points, no corrector) is dpmlab's DPM-Solver-v3 predictor
         plan = Plan(tuple(Step(Prediction.V3, Taylor.full(min(k, i + 1))) for i in range(6)))
         a = S.sample(S.Problem(model, VPSDE), x, ts, USF(plan, ems=ems))
-        b = S.sample(S.Problem(model, VPSDE), x, ts, S.get("dpm_solver_v3", ems=ems, order=k, use_corrector=False,
-                                                         lower_order_final=False))
+        b = S.sample(
+            S.Problem(model, VPSDE),
+            x,
+            ts,
+            S.get("dpm_solver_v3", ems=ems, order=k, use_corrector=False, lower_order_final=False),
+        )
         assert float((a - b).abs().max()) < 1e-10
     for nfe in (5, 10):
         plan, calls = _released(nfe, v3=None), []

@@ -1,7 +1,7 @@
 """dpmlab: fast, training-free sampling for diffusion probabilistic models.
 
-    import dpmlab
-    x = dpmlab.sample("gmm2d", n=1000, solver="ddim", nfe=10, seed=0)
+import dpmlab
+x = dpmlab.sample("gmm2d", n=1000, solver="ddim", nfe=10, seed=0)
 """
 
 from . import editing as editing

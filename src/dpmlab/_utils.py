@@ -23,8 +23,16 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-__all__ = ["append_dims", "f64", "interp1d", "counter_normal", "atomic_write", "atomic_folder", "state_dtype",
-           "dataclass_from_dict"]
+__all__ = [
+    "append_dims",
+    "f64",
+    "interp1d",
+    "counter_normal",
+    "atomic_write",
+    "atomic_folder",
+    "state_dtype",
+    "dataclass_from_dict",
+]
 
 
 def append_dims(v: Tensor, ndim: int) -> Tensor:
@@ -126,8 +134,9 @@ def atomic_write(path: str | os.PathLike[str], suffix: str | None = None) -> Ite
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_orphans(target)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.{os.getpid()}.",
-                               suffix=suffix or target.suffix)
+    fd, tmp = tempfile.mkstemp(
+        dir=target.parent, prefix=f".{target.name}.{os.getpid()}.", suffix=suffix or target.suffix
+    )
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -183,7 +192,7 @@ def remove_orphans(target: str | os.PathLike[str]) -> list[Path]:
     for p in t.parent.iterdir():
         if not p.name.startswith(head):
             continue
-        pid = p.name[len(head):].split(".", 1)[0]
+        pid = p.name[len(head) :].split(".", 1)[0]
         if pid.isdigit() and not _pid_alive(int(pid)):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
             removed.append(p)

@@ -115,8 +115,9 @@ def _save_picture(x: Tensor, path: Path, title: str, labels: Sequence[str] = ())
             width = max(cols, 4)
             text = textwrap.fill(title, width=int(width * 13))
             head = 0.2 * (text.count("\n") + 1) + 0.15
-            fig, axes = plt.subplots(rows, cols, figsize=(width, rows * (1.15 if labels else 1) + head), dpi=100,
-                                     squeeze=False)
+            fig, axes = plt.subplots(
+                rows, cols, figsize=(width, rows * (1.15 if labels else 1) + head), dpi=100, squeeze=False
+            )
             for k, ax in enumerate(axes.flat):
                 ax.axis("off")
                 if k < n:
@@ -205,31 +206,64 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         else:  # the model's own trajectories from noise
             x = torch.randn(n, *tuple(model.data_shape or ()), generator=torch.Generator().manual_seed(args.seed))
             source = "noise"
-        ems = fit_ems(model, schedule, x, n_points=n, grid_size=args.grid_size, source=source, seed=args.seed,
-                      model_name=args.model, progress=True)
+        ems = fit_ems(
+            model,
+            schedule,
+            x,
+            n_points=n,
+            grid_size=args.grid_size,
+            source=source,
+            seed=args.seed,
+            model_name=args.model,
+            progress=True,
+        )
         ems.save(out)
         print(f"wrote {out}: EMS of {args.model} on {args.grid_size + 1} lambda knots from {n} {source} points")
     elif args.kind == "dc":
         from .calibrate.dc import fit_dc_ratios
 
         base = get(args.base)
-        ratios = fit_dc_ratios(model, schedule, base, args.nfe, n_datapoints=args.n or 10, grid=args.grid,
-                               to_zero=False, seed=args.seed, model_name=args.model)
+        ratios = fit_dc_ratios(
+            model,
+            schedule,
+            base,
+            args.nfe,
+            n_datapoints=args.n or 10,
+            grid=args.grid,
+            to_zero=False,
+            seed=args.seed,
+            model_name=args.model,
+        )
         ratios.save(out)
         rho = ", ".join(f"{r:.3f}" for r in ratios.ratios)
         print(f"wrote {out}: DC ratios for {args.base} at NFE {args.nfe} on grid {args.grid}: {rho}")
-        print(f"sample with: dpmlab sample --model {args.model} --solver dc_solver --artifact {out} "
-              f"--nfe {args.nfe} --grid {args.grid}")
+        print(
+            f"sample with: dpmlab sample --model {args.model} --solver dc_solver --artifact {out} "
+            f"--nfe {args.nfe} --grid {args.grid}"
+        )
     else:
         from .calibrate.s3 import fit_s3_plan
 
         n = args.n or 256
-        res = fit_s3_plan(model, schedule, args.nfe, n_samples=n, seed=args.seed, model_name=args.model,
-                          generations=args.generations, to_zero=False, progress=True, select_n=n, report_n=n)
+        res = fit_s3_plan(
+            model,
+            schedule,
+            args.nfe,
+            n_samples=n,
+            seed=args.seed,
+            model_name=args.model,
+            generations=args.generations,
+            to_zero=False,
+            progress=True,
+            select_n=n,
+            report_n=n,
+        )
         res.plan.save(out)
-        print(f"wrote {out}: S3 plan for {args.model} at NFE {args.nfe}: RMS error {res.fitness:.4g} on the search "
-              f"noise, {res.selection:.4g} on the selection noise, {res.held_out:.4g} on held-out noise "
-              f"({n} samples each)")
+        print(
+            f"wrote {out}: S3 plan for {args.model} at NFE {args.nfe}: RMS error {res.fitness:.4g} on the search "
+            f"noise, {res.selection:.4g} on the selection noise, {res.held_out:.4g} on held-out noise "
+            f"({n} samples each)"
+        )
     return 0
 
 
@@ -237,8 +271,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out, raw = Path(args.out), (Path(args.raw) if args.raw else None)
-    check_outputs([(out, "--out", (".png",))] + ([(raw, "--raw", (".npz", ".safetensors"))] if raw else []),
-                  args.overwrite)
+    check_outputs(
+        [(out, "--out", (".png",))] + ([(raw, "--raw", (".npz", ".safetensors"))] if raw else []), args.overwrite
+    )
     try:
         options = json.loads(args.options) if args.options else {}
     except json.JSONDecodeError as e:
@@ -249,9 +284,11 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     need = NEEDS_ARTIFACT.get(args.solver)
     if need and not args.artifact and need not in options:
-        raise ValueError(f"--solver {args.solver} runs from a fitted artifact: give --artifact FILE (dpmlab calibrate "
-                         f"{'ems' if need == 'ems' else 'dc'}) or --artifact none (then it is its base solver: "
-                         f"{'DPM-Solver++' if need == 'ems' else 'the uncompensated base'})")
+        raise ValueError(
+            f"--solver {args.solver} runs from a fitted artifact: give --artifact FILE (dpmlab calibrate "
+            f"{'ems' if need == 'ems' else 'dc'}) or --artifact none (then it is its base solver: "
+            f"{'DPM-Solver++' if need == 'ems' else 'the uncompensated base'})"
+        )
     model: Any = load(args.model)
     class_names = getattr(getattr(model, "spec", None), "class_names", ())
     if args.artifact:
@@ -278,19 +315,25 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         cond = _labels(model, args.label, args.n) if args.label else {}
     if args.classifier_guidance:  # EluCD: the null-class model steered by the shipped (clean) MNIST classifier
         if args.guidance != 1.0 or t2i is not None or not args.label:
-            raise ValueError("--classifier-guidance steers the unconditional (null-class) model toward --label; "
-                             "it needs --label and excludes --guidance and text-to-image models")
+            raise ValueError(
+                "--classifier-guidance steers the unconditional (null-class) model toward --label; "
+                "it needs --label and excludes --guidance and text-to-image models"
+            )
         if tuple(getattr(model, "data_shape", ())) != (1, 28, 28):
-            raise ValueError(f"--classifier-guidance uses the shipped 28x28 MNIST classifier; {args.model!r} has "
-                             f"samples of shape {tuple(getattr(model, 'data_shape', ()))}")
+            raise ValueError(
+                f"--classifier-guidance uses the shipped 28x28 MNIST classifier; {args.model!r} has "
+                f"samples of shape {tuple(getattr(model, 'data_shape', ()))}"
+            )
         from .metrics.features import load_mnist_classifier
         from .models.guidance import elucd
 
         model = elucd(model, load_mnist_classifier(), args.classifier_guidance)
     if args.guidance != 1.0 and t2i is None:
         if not args.label:
-            raise ValueError("--guidance needs --label (classifier-free guidance of a class-conditional model) "
-                             "or a text-to-image model with --prompt")
+            raise ValueError(
+                "--guidance needs --label (classifier-free guidance of a class-conditional model) "
+                "or a text-to-image model with --prompt"
+            )
         from .models.guidance import Unconditional, classifier_free
 
         model = classifier_free(model, Unconditional(model), args.guidance)
@@ -319,7 +362,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     finally:  # an error or Ctrl-C is printed on a clean line, not onto the bar
         bar.close()
     if t2i is not None:  # latents -> pixels
-        x = torch.cat([t2i.decode(x[i:i + 256]) for i in range(0, len(x), 256)])
+        x = torch.cat([t2i.decode(x[i : i + 256]) for i in range(0, len(x), 256)])
     meta = {
         "model": args.model,
         "solver": json.dumps(solver.config()),
@@ -340,12 +383,15 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if t2i is not None and args.guidance != 1.0:
         what += f", w={args.guidance:g}" + (f", negative {args.negative_prompt!r}" if args.negative_prompt else "")
     config = ", ".join(f"{k}={v}" for k, v in solver.config().items() if k != "name")
-    title = (f"{args.model}{what}: {args.solver}" + (f" ({config})" if config else "")
-             + f", NFE={args.nfe}, n={args.n}, grid={args.grid}{', to zero' if args.to_zero else ''}, seed={args.seed}"
-             + (f", label={args.label}" if args.label else "")
-             + (f", CFG w={args.guidance:g}" if args.guidance != 1.0 and t2i is None else "")
-             + (f", classifier guidance {args.classifier_guidance:g}" if args.classifier_guidance else "")
-             + (f", artifact={args.artifact}" if args.artifact else ""))
+    title = (
+        f"{args.model}{what}: {args.solver}"
+        + (f" ({config})" if config else "")
+        + f", NFE={args.nfe}, n={args.n}, grid={args.grid}{', to zero' if args.to_zero else ''}, seed={args.seed}"
+        + (f", label={args.label}" if args.label else "")
+        + (f", CFG w={args.guidance:g}" if args.guidance != 1.0 and t2i is None else "")
+        + (f", classifier guidance {args.classifier_guidance:g}" if args.classifier_guidance else "")
+        + (f", artifact={args.artifact}" if args.artifact else "")
+    )
     labels = [class_names[int(i)] for i in cond["label"]] if "label" in cond and class_names else []
     _save_picture(x, out, title, labels)
     if not args.quiet:
@@ -387,14 +433,26 @@ def _train_method(args: argparse.Namespace) -> tuple[str, Path, Any]:
 
     given = [f for f, v in (("--net", args.net), ("--objective", args.objective), ("--schedule", args.schedule)) if v]
     if given:
-        raise ValueError(f"{', '.join(given)} do not apply to a method recipe; set its network with "
-                         "--set method.net=... / --set method.net_config.<field>=...")
+        raise ValueError(
+            f"{', '.join(given)} do not apply to a method recipe; set its network with "
+            "--set method.net=... / --set method.net_config.<field>=..."
+        )
     base = load_method_recipe(args.recipe).to_dict()
-    flags = {"data.name": args.data, "data.path": args.data_path, "data.size": args.image_size,
-             "data.channels": args.channels, "train.steps": args.steps, "train.batch_size": args.batch_size,
-             "train.lr": args.lr, "train.warmup": args.warmup, "train.ema_decay": args.ema_decay,
-             "train.seed": args.seed, "train.checkpoint_every": args.checkpoint_every, "name": args.name,
-             "data.conditional": False if args.unconditional else None}
+    flags = {
+        "data.name": args.data,
+        "data.path": args.data_path,
+        "data.size": args.image_size,
+        "data.channels": args.channels,
+        "train.steps": args.steps,
+        "train.batch_size": args.batch_size,
+        "train.lr": args.lr,
+        "train.warmup": args.warmup,
+        "train.ema_decay": args.ema_decay,
+        "train.seed": args.seed,
+        "train.checkpoint_every": args.checkpoint_every,
+        "name": args.name,
+        "data.conditional": False if args.unconditional else None,
+    }
     _apply_overrides(base, flags, args.set)
     recipe = MethodRecipe.from_dict(base)
     out = Path(args.out or f"runs/{recipe.name}")
@@ -408,11 +466,23 @@ def _train_recipe(args: argparse.Namespace) -> tuple[Any, Any]:
 
     base: dict[str, Any] = load_recipe(args.recipe).to_dict() if args.recipe else {"name": args.data or "run"}
     derive_net = "net_config" not in base.get("model", {})  # no recipe: size the network for the data
-    flags = {"data.name": args.data, "data.path": args.data_path, "data.size": args.image_size,
-             "data.channels": args.channels, "model.net": args.net, "model.objective": args.objective,
-             "model.schedule": args.schedule, "train.steps": args.steps, "train.batch_size": args.batch_size,
-             "train.lr": args.lr, "train.warmup": args.warmup, "train.ema_decay": args.ema_decay,
-             "train.seed": args.seed, "train.checkpoint_every": args.checkpoint_every, "name": args.name}
+    flags = {
+        "data.name": args.data,
+        "data.path": args.data_path,
+        "data.size": args.image_size,
+        "data.channels": args.channels,
+        "model.net": args.net,
+        "model.objective": args.objective,
+        "model.schedule": args.schedule,
+        "train.steps": args.steps,
+        "train.batch_size": args.batch_size,
+        "train.lr": args.lr,
+        "train.warmup": args.warmup,
+        "train.ema_decay": args.ema_decay,
+        "train.seed": args.seed,
+        "train.checkpoint_every": args.checkpoint_every,
+        "name": args.name,
+    }
     if args.unconditional:
         flags["data.conditional"] = False
     _apply_overrides(base, flags, args.set)
@@ -421,8 +491,9 @@ def _train_recipe(args: argparse.Namespace) -> tuple[Any, Any]:
     model: dict[str, Any] = base.setdefault("model", {})
     if derive_net:  # a network sized for the data, updated by any --set model.net_config.* values
         net = model.setdefault("net", "unet" if len(ds.shape) == 3 else "mlp")
-        model["net_config"] = net_config_for(net, model.get("net_config", {}), ds.shape,
-                                             num_classes=ds.num_classes if ds.labels is not None else 0)
+        model["net_config"] = net_config_for(
+            net, model.get("net_config", {}), ds.shape, num_classes=ds.num_classes if ds.labels is not None else 0
+        )
     return Recipe.from_dict(base), ds
 
 
@@ -437,8 +508,10 @@ def _check_method_kind(recipe: str, kind: str) -> None:
     if name is None:
         raise ValueError(f"{recipe}: dpmlab {kind} needs a method recipe (a 'method' section naming one of: {allowed})")
     if method_kind(name) != kind:
-        raise ValueError(f"{recipe}: method {name!r} is run with `dpmlab {method_kind(name)}`, not `dpmlab {kind}` "
-                         f"(dpmlab {kind} runs: {allowed})")
+        raise ValueError(
+            f"{recipe}: method {name!r} is run with `dpmlab {method_kind(name)}`, not `dpmlab {kind}` "
+            f"(dpmlab {kind} runs: {allowed})"
+        )
 
 
 def _cmd_module(args: argparse.Namespace) -> int:
@@ -457,8 +530,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     if args.export:
         dst = Path(args.export)
-        check_outputs([(dst, "--export", (".safetensors",)), (dst.with_suffix(".json"), "--export's card", ())],
-                      args.overwrite)
+        check_outputs(
+            [(dst, "--export", (".safetensors",)), (dst.with_suffix(".json"), "--export's card", ())], args.overwrite
+        )
     kind = getattr(args, "kind", "train")
     if kind != "train":  # finetune / prune / distill: a method recipe of that kind
         _check_method_kind(args.recipe, kind)
@@ -480,8 +554,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
             tmp.write_text(json.dumps(card, indent=2) + "\n")
     if not args.quiet:
         also = f" and {args.export}" if args.export else ""
-        print(f"trained {name}: {res.step} steps, final loss {res.final_loss:.4f}, "
-              f"{res.elapsed_s:.0f} s; wrote {out / 'model.safetensors'}{also}")
+        print(
+            f"trained {name}: {res.step} steps, final loss {res.final_loss:.4f}, "
+            f"{res.elapsed_s:.0f} s; wrote {out / 'model.safetensors'}{also}"
+        )
     return 0
 
 
@@ -543,14 +619,31 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     runs = []
     for k in tqdm((0, 1), desc="bench (selection, report)", unit="noise set", leave=False):
-        runs.append(run_bench(model, schedule, shape, entries, nfes, n=n, seed=args.seed + k, name=args.model,
-                              peers=not args.no_peers, ref_tol=1e-10 if analytic else 1e-5, quality=quality))
+        runs.append(
+            run_bench(
+                model,
+                schedule,
+                shape,
+                entries,
+                nfes,
+                n=n,
+                seed=args.seed + k,
+                name=args.model,
+                peers=not args.no_peers,
+                ref_tol=1e-10 if analytic else 1e-5,
+                quality=quality,
+            )
+        )
     select, result = runs
-    _print_table(result.table(), f"{args.model}: RMS error vs reference ({n} samples, seed {args.seed + 1}, "
-                 f"{args.schedule} schedule)")
+    _print_table(
+        result.table(),
+        f"{args.model}: RMS error vs reference ({n} samples, seed {args.seed + 1}, {args.schedule} schedule)",
+    )
     best = held_out_best(select, result)
-    _print_table(best.table(), f"best configuration per library and NFE, chosen on seed {args.seed}, "
-                 f"RMS error on seed {args.seed + 1}")
+    _print_table(
+        best.table(),
+        f"best configuration per library and NFE, chosen on seed {args.seed}, RMS error on seed {args.seed + 1}",
+    )
     _print_table(best.median_table(), "the same configurations: median per-sample RMS error")
     fd = result.fd_table()
     if fd is not None:
@@ -632,8 +725,10 @@ def _edit_boundary(model: Any, x0: Tensor, src: int, tgt: int, args: argparse.Na
     from .solvers.base import Problem
 
     if args.model != "mnist":
-        raise ValueError(f"--method boundary needs labelled images of the model's data; only --model mnist has them, "
-                         f"not {args.model!r}")
+        raise ValueError(
+            f"--method boundary needs labelled images of the model's data; only --model mnist has them, "
+            f"not {args.model!r}"
+        )
     try:
         data = mnist_5k()
     except ImportError as e:
@@ -655,9 +750,11 @@ def _edit_boundary(model: Any, x0: Tensor, src: int, tgt: int, args: argparse.Na
 def _cmd_edit(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    check_outputs([(out, "--out", (".png", ".npz"))] + ([(Path(args.reconstruction), "--reconstruction",
-                                                          (".png", ".npz"))] if args.reconstruction else []),
-                  args.overwrite)
+    check_outputs(
+        [(out, "--out", (".png", ".npz"))]
+        + ([(Path(args.reconstruction), "--reconstruction", (".png", ".npz"))] if args.reconstruction else []),
+        args.overwrite,
+    )
     if not 0.0 <= args.skip < 1.0:
         raise ValueError(f"--skip is the fraction of the steps left out at the noisy end, in [0, 1); got {args.skip}")
     model = load(args.model)
@@ -677,8 +774,17 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     src_cond = {"label": torch.full((len(x0),), names.index(args.source_label))} if args.source_label else {}
     tgt_cond = {"label": torch.full((len(x0),), tgt)}
     if args.method == "ddpm":
-        edited, inv = edit(model, x0, ts, source=src_cond, target=tgt_cond, guidance_src=args.guidance_src,
-                           guidance_tar=args.guidance_tar, skip=skip, seed=args.seed)
+        edited, inv = edit(
+            model,
+            x0,
+            ts,
+            source=src_cond,
+            target=tgt_cond,
+            guidance_src=args.guidance_src,
+            guidance_tar=args.guidance_tar,
+            skip=skip,
+            seed=args.seed,
+        )
         recon = inv.xs[-1]
     elif args.method == "ddim":
         part, ddim = ts[skip:], get("ddim")
@@ -696,16 +802,25 @@ def _cmd_edit(args: argparse.Namespace) -> int:
         if src == tgt:
             raise ValueError(f"the image is already a {names[tgt]!r} (source label); choose another --target-label")
         edited, recon = _edit_boundary(model, x0, src, tgt, args)
-    meta = {"model": args.model, "method": args.method, "target_label": args.target_label,
-            "source_label": args.source_label, "steps": str(args.steps), "skip": str(args.skip), "dpmlab": __version__}
+    meta = {
+        "model": args.model,
+        "method": args.method,
+        "target_label": args.target_label,
+        "source_label": args.source_label,
+        "steps": str(args.steps),
+        "skip": str(args.skip),
+        "dpmlab": __version__,
+    }
     _write_image(edited, out, {**meta, "what": "edited"})
     if args.reconstruction:
         _write_image(recon, Path(args.reconstruction), {**meta, "what": "reconstruction"})
     if not args.quiet:
         err = float((recon - x0).pow(2).mean().sqrt())
         also = f" and the reconstruction to {args.reconstruction}" if args.reconstruction else ""
-        print(f"wrote {out}{also} ({args.method}: {len(x0)} image(s) to {args.target_label!r}; "
-              f"reconstruction RMS error {err:.2e})")
+        print(
+            f"wrote {out}{also} ({args.method}: {len(x0)} image(s) to {args.target_label!r}; "
+            f"reconstruction RMS error {err:.2e})"
+        )
     return 0
 
 
@@ -752,8 +867,13 @@ def _add_train_arguments(pt: argparse.ArgumentParser) -> None:
     pt.add_argument("--ema-decay", type=float, default=None)
     pt.add_argument("--seed", type=SEED, default=None)
     pt.add_argument("--checkpoint-every", type=POSITIVE, default=None)
-    pt.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override any recipe field, e.g. --set model.net_config.model_channels=16 (JSON values)")
+    pt.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any recipe field, e.g. --set model.net_config.model_channels=16 (JSON values)",
+    )
     pt.add_argument("--threads", type=POSITIVE, default=1, help="torch threads (1 is fastest for small models)")
     pt.add_argument("-q", "--quiet", action="store_true")
     pt.add_argument("--overwrite", action="store_true", help="replace an existing --export file")
@@ -799,16 +919,25 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--raw", default="", help="also write the raw samples here (.npz or .safetensors)")
     ps.add_argument("--threads", type=POSITIVE, default=1, help="torch threads (1 is fastest for small models)")
     ps.add_argument("-q", "--quiet", action="store_true")
-    ps.add_argument("--guidance", type=float, default=1.0,
-                    help="classifier-free guidance scale (1 = none; diffusers' convention), needs --label or a "
-                         "text-to-image model")
-    ps.add_argument("--classifier-guidance", type=float, default=0.0, metavar="SCALE",
-                    help="EluCD: guide the unconditional (null-class) model toward --label with the shipped MNIST "
-                         "classifier (Softplus(3), temperatures 1/0.5, sin schedule); 0 = off")
+    ps.add_argument(
+        "--guidance",
+        type=float,
+        default=1.0,
+        help="classifier-free guidance scale (1 = none; diffusers' convention), needs --label or a text-to-image model",
+    )
+    ps.add_argument(
+        "--classifier-guidance",
+        type=float,
+        default=0.0,
+        metavar="SCALE",
+        help="EluCD: guide the unconditional (null-class) model toward --label with the shipped MNIST "
+        "classifier (Softplus(3), temperatures 1/0.5, sin schedule); 0 = off",
+    )
     ps.add_argument("--prompt", default="", help="text-to-image models (mnist_t2i): the prompt, e.g. 'a bold seven'")
     ps.add_argument("--negative-prompt", default="", help="text-to-image models: the negative prompt (with --guidance)")
-    ps.add_argument("--artifact", default="",
-                    help="fitted artifact for dpm_solver_v3 (EMS), dc_solver (DC ratios) or usf (S3 plan)")
+    ps.add_argument(
+        "--artifact", default="", help="fitted artifact for dpm_solver_v3 (EMS), dc_solver (DC ratios) or usf (S3 plan)"
+    )
     ps.add_argument("--overwrite", action="store_true", help="replace existing output files")
     ps.set_defaults(func=_cmd_sample)
 
@@ -816,8 +945,12 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("kind", choices=["ems", "dc", "s3"])
     pc.add_argument("--model", default="gmm16", help=f"model name ({', '.join(available_models())})")
     pc.add_argument("--nfe", type=NFE, default=6, help="NFE budget the artifact is for (dc, s3)")
-    pc.add_argument("-n", type=_int_in(0), default=0, help="points (ems: 1024), ground-truth trajectories (dc: 10), "
-                    "search samples (s3: 256)")
+    pc.add_argument(
+        "-n",
+        type=_int_in(0),
+        default=0,
+        help="points (ems: 1024), ground-truth trajectories (dc: 10), search samples (s3: 256)",
+    )
     pc.add_argument("--grid-size", type=POSITIVE, default=200, help="ems: lambda knots - 1")
     pc.add_argument("--base", default="unipc", help="dc: the predictor-corrector solver to compensate")
     pc.add_argument("--grid", default=DEFAULT_GRID, choices=sorted(GRIDS), help="dc: the grid to fit on")
@@ -829,15 +962,21 @@ def build_parser() -> argparse.ArgumentParser:
     pc.set_defaults(func=_cmd_calibrate)
 
     pt = sub.add_parser("train", help="train a model from a recipe (recipes/*.json|toml) and/or flags")
-    pt.add_argument("--recipe", default="", help="recipe file (.json or .toml), e.g. recipes/digits8.json; a "
-                    "method recipe (recipes/methods/*.json) trains a dpmlab.methods model")
+    pt.add_argument(
+        "--recipe",
+        default="",
+        help="recipe file (.json or .toml), e.g. recipes/digits8.json; a "
+        "method recipe (recipes/methods/*.json) trains a dpmlab.methods model",
+    )
     _add_train_arguments(pt)
     pt.set_defaults(func=_cmd_train, kind="train")
     from .methods import available_methods
 
-    for kind, what in (("finetune", "fine-tune a trained model with a method recipe"),
-                       ("prune", "prune a trained model and fine-tune what is kept, from a method recipe"),
-                       ("distill", "distil a trained model into a faster one, from a method recipe")):
+    for kind, what in (
+        ("finetune", "fine-tune a trained model with a method recipe"),
+        ("prune", "prune a trained model and fine-tune what is kept, from a method recipe"),
+        ("distill", "distil a trained model into a faster one, from a method recipe"),
+    ):
         names = ", ".join(available_methods(kind))
         pk = sub.add_parser(kind, help=f"{what} ({names})")
         pk.add_argument("--recipe", required=True, help=f"method recipe (recipes/methods/*.json) of: {names}")
@@ -854,26 +993,46 @@ def build_parser() -> argparse.ArgumentParser:
         pm.add_argument("args", nargs=argparse.REMAINDER, help=f"its own arguments (see `dpmlab {cmd} NAME --help`)")
         pm.set_defaults(func=_cmd_module, package=package)
 
-    pe = sub.add_parser("edit", help="edit real images toward a class: edit-friendly DDPM inversion, DDIM inversion "
-                        "or BoundaryDiffusion")
+    pe = sub.add_parser(
+        "edit",
+        help="edit real images toward a class: edit-friendly DDPM inversion, DDIM inversion or BoundaryDiffusion",
+    )
     pe.add_argument("--model", default="mnist", help="a class-conditional model (null class = unconditional)")
-    pe.add_argument("--image", required=True, help="input: a PNG (grayscale or RGB) or .npz (uint8, or float in "
-                    "[-1, 1]; e.g. the raw output of dpmlab sample) of the model's size")
+    pe.add_argument(
+        "--image",
+        required=True,
+        help="input: a PNG (grayscale or RGB) or .npz (uint8, or float in "
+        "[-1, 1]; e.g. the raw output of dpmlab sample) of the model's size",
+    )
     pe.add_argument("--method", default="ddpm", choices=("ddpm", "ddim", "boundary"))
     pe.add_argument("--target-label", required=True, help="the class to edit toward, e.g. 3")
-    pe.add_argument("--source-label", default="", help="the image's class (ddpm/ddim: default unconditional; "
-                    "boundary: default the shipped classifier's prediction)")
+    pe.add_argument(
+        "--source-label",
+        default="",
+        help="the image's class (ddpm/ddim: default unconditional; "
+        "boundary: default the shipped classifier's prediction)",
+    )
     pe.add_argument("--steps", type=POSITIVE, default=100, help="ddpm/ddim: inversion grid steps (the paper: 100)")
-    pe.add_argument("--skip", type=float, default=0.36, help="ddpm/ddim: fraction of the steps skipped at the "
-                    "noisy end (the paper: 36 of 100)")
+    pe.add_argument(
+        "--skip",
+        type=float,
+        default=0.36,
+        help="ddpm/ddim: fraction of the steps skipped at the noisy end (the paper: 36 of 100)",
+    )
     pe.add_argument("--guidance-src", type=float, default=3.5, help="ddpm/ddim: CFG scale of the inversion")
     pe.add_argument("--guidance-tar", type=float, default=15.0, help="ddpm/ddim: CFG scale of the generation")
     pe.add_argument("--t0", type=float, default=0.5, help="boundary: the mixing step (schedule time)")
     pe.add_argument("--boundary-steps", type=POSITIVE, default=20, help="boundary: DDIM steps between data and t0")
-    pe.add_argument("--boundary-images", type=POSITIVE, default=50,
-                    help="boundary: labelled images per class for the SVM")
-    pe.add_argument("--distance", type=float, default=None, help="boundary: signed distance to move onto (default: "
-                    "the median distance of the target class's latents, per space)")
+    pe.add_argument(
+        "--boundary-images", type=POSITIVE, default=50, help="boundary: labelled images per class for the SVM"
+    )
+    pe.add_argument(
+        "--distance",
+        type=float,
+        default=None,
+        help="boundary: signed distance to move onto (default: "
+        "the median distance of the target class's latents, per space)",
+    )
     pe.add_argument("--seed", type=SEED, default=0)
     pe.add_argument("--out", required=True, help="the edited image(s): .png (side by side) or .npz")
     pe.add_argument("--reconstruction", default="", help="also write the reconstruction (.png or .npz) here")
@@ -887,10 +1046,18 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--solvers", default="", help="comma-separated dpmlab solvers (default: all deterministic)")
     pb.add_argument("--nfe", default="4,5,6,8,10,15,20", help="comma-separated NFE budgets")
     pb.add_argument("-n", type=POSITIVE, default=256, help="number of samples")
-    pb.add_argument("--seed", type=SEED, default=0, help="noise of the configuration choice; seed + 1: the "
-                    "noise every reported error is measured on")
-    pb.add_argument("--schedule", default="linear", choices=["linear", "scaled_linear", "cosine"],
-                    help="discrete training schedule (shared with the diffusers peers)")
+    pb.add_argument(
+        "--seed",
+        type=SEED,
+        default=0,
+        help="noise of the configuration choice; seed + 1: the noise every reported error is measured on",
+    )
+    pb.add_argument(
+        "--schedule",
+        default="linear",
+        choices=["linear", "scaled_linear", "cosine"],
+        help="discrete training schedule (shared with the diffusers peers)",
+    )
     pb.add_argument("--no-peers", action="store_true", help="skip diffusers")
     pb.add_argument("--quick", action="store_true", help="NFE 5,10,20 and 64 samples (about 30 s)")
     pb.add_argument("--out", default="", help="also write STEM.csv, STEM.json and STEM.png (default: print only)")

@@ -26,8 +26,9 @@ __all__ = ["ConservativeScore", "EnergyMLP", "FieldMLP", "jacobian_asymmetry"]
 class _Body(nn.Module):
     """``[x / sqrt(sigma^2 + sigma_data^2), sin/cos(k log sigma)] -> SiLU MLP -> out``."""
 
-    def __init__(self, dim: int, out: int, *, width: int, depth: int, schedule: NoiseSchedule,
-                 sigma_data: float, freqs: int = 8) -> None:
+    def __init__(
+        self, dim: int, out: int, *, width: int, depth: int, schedule: NoiseSchedule, sigma_data: float, freqs: int = 8
+    ) -> None:
         super().__init__()
         if dim < 1 or width < 1 or depth < 1:
             raise ValueError(f"dim, width and depth must be >= 1, got {dim}, {width}, {depth}")
@@ -53,8 +54,9 @@ class _Body(nn.Module):
 class EnergyMLP(nn.Module):
     """A scalar energy ``E(x, t)`` (B,)."""
 
-    def __init__(self, dim: int, schedule: NoiseSchedule, *, width: int = 64, depth: int = 3,
-                 sigma_data: float = 1.0) -> None:
+    def __init__(
+        self, dim: int, schedule: NoiseSchedule, *, width: int = 64, depth: int = 3, sigma_data: float = 1.0
+    ) -> None:
         super().__init__()
         self.body = _Body(dim, 1, width=width, depth=depth, schedule=schedule, sigma_data=sigma_data)
 
@@ -65,8 +67,9 @@ class EnergyMLP(nn.Module):
 class FieldMLP(nn.Module):
     """An unconstrained vector field ``eps_hat(x, t)`` (B, D): the same body with a D-vector head."""
 
-    def __init__(self, dim: int, schedule: NoiseSchedule, *, width: int = 64, depth: int = 3,
-                 sigma_data: float = 1.0) -> None:
+    def __init__(
+        self, dim: int, schedule: NoiseSchedule, *, width: int = 64, depth: int = 3, sigma_data: float = 1.0
+    ) -> None:
         super().__init__()
         self.body = _Body(dim, dim, width=width, depth=depth, schedule=schedule, sigma_data=sigma_data)
 

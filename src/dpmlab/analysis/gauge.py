@@ -35,8 +35,16 @@ from .._utils import f64
 from ..models.denoiser import Denoiser, Prediction
 from ..schedules import NoiseSchedule
 
-__all__ = ["DegenerateGaussian", "SkewGauge", "random_skew", "cos_profile", "divergence", "gauge_residual",
-           "score_denoiser", "ScoreFn"]
+__all__ = [
+    "DegenerateGaussian",
+    "SkewGauge",
+    "random_skew",
+    "cos_profile",
+    "divergence",
+    "gauge_residual",
+    "score_denoiser",
+    "ScoreFn",
+]
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]  # (x (B, D), t (B,)) -> (B, D)
 
@@ -61,8 +69,9 @@ class DegenerateGaussian:
         self.basis, self.schedule, self.scale = u, schedule, float(scale)
 
     @classmethod
-    def random(cls, D: int, d: int, schedule: NoiseSchedule, *, seed: int = 0, scale: float = 1.0
-               ) -> DegenerateGaussian:
+    def random(
+        cls, D: int, d: int, schedule: NoiseSchedule, *, seed: int = 0, scale: float = 1.0
+    ) -> DegenerateGaussian:
         """A uniformly random d-dimensional subspace of R^D."""
         g = torch.Generator().manual_seed(seed)
         q, _ = torch.linalg.qr(torch.randn(D, d, generator=g, dtype=torch.float64))
@@ -122,8 +131,12 @@ class DegenerateGaussian:
         """Singular values (descending) of the exact PF-ODE flow map ``x_{t_from} -> x_{t_to}``: it scales
         tangent directions by sqrt(v_T(t_to) / v_T(t_from)) and normal ones by sigma(t_to) / sigma(t_from)."""
         _, vt, vn = self._variances(f64([t_from, t_to]))
-        sv = torch.cat([(vt[1] / vt[0]).sqrt().expand(self.intrinsic_dim),
-                        (vn[1] / vn[0]).sqrt().expand(self.dim - self.intrinsic_dim)])
+        sv = torch.cat(
+            [
+                (vt[1] / vt[0]).sqrt().expand(self.intrinsic_dim),
+                (vn[1] / vn[0]).sqrt().expand(self.dim - self.intrinsic_dim),
+            ]
+        )
         return sv.sort(descending=True).values
 
     def exact_flow(self, x: Tensor, t_from: float, t_to: float) -> Tensor:

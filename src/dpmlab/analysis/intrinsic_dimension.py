@@ -72,8 +72,15 @@ def score_of(model: DenoiserFn, schedule: NoiseSchedule, data_shape: Sequence[in
     return score
 
 
-def normal_space_id(score: ScoreFn, x0: Tensor, t: float, schedule: NoiseSchedule, *,
-                    num_samples: int | None = None, generator: torch.Generator | None = None) -> IDEstimate:
+def normal_space_id(
+    score: ScoreFn,
+    x0: Tensor,
+    t: float,
+    schedule: NoiseSchedule,
+    *,
+    num_samples: int | None = None,
+    generator: torch.Generator | None = None,
+) -> IDEstimate:
     """The estimator at one point ``x0`` (D,); ``score(x (K, D), t (K,))``."""
     if x0.ndim != 1:
         raise ValueError(f"x0 must be one point of shape (D,), got {tuple(x0.shape)}")
@@ -110,8 +117,10 @@ def flow_jacobian_spectrum(problem: Problem, x: Tensor, ts: Tensor, solver: Solv
 
 # --- command line ---------------------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dpmlab.analysis.intrinsic_dimension",
-                                description="Intrinsic dimension from scores (normal-space estimator) and gauge demos")
+    p = argparse.ArgumentParser(
+        prog="python -m dpmlab.analysis.intrinsic_dimension",
+        description="Intrinsic dimension from scores (normal-space estimator) and gauge demos",
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("gaussian", help="closed-form demo: data on a d-dim subspace of R^D, score vs score + gauge")
     g.add_argument("--D", type=int, default=6)
@@ -147,8 +156,10 @@ def _cmd_gaussian(a: argparse.Namespace) -> int:
     points = data.sample(a.points, generator=g)
     print(f"data: d = {a.d} subspace of R^{a.D}; estimator at sigma = {a.t}, {a.num_samples or 4 * a.D} perturbations")
     for name, fn in fields.items():
-        ks = [normal_space_id(fn, p, a.t, sch, num_samples=a.num_samples, generator=g).dimension
-              for p in tqdm(points, desc=name, leave=False)]
+        ks = [
+            normal_space_id(fn, p, a.t, sch, num_samples=a.num_samples, generator=g).dimension
+            for p in tqdm(points, desc=name, leave=False)
+        ]
         hist = {k: ks.count(k) for k in sorted(set(ks))}
         print(f"  {name:<14} k_hat counts {hist}  (true {a.d})")
     if a.sample_n:
@@ -157,14 +168,17 @@ def _cmd_gaussian(a: argparse.Namespace) -> int:
         target = data.cov_t(0.0)
         for name, fn in fields.items():
             with tqdm(total=a.steps, desc=f"sampling ({name})", leave=False) as bar:
+
                 def tick(_info: StepInfo, bar: Any = bar) -> None:
                     bar.update()
 
                 out = sample(Problem(data.denoiser(fn), sch), x1, ts, get("heun"), callback=tick)
             cov = out.T @ out / a.sample_n
             off = float(((out - (out @ data.basis) @ data.basis.T) ** 2).sum(1).mean())
-            print(f"  {name:<14} max |Cov - UU^T| = {float((cov - target).abs().max()):.4f}, "
-                  f"off-manifold energy {off:.2e}")
+            print(
+                f"  {name:<14} max |Cov - UU^T| = {float((cov - target).abs().max()):.4f}, "
+                f"off-manifold energy {off:.2e}"
+            )
     return 0
 
 
@@ -191,14 +205,16 @@ def _cmd_model(a: argparse.Namespace) -> int:
     t = max(sch.t_min, float(sch.t_of_sigma_over_alpha(f64(0.01)))) if a.t is None else a.t
     score = score_of(model, sch, shape)
     g = torch.Generator().manual_seed(a.seed)
-    ests = [normal_space_id(score, p, t, sch, num_samples=a.num_samples, generator=g)
-            for p in tqdm(pts, desc="points")]
+    ests = [normal_space_id(score, p, t, sch, num_samples=a.num_samples, generator=g) for p in tqdm(pts, desc="points")]
     ks = [e.dimension for e in ests]
-    print(f"{len(ks)} points, D = {pts.shape[1]}, t = {t:.4g}: k_hat median {sorted(ks)[len(ks) // 2]}, "
-          f"min {min(ks)}, max {max(ks)}")
+    print(
+        f"{len(ks)} points, D = {pts.shape[1]}, t = {t:.4g}: k_hat median {sorted(ks)[len(ks) // 2]}, "
+        f"min {min(ks)}, max {max(ks)}"
+    )
     if a.out:
-        Path(a.out).write_text(json.dumps([{"dimension": e.dimension, "singular_values": e.singular_values.tolist()}
-                                           for e in ests]))
+        Path(a.out).write_text(
+            json.dumps([{"dimension": e.dimension, "singular_values": e.singular_values.tolist()} for e in ests])
+        )
     return 0
 
 

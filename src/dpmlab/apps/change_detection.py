@@ -49,10 +49,33 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["SceneConfig", "Placement", "ChangePairs", "digit_pool", "render", "ink", "change_mask", "make_scenes",
-           "make_pairs", "check_pairs", "DiffusionFeatures", "PixelFeatures", "extract", "ChangeHead", "train_head",
-           "predict", "ChangeMetrics", "change_metrics", "write_scenes", "save_pairs", "load_pairs", "save_head",
-           "load_head", "build_extractor", "main"]
+__all__ = [
+    "SceneConfig",
+    "Placement",
+    "ChangePairs",
+    "digit_pool",
+    "render",
+    "ink",
+    "change_mask",
+    "make_scenes",
+    "make_pairs",
+    "check_pairs",
+    "DiffusionFeatures",
+    "PixelFeatures",
+    "extract",
+    "ChangeHead",
+    "train_head",
+    "predict",
+    "ChangeMetrics",
+    "change_metrics",
+    "write_scenes",
+    "save_pairs",
+    "load_pairs",
+    "save_head",
+    "load_head",
+    "build_extractor",
+    "main",
+]
 
 
 # --- data -----------------------------------------------------------------------------------------------------
@@ -75,8 +98,9 @@ class SceneConfig:
         if self.size < 4 or self.size % 2:
             raise ValueError(f"SceneConfig.size must be an even int >= 4, got {self.size!r}")
         if not 1 <= self.digit_size <= self.size // 2:
-            raise ValueError(f"SceneConfig.digit_size must be in [1, {self.size // 2}] (a grid cell), "
-                             f"got {self.digit_size!r}")
+            raise ValueError(
+                f"SceneConfig.digit_size must be in [1, {self.size // 2}] (a grid cell), got {self.digit_size!r}"
+            )
         if not 1 <= self.max_digits <= 4:
             raise ValueError(f"SceneConfig.max_digits must be in [1, 4], got {self.max_digits!r}")
         if self.texture_cells < 1:
@@ -166,7 +190,7 @@ def _alpha(placements: Sequence[Placement], digits: Tensor, size: int) -> Tensor
     k, cell = digits.shape[-1], size // 2
     for p in placements:
         y, x = (p.cell // 2) * cell + p.dy, (p.cell % 2) * cell + p.dx
-        out[y:y + k, x:x + k] = torch.maximum(out[y:y + k, x:x + k], digits[p.digit])
+        out[y : y + k, x : x + k] = torch.maximum(out[y : y + k, x : x + k], digits[p.digit])
     return out
 
 
@@ -233,8 +257,10 @@ def _change(before: list[Placement], cfg: SceneConfig, n_pool: int, g: torch.Gen
         if op == "move":
             cells = [*empty, p.cell]
             for _try in range(8):  # a move must change the placement
-                q = p._replace(cell=cells[int(torch.randint(0, len(cells), (), generator=g))], **dict(
-                    zip(("dy", "dx"), _offset(cfg, g))))
+                q = p._replace(
+                    cell=cells[int(torch.randint(0, len(cells), (), generator=g))],
+                    **dict(zip(("dy", "dx"), _offset(cfg, g))),
+                )
                 if q != p:
                     after.insert(i, q)
                     break
@@ -309,8 +335,14 @@ class DiffusionFeatures:
     batch sizes give A and B of a pair the same noise.
     """
 
-    def __init__(self, net: nn.Module, *, timesteps: Sequence[int] = DEFAULT_TIMESTEPS,
-                 alphas_cumprod: Tensor | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        net: nn.Module,
+        *,
+        timesteps: Sequence[int] = DEFAULT_TIMESTEPS,
+        alphas_cumprod: Tensor | None = None,
+        seed: int = 0,
+    ) -> None:
         from ..models.unet import UNet
 
         abar = (alphas_cumprod if alphas_cumprod is not None else _linear_alphas_cumprod()).double()
@@ -400,8 +432,10 @@ def extract(extractor: Extractor, images: Tensor, *, batch_size: int = 64, progr
         raise ValueError(f"images must be a non-empty (N, C, H, W) tensor, got shape {tuple(images.shape)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    parts = [extractor(images[i:i + batch_size])
-             for i in tqdm(range(0, images.shape[0], batch_size), desc="features", disable=not progress, leave=False)]
+    parts = [
+        extractor(images[i : i + batch_size])
+        for i in tqdm(range(0, images.shape[0], batch_size), desc="features", disable=not progress, leave=False)
+    ]
     return [torch.cat(level) for level in zip(*parts)]
 
 
@@ -419,22 +453,30 @@ class ChangeHead(nn.Module):
         self.channels, self.n_t = channels, n_t
         dims = [c // n_t for c in channels]
         self.g = nn.ModuleList(
-            nn.Sequential(*([nn.Conv2d(c, d, 1), nn.ReLU()] if n_t > 1 else []), nn.Conv2d(d, d, 3, padding=1),
-                          nn.ReLU()) for c, d in zip(channels, dims))
-        self.fuse = nn.ModuleList(nn.Sequential(nn.Conv2d(d, d_next, 3, padding=1), nn.ReLU())
-                                  for d, d_next in zip(dims[:-1], dims[1:]))
-        self.classifier = nn.Sequential(nn.Conv2d(dims[-1], hidden, 3, padding=1), nn.ReLU(),
-                                        nn.Conv2d(hidden, classes, 3, padding=1))
+            nn.Sequential(
+                *([nn.Conv2d(c, d, 1), nn.ReLU()] if n_t > 1 else []), nn.Conv2d(d, d, 3, padding=1), nn.ReLU()
+            )
+            for c, d in zip(channels, dims)
+        )
+        self.fuse = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(d, d_next, 3, padding=1), nn.ReLU()) for d, d_next in zip(dims[:-1], dims[1:])
+        )
+        self.classifier = nn.Sequential(
+            nn.Conv2d(dims[-1], hidden, 3, padding=1), nn.ReLU(), nn.Conv2d(hidden, classes, 3, padding=1)
+        )
 
-    def forward(self, feats_a: Sequence[Tensor], feats_b: Sequence[Tensor],
-                out_size: tuple[int, int] | None = None) -> Tensor:
+    def forward(
+        self, feats_a: Sequence[Tensor], feats_b: Sequence[Tensor], out_size: tuple[int, int] | None = None
+    ) -> Tensor:
         if len(feats_a) != len(self.channels) or len(feats_b) != len(self.channels):
             raise ValueError(f"the head takes {len(self.channels)} scales, got {len(feats_a)} and {len(feats_b)}")
         x: Tensor | None = None
         for s, (fa, fb) in enumerate(zip(feats_a, feats_b)):
             if fa.shape != fb.shape or fa.ndim != 4 or fa.shape[1] != self.channels[s]:
-                raise ValueError(f"scale {s}: features must both be (B, {self.channels[s]}, H, W), "
-                                 f"got {tuple(fa.shape)} and {tuple(fb.shape)}")
+                raise ValueError(
+                    f"scale {s}: features must both be (B, {self.channels[s]}, H, W), "
+                    f"got {tuple(fa.shape)} and {tuple(fb.shape)}"
+                )
             d = (self.g[s](fa) - self.g[s](fb)).abs()  # |g(f_A) - g(f_B)|
             if x is not None:
                 d = d + F.interpolate(x, size=d.shape[-2:], mode="bilinear", align_corners=False)
@@ -456,14 +498,25 @@ def _check_feature_sets(feats_a: Sequence[Tensor], feats_b: Sequence[Tensor], n:
     if m == 0:
         raise ValueError("the set of pairs is empty (N = 0)")
     if any(int(f.shape[0]) != m for f in [*feats_a, *feats_b]) or (n is not None and n != m):
-        raise ValueError(f"mismatched pairs: feature sets have {[int(f.shape[0]) for f in feats_a]} (A) and "
-                         f"{[int(f.shape[0]) for f in feats_b]} (B) items" + (f", masks {n}" if n is not None else ""))
+        raise ValueError(
+            f"mismatched pairs: feature sets have {[int(f.shape[0]) for f in feats_a]} (A) and "
+            f"{[int(f.shape[0]) for f in feats_b]} (B) items" + (f", masks {n}" if n is not None else "")
+        )
     return m
 
 
-def train_head(head: ChangeHead, feats_a: Sequence[Tensor], feats_b: Sequence[Tensor], masks: Tensor, *,
-               epochs: int = 30, batch_size: int = 16, lr: float = 1e-3, seed: int = 0,
-               progress: bool = False) -> list[float]:
+def train_head(
+    head: ChangeHead,
+    feats_a: Sequence[Tensor],
+    feats_b: Sequence[Tensor],
+    masks: Tensor,
+    *,
+    epochs: int = 30,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+    seed: int = 0,
+    progress: bool = False,
+) -> list[float]:
     """Cross-entropy training of ``head`` (Adam) on precomputed features of labelled pairs; ``masks`` ``(N, H, W)``
     0/1. Returns the mean loss of each epoch."""
     from tqdm import tqdm
@@ -483,7 +536,7 @@ def train_head(head: ChangeHead, feats_a: Sequence[Tensor], feats_b: Sequence[Te
     for _ in tqdm(range(epochs), desc="head", disable=not progress, leave=False):
         perm, total = torch.randperm(n, generator=g), 0.0
         for i in range(0, n, batch_size):
-            idx = perm[i:i + batch_size]
+            idx = perm[i : i + batch_size]
             logits = head([f[idx].float() for f in feats_a], [f[idx].float() for f in feats_b], size)
             loss = F.cross_entropy(logits, target[idx])
             opt.zero_grad(set_to_none=True)
@@ -496,13 +549,24 @@ def train_head(head: ChangeHead, feats_a: Sequence[Tensor], feats_b: Sequence[Te
 
 
 @torch.no_grad()
-def predict(head: ChangeHead, feats_a: Sequence[Tensor], feats_b: Sequence[Tensor], size: tuple[int, int], *,
-            batch_size: int = 64) -> Tensor:
+def predict(
+    head: ChangeHead,
+    feats_a: Sequence[Tensor],
+    feats_b: Sequence[Tensor],
+    size: tuple[int, int],
+    *,
+    batch_size: int = 64,
+) -> Tensor:
     """Predicted change masks ``(N, *size)`` bool (argmax of the two classes)."""
     n = _check_feature_sets(feats_a, feats_b)
     head.eval()
-    out = [head([f[i:i + batch_size].float() for f in feats_a], [f[i:i + batch_size].float() for f in feats_b],
-                size).argmax(1) == 1 for i in range(0, n, batch_size)]
+    out = [
+        head(
+            [f[i : i + batch_size].float() for f in feats_a], [f[i : i + batch_size].float() for f in feats_b], size
+        ).argmax(1)
+        == 1
+        for i in range(0, n, batch_size)
+    ]
     return torch.cat(out)
 
 
@@ -539,8 +603,17 @@ def change_metrics(pred: Tensor, target: Tensor) -> ChangeMetrics:
     p, t = pred.bool(), target.bool()
     tp, fp = int((p & t).sum()), int((p & ~t).sum())
     fn, tn = int((~p & t).sum()), int((~p & ~t).sum())
-    return ChangeMetrics(_ratio(2 * tp, 2 * tp + fp + fn), _ratio(tp, tp + fp + fn), _ratio(tp, tp + fp),
-                         _ratio(tp, tp + fn), (tp + tn) / (tp + fp + fn + tn), tp, fp, fn, tn)
+    return ChangeMetrics(
+        _ratio(2 * tp, 2 * tp + fp + fn),
+        _ratio(tp, tp + fp + fn),
+        _ratio(tp, tp + fp),
+        _ratio(tp, tp + fn),
+        (tp + tn) / (tp + fp + fn + tn),
+        tp,
+        fp,
+        fn,
+        tn,
+    )
 
 
 # --- files ----------------------------------------------------------------------------------------------------
@@ -548,8 +621,11 @@ def save_pairs(path: str | Path, pairs: ChangePairs, *, meta: Mapping[str, Any] 
     """Write pairs as safetensors (``a``, ``b`` float32, ``mask`` uint8) with a JSON ``meta`` header entry."""
     from ..models.hub import write_safetensors
 
-    write_safetensors(path, {"a": pairs.a.contiguous(), "b": pairs.b.contiguous(), "mask": pairs.mask.to(torch.uint8)},
-                      {"meta": json.dumps(dict(meta or {}))})
+    write_safetensors(
+        path,
+        {"a": pairs.a.contiguous(), "b": pairs.b.contiguous(), "mask": pairs.mask.to(torch.uint8)},
+        {"meta": json.dumps(dict(meta or {}))},
+    )
 
 
 def load_pairs(path: str | Path) -> ChangePairs:
@@ -562,8 +638,11 @@ def load_pairs(path: str | Path) -> ChangePairs:
     t = load_file(str(p))
     missing = [k for k in ("a", "b", "mask") if k not in t]
     if missing:
-        raise ValueError(f"{p}: lacks {', '.join(missing)}" + (" (the change labels)" if "mask" in missing else "")
-                         + "; a pairs file holds a, b (N, C, H, W) and mask (N, H, W)")
+        raise ValueError(
+            f"{p}: lacks {', '.join(missing)}"
+            + (" (the change labels)" if "mask" in missing else "")
+            + "; a pairs file holds a, b (N, C, H, W) and mask (N, H, W)"
+        )
     return ChangePairs(t["a"].float(), t["b"].float(), t["mask"].bool())
 
 
@@ -579,8 +658,7 @@ def save_head(path: str | Path, head: ChangeHead, card: Mapping[str, Any]) -> Pa
     assert isinstance(first, nn.Conv2d) and isinstance(last, nn.Conv2d)
     shape = {"channels": head.channels, "n_t": head.n_t, "hidden": first.out_channels, "classes": last.out_channels}
     full = {**dict(card), "head": shape}
-    write_safetensors(p, {k: v.detach().contiguous() for k, v in head.state_dict().items()},
-                      {"card": json.dumps(full)})
+    write_safetensors(p, {k: v.detach().contiguous() for k, v in head.state_dict().items()}, {"card": json.dumps(full)})
     with atomic_write(p.with_suffix(".json")) as tmp:
         tmp.write_text(json.dumps(full, indent=2) + "\n")
     return p
@@ -624,14 +702,20 @@ def build_extractor(spec: Mapping[str, Any]) -> DiffusionFeatures | PixelFeature
     if kind == "random":
         torch.manual_seed(int(spec.get("init_seed", 0)))
         net = mspec.build_net()
-    return DiffusionFeatures(net, timesteps=spec.get("timesteps", DEFAULT_TIMESTEPS),
-                             alphas_cumprod=sch.alphas_cumprod, seed=int(spec.get("seed", 0)))
+    return DiffusionFeatures(
+        net,
+        timesteps=spec.get("timesteps", DEFAULT_TIMESTEPS),
+        alphas_cumprod=sch.alphas_cumprod,
+        seed=int(spec.get("seed", 0)),
+    )
 
 
 # --- command line ---------------------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dpmlab.apps.change_detection",
-                                description="DDPM-CD: change detection with frozen diffusion features.")
+    p = argparse.ArgumentParser(
+        prog="python -m dpmlab.apps.change_detection",
+        description="DDPM-CD: change detection with frozen diffusion features.",
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("data", help="make the synthetic scenes: unlabelled PNGs and labelled train/test pairs")
     d.add_argument("--out", required=True, help="folder: scenes/*.png, train.safetensors, test.safetensors")
@@ -642,9 +726,11 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--overwrite", action="store_true")
     t = sub.add_parser("train", help="train a change head on labelled pairs")
     t.add_argument("--pairs", required=True, help="a pairs .safetensors (from `data`)")
-    t.add_argument("--features", required=True,
-                   help="a diffusion model (file or run folder), 'random:<model>' (its architecture, random "
-                        "weights) or 'pixels'")
+    t.add_argument(
+        "--features",
+        required=True,
+        help="a diffusion model (file or run folder), 'random:<model>' (its architecture, random weights) or 'pixels'",
+    )
     t.add_argument("--out", required=True, help="head .safetensors (a .json card is written beside it)")
     t.add_argument("--timesteps", default="50,100,400", help="comma-separated training indices")
     t.add_argument("--epochs", type=int, default=30)
@@ -674,7 +760,7 @@ def _features_spec(arg: str, timesteps: str, seed: int) -> dict[str, Any]:
         ts = [int(v) for v in timesteps.split(",") if v.strip()]
     except ValueError:
         raise ValueError(f"--timesteps must be comma-separated integers, got {timesteps!r}") from None
-    kind, model = ("random", arg[len("random:"):]) if arg.startswith("random:") else ("diffusion", arg)
+    kind, model = ("random", arg[len("random:") :]) if arg.startswith("random:") else ("diffusion", arg)
     if not Path(model).exists():
         raise ValueError(f"--features {arg!r}: model {model!r} does not exist (or use 'pixels')")
     return {"kind": kind, "model": model, "timesteps": ts, "seed": seed, "init_seed": seed}
@@ -684,8 +770,11 @@ def _cmd_data(a: argparse.Namespace) -> int:
     out = Path(a.out)
     if min(a.scenes, a.train_pairs, a.test_pairs) < 0 or a.train_pairs + a.test_pairs + a.scenes == 0:
         raise ValueError("--scenes, --train-pairs, --test-pairs must be >= 0 and not all 0")
-    todo = [(out / "train.safetensors", a.train_pairs), (out / "test.safetensors", a.test_pairs),
-            (out / "scenes", a.scenes)]
+    todo = [
+        (out / "train.safetensors", a.train_pairs),
+        (out / "test.safetensors", a.test_pairs),
+        (out / "scenes", a.scenes),
+    ]
     for path, n in todo:
         if n:
             _free(path, a.overwrite)
@@ -710,11 +799,24 @@ def _cmd_train(a: argparse.Namespace) -> int:
     ext = build_extractor(spec)
     fa, fb = (extract(ext, x, progress=not a.quiet) for x in (pairs.a, pairs.b))
     head = ChangeHead(ext.channels, n_t=max(1, len(ext.timesteps)))
-    losses = train_head(head, fa, fb, pairs.mask, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
-                        progress=not a.quiet)
-    save_head(out, head, {"paper": "DDPM-CD (Bandara, Nair & Patel, WACV 2025)", "features": spec,
-                          "pairs": str(a.pairs), "pairs_n": len(pairs), "epochs": a.epochs,
-                          "batch_size": a.batch_size, "lr": a.lr, "seed": a.seed, "losses": losses})
+    losses = train_head(
+        head, fa, fb, pairs.mask, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed, progress=not a.quiet
+    )
+    save_head(
+        out,
+        head,
+        {
+            "paper": "DDPM-CD (Bandara, Nair & Patel, WACV 2025)",
+            "features": spec,
+            "pairs": str(a.pairs),
+            "pairs_n": len(pairs),
+            "epochs": a.epochs,
+            "batch_size": a.batch_size,
+            "lr": a.lr,
+            "seed": a.seed,
+            "losses": losses,
+        },
+    )
     print(f"final loss {losses[-1]:.4f}; head written to {out}")
     return 0
 

@@ -57,15 +57,30 @@ from ..solvers.base import FirstEvaluation, Problem, SeededNoise, get
 from ..timesteps import uniform_time
 from ..typing import DenoiserFn
 
-__all__ = ["CORRUPTIONS", "corrupt", "corrupted_mnist", "lowpass", "DDAConfig", "project", "FinetuneConfig",
-           "synthetic_set", "finetune_classifier", "logits", "ensemble_logits", "evaluate", "main"]
+__all__ = [
+    "CORRUPTIONS",
+    "corrupt",
+    "corrupted_mnist",
+    "lowpass",
+    "DDAConfig",
+    "project",
+    "FinetuneConfig",
+    "synthetic_set",
+    "finetune_classifier",
+    "logits",
+    "ensemble_logits",
+    "evaluate",
+    "main",
+]
 
 
 # --- corruption suite -----------------------------------------------------------------------------------------
 def _gens(seed: int, n: int, stream: int) -> list[torch.Generator]:
     """One generator per sample: row ``b``'s randomness depends only on ``(seed, b, stream)``."""
-    return [torch.Generator().manual_seed(int(np.random.SeedSequence((seed, stream, b)).generate_state(1)[0]))
-            for b in range(n)]
+    return [
+        torch.Generator().manual_seed(int(np.random.SeedSequence((seed, stream, b)).generate_state(1)[0]))
+        for b in range(n)
+    ]
 
 
 def _rand(seed: int, like: Tensor, stream: int) -> Tensor:
@@ -132,10 +147,19 @@ def _pixelate(u: Tensor, c: float, seed: int) -> Tensor:
     return F.interpolate(small, size=(h, w), mode="nearest")
 
 
-_JPEG_Q = torch.tensor([[16, 11, 10, 16, 24, 40, 51, 61], [12, 12, 14, 19, 26, 58, 60, 55],
-                        [14, 13, 16, 24, 40, 57, 69, 56], [14, 17, 22, 29, 51, 87, 80, 62],
-                        [18, 22, 37, 56, 68, 109, 103, 77], [24, 35, 55, 64, 81, 104, 113, 92],
-                        [49, 64, 78, 87, 103, 121, 120, 101], [72, 92, 95, 98, 112, 100, 103, 99]], dtype=torch.float64)
+_JPEG_Q = torch.tensor(
+    [
+        [16, 11, 10, 16, 24, 40, 51, 61],
+        [12, 12, 14, 19, 26, 58, 60, 55],
+        [14, 13, 16, 24, 40, 57, 69, 56],
+        [14, 17, 22, 29, 51, 87, 80, 62],
+        [18, 22, 37, 56, 68, 109, 103, 77],
+        [24, 35, 55, 64, 81, 104, 113, 92],
+        [49, 64, 78, 87, 103, 121, 120, 101],
+        [72, 92, 95, 98, 112, 100, 103, 99],
+    ],
+    dtype=torch.float64,
+)
 
 
 def _jpeg(u: Tensor, c: float, seed: int) -> Tensor:
@@ -197,8 +221,9 @@ def corrupt(x: Tensor, corruption: str, severity: int = 3, *, seed: int = 0) -> 
     return (fn(u, float(params[severity - 1]), int(seed)).clamp(0, 1) * 2 - 1).to(x.dtype).to(x.device)
 
 
-def corrupted_mnist(corruption: str, severity: int = 3, *, seed: int = 0, per_class: int | None = None
-                    ) -> tuple[Tensor, Tensor]:
+def corrupted_mnist(
+    corruption: str, severity: int = 3, *, seed: int = 0, per_class: int | None = None
+) -> tuple[Tensor, Tensor]:
     """The held-out part of ``mnist_5k_split`` (50 per digit; ``per_class`` keeps the first k of each),
     corrupted: ``(images (N, 1, 28, 28) in [-1, 1], labels (N,))``."""
     from ..metrics.features import mnist_5k, mnist_5k_split
@@ -265,8 +290,15 @@ def _known(cls: type, d: Mapping[str, Any]) -> dict[str, Any]:
     return dict(d)
 
 
-def project(model: DenoiserFn, x: Tensor, config: DDAConfig = DDAConfig(), *, seed: int = 0,
-            batch_size: int = 250, progress: bool = False) -> Tensor:
+def project(
+    model: DenoiserFn,
+    x: Tensor,
+    config: DDAConfig = DDAConfig(),
+    *,
+    seed: int = 0,
+    batch_size: int = 250,
+    progress: bool = False,
+) -> Tensor:
     """DDA: project images ``x (N, C, H, W)`` in [-1, 1] toward the unconditional model's domain (the model is
     called without conditioning: a class-conditional dpmlab network runs as its null class). Row ``b``'s noise
     depends only on ``(seed, b)``. ``t_start = 0`` returns ``x`` unchanged."""
@@ -294,8 +326,9 @@ def project(model: DenoiserFn, x: Tensor, config: DDAConfig = DDAConfig(), *, se
     return torch.cat(outs)
 
 
-def _project_batch(model: DenoiserFn, solver: Any, sch: Any, x_in: Tensor, idx: Tensor, ts: Tensor,
-                   config: DDAConfig, seed: int) -> Tensor:
+def _project_batch(
+    model: DenoiserFn, solver: Any, sch: Any, x_in: Tensor, idx: Tensor, ts: Tensor, config: DDAConfig, seed: int
+) -> Tensor:
     problem = Problem(model, sch, noise=SeededNoise(seed, idx))
     eps = counter_normal(seed, idx, 0, x_in.shape[1:], dtype=x_in.dtype, device=x_in.device)
     x = sch.add_noise(x_in, eps, ts[0]).to(x_in.dtype)  # forward diffusion q(x_t0 | x_in)
@@ -357,30 +390,39 @@ class FinetuneConfig:
         return cls(**_known(cls, d))
 
 
-def synthetic_set(model: DenoiserFn, config: FinetuneConfig = FinetuneConfig(), projection: DDAConfig = DDAConfig(),
-                  *, num_classes: int = 10, seed: int = 0, progress: bool = False) -> tuple[Tensor, Tensor]:
+def synthetic_set(
+    model: DenoiserFn,
+    config: FinetuneConfig = FinetuneConfig(),
+    projection: DDAConfig = DDAConfig(),
+    *,
+    num_classes: int = 10,
+    seed: int = 0,
+    progress: bool = False,
+) -> tuple[Tensor, Tensor]:
     """Class-conditional samples ``(per_class * num_classes)`` of ``model`` (``cond={"label": y}``), pushed
     through the unconditional DDA projection: ``(images, labels)``."""
     from ..api import sample
 
     labels = torch.arange(num_classes).repeat_interleave(config.per_class)
     gen = model if config.gen_guidance == 1.0 else classifier_free(model, Unconditional(model), config.gen_guidance)
-    x = sample(gen, n=len(labels), solver="ddim", nfe=config.gen_steps, seed=seed, cond={"label": labels},
-               batch_size=250).clamp(-1, 1)
+    x = sample(
+        gen, n=len(labels), solver="ddim", nfe=config.gen_steps, seed=seed, cond={"label": labels}, batch_size=250
+    ).clamp(-1, 1)
     return project(model, x, projection, seed=seed + 1, progress=progress), labels
 
 
-def finetune_classifier(classifier: nn.Module, images: Tensor, labels: Tensor,
-                        config: FinetuneConfig = FinetuneConfig(), *, seed: int = 0) -> nn.Module:
+def finetune_classifier(
+    classifier: nn.Module, images: Tensor, labels: Tensor, config: FinetuneConfig = FinetuneConfig(), *, seed: int = 0
+) -> nn.Module:
     """A fine-tuned copy of ``classifier`` (cross-entropy, SGD with momentum and weight decay, ``config.steps``
     shuffled mini-batches); the input classifier is not modified. Returned in eval mode."""
     _check_images(images)
     if labels.shape != (images.shape[0],) or labels.dtype != torch.long:
-        raise ValueError(f"labels must be int64 of shape ({images.shape[0]},), "
-                         f"got {tuple(labels.shape)} {labels.dtype}")
+        raise ValueError(
+            f"labels must be int64 of shape ({images.shape[0]},), got {tuple(labels.shape)} {labels.dtype}"
+        )
     model = copy.deepcopy(classifier).train()
-    opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                          weight_decay=config.weight_decay)
+    opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     gen = torch.Generator().manual_seed(seed)
     order, pos = torch.randperm(len(labels), generator=gen), 0
     with torch.random.fork_rng(devices=[]):
@@ -410,14 +452,17 @@ def ensemble_logits(a: Tensor, b: Tensor) -> Tensor:
     return a + b
 
 
-def evaluate(source: nn.Module, finetuned: nn.Module | None, x: Tensor, x_proj: Tensor, labels: Tensor
-             ) -> dict[str, float]:
+def evaluate(
+    source: nn.Module, finetuned: nn.Module | None, x: Tensor, x_proj: Tensor, labels: Tensor
+) -> dict[str, float]:
     """Accuracies against ``labels``: ``source`` (raw input), ``dda`` (source on the projection), ``dda_ensemble``
     (source(raw) + source(proj)), and with ``finetuned``: ``sda_finetuned`` (finetuned(proj)), ``sda``
     (source(raw) + finetuned(proj), the paper's ensemble), ``sda_ft_both`` (finetuned(raw) + finetuned(proj))."""
     if x.shape != x_proj.shape or labels.shape != (x.shape[0],):
-        raise ValueError(f"x {tuple(x.shape)}, x_proj {tuple(x_proj.shape)} and labels {tuple(labels.shape)} "
-                         f"must describe the same N images")
+        raise ValueError(
+            f"x {tuple(x.shape)}, x_proj {tuple(x_proj.shape)} and labels {tuple(labels.shape)} "
+            f"must describe the same N images"
+        )
     src_raw, src_proj = logits(source, x), logits(source, x_proj)
 
     def acc(z: Tensor) -> float:
@@ -426,8 +471,11 @@ def evaluate(source: nn.Module, finetuned: nn.Module | None, x: Tensor, x_proj: 
     out = {"source": acc(src_raw), "dda": acc(src_proj), "dda_ensemble": acc(ensemble_logits(src_raw, src_proj))}
     if finetuned is not None:
         ft_raw, ft_proj = logits(finetuned, x), logits(finetuned, x_proj)
-        out |= {"sda_finetuned": acc(ft_proj), "sda": acc(ensemble_logits(src_raw, ft_proj)),
-                "sda_ft_both": acc(ensemble_logits(ft_raw, ft_proj))}
+        out |= {
+            "sda_finetuned": acc(ft_proj),
+            "sda": acc(ensemble_logits(src_raw, ft_proj)),
+            "sda_ft_both": acc(ensemble_logits(ft_raw, ft_proj)),
+        }
     return out
 
 
@@ -436,8 +484,11 @@ def _save_tensors(path: Path, tensors: dict[str, Tensor], card: dict[str, Any]) 
     import safetensors.torch
 
     with atomic_write(path) as tmp:
-        tmp.write_bytes(safetensors.torch.save({k: v.contiguous() for k, v in tensors.items()},
-                                               metadata={"format": "dpmlab.sda.images/1"}))
+        tmp.write_bytes(
+            safetensors.torch.save(
+                {k: v.contiguous() for k, v in tensors.items()}, metadata={"format": "dpmlab.sda.images/1"}
+            )
+        )
     with atomic_write(path.with_suffix(".json")) as tmp:
         tmp.write_text(json.dumps(card, indent=2) + "\n")
 
@@ -482,8 +533,9 @@ def _add_projection(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dpmlab.apps.sda",
-                                description="SDA / DDA diffusion-driven test-time adaptation on MNIST digits")
+    p = argparse.ArgumentParser(
+        prog="python -m dpmlab.apps.sda", description="SDA / DDA diffusion-driven test-time adaptation on MNIST digits"
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("corrupt", help="write corrupted held-out MNIST images (safetensors + JSON card)")
     c.add_argument("--corruption", required=True, choices=list(CORRUPTIONS))
@@ -523,9 +575,17 @@ def _cmd_corrupt(a: argparse.Namespace) -> int:
     out = _check_out(a.out, a.overwrite, ".safetensors")
     assert out is not None
     x, y = corrupted_mnist(a.corruption, a.severity, seed=a.seed, per_class=a.per_class)
-    _save_tensors(out, {"images": x, "labels": y},
-                  {"corruption": a.corruption, "severity": a.severity, "seed": a.seed, "n": len(y),
-                   "data": "mnist_5k held-out split (mnist_5k_split)"})
+    _save_tensors(
+        out,
+        {"images": x, "labels": y},
+        {
+            "corruption": a.corruption,
+            "severity": a.severity,
+            "seed": a.seed,
+            "n": len(y),
+            "data": "mnist_5k held-out split (mnist_5k_split)",
+        },
+    )
     print(f"wrote {out}: {len(y)} images, {a.corruption} severity {a.severity}")
     return 0
 
@@ -537,14 +597,18 @@ def _cmd_finetune(a: argparse.Namespace) -> int:
     out = _check_out(a.out, a.overwrite, ".safetensors")
     assert out is not None
     proj = _projection(a)
-    cfg = FinetuneConfig(per_class=a.per_class, gen_steps=a.gen_steps, steps=a.steps, lr=a.lr,
-                         batch_size=a.batch_size)
+    cfg = FinetuneConfig(per_class=a.per_class, gen_steps=a.gen_steps, steps=a.steps, lr=a.lr, batch_size=a.batch_size)
     model = load(a.model)
     x, y = synthetic_set(model, cfg, proj, seed=a.seed, progress=True)
     clf = finetune_classifier(load_mnist_classifier(), x, y, cfg, seed=a.seed)
-    card = {"method": "SDA (Guo et al., CVPR 2025) fine-tuned source classifier", "model": a.model,
-            "finetune": cfg.to_dict(), "projection": proj.to_dict(), "seed": a.seed,
-            "source": "dpmlab.metrics.load_mnist_classifier()"}
+    card = {
+        "method": "SDA (Guo et al., CVPR 2025) fine-tuned source classifier",
+        "model": a.model,
+        "finetune": cfg.to_dict(),
+        "projection": proj.to_dict(),
+        "seed": a.seed,
+        "source": "dpmlab.metrics.load_mnist_classifier()",
+    }
     save_mnist_classifier(clf, out, card)
     print(f"wrote {out}: fine-tuned on {len(y)} projected synthetic images")
     return 0

@@ -70,8 +70,22 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Variant", "Data", "make_data", "read_csv", "write_csv", "SelectiveLabelsModel", "Posterior",
-           "map_estimate", "sample_posterior", "SyntheticConfig", "Simulation", "simulate", "auc", "main"]
+__all__ = [
+    "Variant",
+    "Data",
+    "make_data",
+    "read_csv",
+    "write_csv",
+    "SelectiveLabelsModel",
+    "Posterior",
+    "map_estimate",
+    "sample_posterior",
+    "SyntheticConfig",
+    "Simulation",
+    "simulate",
+    "auc",
+    "main",
+]
 
 Params = dict[str, Tensor]
 
@@ -120,8 +134,9 @@ def make_data(X: Any, T: Any, Y: Any, *, feature_names: Sequence[str] | None = N
     if t.shape[0] != n or y.shape[0] != n:
         raise ValueError(f"mismatched lengths: X has {n} rows, T {t.shape[0]}, Y {y.shape[0]}")
     if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"X has {int((~torch.isfinite(x)).sum())} missing or infinite entries; "
-                         f"features must be finite")
+        raise ValueError(
+            f"X has {int((~torch.isfinite(x)).sum())} missing or infinite entries; features must be finite"
+        )
     bad = ~((t == 0) | (t == 1))
     if bool(bad.any()):
         i = int(bad.nonzero()[0])
@@ -131,8 +146,10 @@ def make_data(X: Any, T: Any, Y: Any, *, feature_names: Sequence[str] | None = N
     leak = (t == 0) & ~torch.isnan(y)
     if bool(leak.any()):
         i = int(leak.nonzero()[0])
-        raise ValueError(f"Y is observed for {int(leak.sum())} untested rows (T = 0), e.g. row {i}; "
-                         f"outcomes of untested rows must be missing (NaN)")
+        raise ValueError(
+            f"Y is observed for {int(leak.sum())} untested rows (T = 0), e.g. row {i}; "
+            f"outcomes of untested rows must be missing (NaN)"
+        )
     miss = (t == 1) & ~torch.isfinite(y)
     if bool(miss.any()):
         raise ValueError(f"Y is missing for {int(miss.sum())} tested rows (T = 1), e.g. row {int(miss.nonzero()[0])}")
@@ -212,11 +229,13 @@ class SelectiveLabelsModel:
         if self.known_alpha is not None and self.variant is not Variant.NORMAL:
             raise ValueError(f"known_alpha applies to the normal model only; the {self.variant.value} model has none")
         if self.variant is Variant.NORMAL and self.known_sigma is None and self.known_alpha is None:
-            raise ValueError("the normal model needs known_sigma or known_alpha "
-                             "(sigma and alpha are not both identified)")
+            raise ValueError(
+                "the normal model needs known_sigma or known_alpha (sigma and alpha are not both identified)"
+            )
         if self.quadrature_nodes < 2 or self.prior_scale <= 0:
-            raise ValueError(f"quadrature_nodes must be >= 2 and prior_scale > 0, got "
-                             f"{self.quadrature_nodes}, {self.prior_scale}")
+            raise ValueError(
+                f"quadrature_nodes must be >= 2 and prior_scale > 0, got {self.quadrature_nodes}, {self.prior_scale}"
+            )
 
     # -- structure
     def delta_index(self, m: int) -> Tensor:
@@ -231,8 +250,10 @@ class SelectiveLabelsModel:
         self.delta_index(data.X.shape[1] + 1)
         y = data.Y[data.T == 1]
         if self.variant is not Variant.HECKMAN and not bool(((y == 0) | (y == 1)).all()):
-            raise ValueError(f"the {self.variant.value} model needs binary outcomes (0/1) for tested rows; "
-                             f"got e.g. {float(y[~((y == 0) | (y == 1))][0])}")
+            raise ValueError(
+                f"the {self.variant.value} model needs binary outcomes (0/1) for tested rows; "
+                f"got e.g. {float(y[~((y == 0) | (y == 1))][0])}"
+            )
 
     # -- the Pyro model
     def pyro_model(self, data: Data) -> None:
@@ -240,9 +261,12 @@ class SelectiveLabelsModel:
         import pyro.distributions as dist
 
         m, s = data.X.shape[1] + 1, torch.tensor(self.prior_scale, dtype=torch.float64)
-        latent = {"beta_Y": pyro.sample("beta_Y", dist.Normal(0.0 * s, s).expand([m]).to_event(1)),
-                  "beta_Delta": pyro.sample("beta_Delta", dist.Normal(0.0 * s, s).expand(
-                      [len(self.delta_index(m))]).to_event(1))}
+        latent = {
+            "beta_Y": pyro.sample("beta_Y", dist.Normal(0.0 * s, s).expand([m]).to_event(1)),
+            "beta_Delta": pyro.sample(
+                "beta_Delta", dist.Normal(0.0 * s, s).expand([len(self.delta_index(m))]).to_event(1)
+            ),
+        }
         if self.known_sigma is None:
             latent["sigma"] = pyro.sample("sigma", dist.HalfNormal(s))
         if self.variant is Variant.NORMAL and self.known_alpha is None:
@@ -302,8 +326,12 @@ class SelectiveLabelsModel:
             X1 = data.design
             a, c, s, rho = X1 @ p["beta_Y"], X1 @ p["beta_T"], p["sigma"], p["rho"]
             res = y - a
-            tested = (-0.5 * (res / s) ** 2 - torch.log(s) - 0.5 * math.log(2 * math.pi)
-                      + torch.special.log_ndtr((c + rho / s**2 * res) / torch.sqrt(1 - (rho / s) ** 2)))
+            tested = (
+                -0.5 * (res / s) ** 2
+                - torch.log(s)
+                - 0.5 * math.log(2 * math.pi)
+                + torch.special.log_ndtr((c + rho / s**2 * res) / torch.sqrt(1 - (rho / s) ** 2))
+            )
             return torch.where(t, tested, torch.special.log_ndtr(-c)), a
         py, p11, p10, p0 = self.cell_probs(p, data.X)
         ll = torch.where(t, torch.where(y == 1, p11, p10), p0).clamp_min(1e-300).log()
@@ -320,8 +348,9 @@ class SelectiveLabelsModel:
         if self.variant is Variant.HECKMAN:  # E[Z | u > -c] = rho phi(c)/Phi(c), E[Z | u < -c] = -rho phi(c)/Phi(-c)
             c = torch.cat([torch.ones(X.shape[0], 1, dtype=X.dtype), X], 1) @ p["beta_T"]
             logphi = -0.5 * c**2 - 0.5 * math.log(2 * math.pi)
-            mills = torch.where(T == 1, torch.exp(logphi - torch.special.log_ndtr(c)),
-                                -torch.exp(logphi - torch.special.log_ndtr(-c)))
+            mills = torch.where(
+                T == 1, torch.exp(logphi - torch.special.log_ndtr(c)), -torch.exp(logphi - torch.special.log_ndtr(-c))
+            )
             return self.expected_outcome(p, X) + p["rho"] * mills
         py, p11, p10, p0 = self.cell_probs(p, X)
         return torch.where(T == 1, p11 / (p11 + p10), (py - p11).clamp_min(0) / p0)
@@ -384,14 +413,21 @@ class Posterior:
         if t is not None and t.shape[0] != x.shape[0]:
             raise ValueError(f"mismatched lengths: X has {x.shape[0]} rows, T {t.shape[0]}")
         with torch.no_grad():
-            f = (lambda p: self.model.expected_outcome(p, x)) if t is None else (
-                lambda p: self.model.conditional_outcome(p, x, t))
+            f = (
+                (lambda p: self.model.expected_outcome(p, x))
+                if t is None
+                else (lambda p: self.model.conditional_outcome(p, x, t))
+            )
             return torch.stack([f(self.draw(i)) for i in range(self.num_samples)]).mean(0)
 
     def to_dict(self) -> dict[str, Any]:
         model = {**asdict(self.model), "variant": self.model.variant.value}
-        return {"model": model, "method": self.method, "info": dict(self.info),
-                "samples": {k: v.tolist() for k, v in self.samples.items()}}
+        return {
+            "model": model,
+            "method": self.method,
+            "info": dict(self.info),
+            "samples": {k: v.tolist() for k, v in self.samples.items()},
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Posterior:
@@ -411,10 +447,13 @@ def _sites(model: SelectiveLabelsModel, data: Data) -> dict[str, Any]:
 
 def _latent_init(model: SelectiveLabelsModel, data: Data) -> Params:
     m = data.X.shape[1] + 1
-    init = {"beta_Y": torch.zeros(m, dtype=torch.float64),
-            "beta_Delta": torch.zeros(len(model.delta_index(m)), dtype=torch.float64),
-            "sigma": torch.tensor(1.0, dtype=torch.float64), "alpha": torch.tensor(1.0, dtype=torch.float64),
-            "corr": torch.tensor(0.5, dtype=torch.float64)}
+    init = {
+        "beta_Y": torch.zeros(m, dtype=torch.float64),
+        "beta_Delta": torch.zeros(len(model.delta_index(m)), dtype=torch.float64),
+        "sigma": torch.tensor(1.0, dtype=torch.float64),
+        "alpha": torch.tensor(1.0, dtype=torch.float64),
+        "corr": torch.tensor(0.5, dtype=torch.float64),
+    }
     return {k: init[k] for k in _sites(model, data)}
 
 
@@ -425,8 +464,15 @@ def _log_joint(model: SelectiveLabelsModel, data: Data, latent: Params) -> Tenso
     return torch.as_tensor(lp)
 
 
-def map_estimate(model: SelectiveLabelsModel, data: Data, *, max_rounds: int = 100, progress: bool = False,
-                 init: Mapping[str, Tensor] | None = None, unconstrained: bool = False) -> Posterior:
+def map_estimate(
+    model: SelectiveLabelsModel,
+    data: Data,
+    *,
+    max_rounds: int = 100,
+    progress: bool = False,
+    init: Mapping[str, Tensor] | None = None,
+    unconstrained: bool = False,
+) -> Posterior:
     """The posterior mode by L-BFGS on Pyro's log joint: of the density of the parameters themselves (MAP), or
     with ``unconstrained`` of the density of their unconstrained images (log sigma, ...: what NUTS samples; its
     mode stays off the sigma = 0 boundary, the start ``sample_posterior`` uses)."""
@@ -438,8 +484,15 @@ def map_estimate(model: SelectiveLabelsModel, data: Data, *, max_rounds: int = 1
     to = {n: biject_to(fn.support) for n, fn in sites.items()}
     start = dict(_latent_init(model, data), **(init or {}))
     u = {n: to[n].inv(start[n]).detach().clone().requires_grad_(True) for n in sites}
-    opt = torch.optim.LBFGS(list(u.values()), lr=1.0, max_iter=50, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-9, tolerance_change=1e-12, history_size=20)
+    opt = torch.optim.LBFGS(
+        list(u.values()),
+        lr=1.0,
+        max_iter=50,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-9,
+        tolerance_change=1e-12,
+        history_size=20,
+    )
 
     def closure() -> Tensor:
         opt.zero_grad()
@@ -465,9 +518,19 @@ def map_estimate(model: SelectiveLabelsModel, data: Data, *, max_rounds: int = 1
     return Posterior(model, full, "map", {"log_density": -last})
 
 
-def sample_posterior(model: SelectiveLabelsModel, data: Data, *, num_samples: int = 500, warmup: int = 500,
-                     seed: int = 0, max_tree_depth: int = 8, full_mass: bool = True, jit: bool = True,
-                     progress: bool = True, init: Posterior | None = None) -> Posterior:
+def sample_posterior(
+    model: SelectiveLabelsModel,
+    data: Data,
+    *,
+    num_samples: int = 500,
+    warmup: int = 500,
+    seed: int = 0,
+    max_tree_depth: int = 8,
+    full_mass: bool = True,
+    jit: bool = True,
+    progress: bool = True,
+    init: Posterior | None = None,
+) -> Posterior:
     """NUTS (Pyro) from the mode in unconstrained space (or ``init``); one chain, a dense mass matrix (sigma and
     the intercepts are strongly correlated) and a TorchScript-traced potential. Seeds Pyro's global RNGs."""
     import pyro
@@ -479,21 +542,33 @@ def sample_posterior(model: SelectiveLabelsModel, data: Data, *, num_samples: in
     model.check(data)
     start = init if init is not None else map_estimate(model, data, progress=progress, unconstrained=True)
     pm = start.draw(0)
-    latent0 = {"beta_Y": pm["beta_Y"], "beta_Delta": pm["beta_Delta"][model.delta_index(pm["beta_Y"].shape[0])],
-               "sigma": pm["sigma"], "alpha": pm.get("alpha", pm["sigma"])}
+    latent0 = {
+        "beta_Y": pm["beta_Y"],
+        "beta_Delta": pm["beta_Delta"][model.delta_index(pm["beta_Y"].shape[0])],
+        "sigma": pm["sigma"],
+        "alpha": pm.get("alpha", pm["sigma"]),
+    }
     if "rho" in pm:
         latent0["corr"] = (pm["rho"] / pm["sigma"]).clamp(1e-3, 1 - 1e-3)
     latent0 = {k: latent0[k] for k in _sites(model, data)}
     pyro.set_rng_seed(seed)
-    kernel = NUTS(model.pyro_model, init_strategy=init_to_value(values=latent0), max_tree_depth=max_tree_depth,
-                  full_mass=full_mass, jit_compile=jit, ignore_jit_warnings=True)
+    kernel = NUTS(
+        model.pyro_model,
+        init_strategy=init_to_value(values=latent0),
+        max_tree_depth=max_tree_depth,
+        full_mass=full_mass,
+        jit_compile=jit,
+        ignore_jit_warnings=True,
+    )
     mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=warmup, disable_progbar=not progress)
     mcmc.run(data)
     draws = {k: v.detach().to(torch.float64) for k, v in mcmc.get_samples().items()}
     diag = mcmc.diagnostics()
     div = diag.get("divergences", {})
-    info = {"divergences": float(sum(len(v) for v in div.values())),
-            "min_n_eff": float(min(float(diag[k]["n_eff"].min()) for k in draws))}
+    info = {
+        "divergences": float(sum(len(v) for v in div.values())),
+        "min_n_eff": float(min(float(diag[k]["n_eff"].min()) for k in draws)),
+    }
     return Posterior(model, model.params(draws, data.X.shape[1] + 1), "nuts", info)
 
 
@@ -520,8 +595,9 @@ class SyntheticConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "variant", _variant(self.variant))
         if self.n < 1 or self.m < 2 or not 1 <= self.num_not_sparse <= self.m:
-            raise ValueError(f"need n >= 1, m >= 2 and 1 <= num_not_sparse <= m; got {self.n}, {self.m}, "
-                             f"{self.num_not_sparse}")
+            raise ValueError(
+                f"need n >= 1, m >= 2 and 1 <= num_not_sparse <= m; got {self.n}, {self.m}, {self.num_not_sparse}"
+            )
 
 
 @dataclass(frozen=True)
@@ -569,8 +645,10 @@ def simulate(config: SyntheticConfig = SyntheticConfig(), seed: int = 0) -> Simu
         y = (rng.random(n) < p_y).astype(np.float64)
         t = (rng.random(n) < 1 / (1 + np.exp(-(alpha * r + X1 @ bd)))).astype(np.float64)
         params = {"alpha": alpha}
-    truth = {k2: torch.as_tensor(np.asarray(v, dtype=np.float64))
-             for k2, v in {"beta_Y": by, "beta_Delta": bd, "sigma": sigma, **params}.items()}
+    truth = {
+        k2: torch.as_tensor(np.asarray(v, dtype=np.float64))
+        for k2, v in {"beta_Y": by, "beta_Delta": bd, "sigma": sigma, **params}.items()
+    }
     data = make_data(x, t, np.where(t == 1, y, np.nan))
     return Simulation(data, truth, torch.as_tensor(y), torch.as_tensor(z), torch.as_tensor(p_y), float(y.mean()))
 
@@ -593,8 +671,10 @@ def auc(scores: Any, labels: Any) -> float:
 
 # --- command line ---------------------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dpmlab.apps.selective_labels",
-                                description="Selective-labels risk model with domain constraints (Balachandar et al.)")
+    p = argparse.ArgumentParser(
+        prog="python -m dpmlab.apps.selective_labels",
+        description="Selective-labels risk model with domain constraints (Balachandar et al.)",
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("simulate", help="write a synthetic data set (CSV) and its truth (JSON)")
     s.add_argument("--variant", default="uniform", choices=[v.value for v in Variant])
@@ -611,8 +691,11 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--outcome-column", default="Y")
     f.add_argument("--prevalence", type=float, help="known mean of Y (prevalence constraint)")
     f.add_argument("--prevalence-weight", type=float, default=1e4)
-    f.add_argument("--testing-features", help="comma-separated feature columns allowed to affect testing beyond "
-                   "risk (expertise constraint); empty string: intercept only")
+    f.add_argument(
+        "--testing-features",
+        help="comma-separated feature columns allowed to affect testing beyond "
+        "risk (expertise constraint); empty string: intercept only",
+    )
     f.add_argument("--known-sigma", type=float)
     f.add_argument("--known-alpha", type=float)
     f.add_argument("--samples", type=int, default=500)
@@ -627,8 +710,15 @@ def _cmd_simulate(a: argparse.Namespace) -> int:
     sim = simulate(SyntheticConfig(variant=a.variant, n=a.n, m=a.m), seed=a.seed)
     write_csv(a.out, sim.data)
     if a.truth:
-        Path(a.truth).write_text(json.dumps({"params": {k: v.tolist() for k, v in sim.params.items()},
-                                             "prevalence": sim.prevalence, "Y_full": sim.Y_full.tolist()}))
+        Path(a.truth).write_text(
+            json.dumps(
+                {
+                    "params": {k: v.tolist() for k, v in sim.params.items()},
+                    "prevalence": sim.prevalence,
+                    "Y_full": sim.Y_full.tolist(),
+                }
+            )
+        )
     d = sim.data
     print(f"wrote {a.out}: N = {d.X.shape[0]}, tested {float(d.T.mean()):.3f}, prevalence {sim.prevalence:.4f}")
     return 0
@@ -641,13 +731,24 @@ def _cmd_fit(a: argparse.Namespace) -> int:
         names = [s.strip() for s in a.testing_features.split(",") if s.strip()]
         unknown = [nm for nm in names if nm not in data.feature_names]
         if unknown:
-            raise ValueError(f"--testing-features names unknown column(s) {', '.join(unknown)}; "
-                             f"features are {', '.join(data.feature_names)}")
+            raise ValueError(
+                f"--testing-features names unknown column(s) {', '.join(unknown)}; "
+                f"features are {', '.join(data.feature_names)}"
+            )
         tf = tuple(data.feature_names.index(nm) for nm in names)
-    model = SelectiveLabelsModel(variant=a.variant, prevalence=a.prevalence, prevalence_weight=a.prevalence_weight,
-                                 testing_features=tf, known_sigma=a.known_sigma, known_alpha=a.known_alpha)
-    post = (map_estimate(model, data, progress=True) if a.method == "map" else
-            sample_posterior(model, data, num_samples=a.samples, warmup=a.warmup, seed=a.seed))
+    model = SelectiveLabelsModel(
+        variant=a.variant,
+        prevalence=a.prevalence,
+        prevalence_weight=a.prevalence_weight,
+        testing_features=tf,
+        known_sigma=a.known_sigma,
+        known_alpha=a.known_alpha,
+    )
+    post = (
+        map_estimate(model, data, progress=True)
+        if a.method == "map"
+        else sample_posterior(model, data, num_samples=a.samples, warmup=a.warmup, seed=a.seed)
+    )
     mean, iv = post.mean(), post.interval(0.9)
     labels = {"beta_Y": ["intercept", *data.feature_names]}
     labels["beta_Delta"] = labels["beta_T"] = labels["beta_Y"]

@@ -62,9 +62,29 @@ from ..api import make_grid, sample
 from ..models.hub import write_safetensors
 from ..models.t2i import TextToImage
 
-__all__ = ["TrainMethod", "Relaxation", "ESDConfig", "AttackConfig", "AttackResult", "ESD_FORMAT", "project_simplex",
-           "esd_target", "eps_prediction", "trainable_names", "erase", "save_erased", "load_erased", "allowed_words",
-           "prompt_states", "attack", "target_latents", "generate", "concept_rate", "random_prefix", "main"]
+__all__ = [
+    "TrainMethod",
+    "Relaxation",
+    "ESDConfig",
+    "AttackConfig",
+    "AttackResult",
+    "ESD_FORMAT",
+    "project_simplex",
+    "esd_target",
+    "eps_prediction",
+    "trainable_names",
+    "erase",
+    "save_erased",
+    "load_erased",
+    "allowed_words",
+    "prompt_states",
+    "attack",
+    "target_latents",
+    "generate",
+    "concept_rate",
+    "random_prefix",
+    "main",
+]
 
 ESD_FORMAT = "dpmlab.esd/1"
 
@@ -105,11 +125,14 @@ class ESDConfig:
         if not isinstance(self.concept, str) or not self.concept.strip():
             raise ValueError(f"concept must be a non-empty prompt, got {self.concept!r}")
         if self.steps < 1 or self.batch_size < 1 or self.sample_steps < 3:
-            raise ValueError(f"need steps >= 1, batch_size >= 1, sample_steps >= 3; got {self.steps}, "
-                             f"{self.batch_size}, {self.sample_steps}")
+            raise ValueError(
+                f"need steps >= 1, batch_size >= 1, sample_steps >= 3; got {self.steps}, "
+                f"{self.batch_size}, {self.sample_steps}"
+            )
         if not (self.lr > 0 and self.eta >= 0 and self.start_guidance >= 0):
-            raise ValueError(f"need lr > 0, eta >= 0, start_guidance >= 0; got {self.lr}, {self.eta}, "
-                             f"{self.start_guidance}")
+            raise ValueError(
+                f"need lr > 0, eta >= 0, start_guidance >= 0; got {self.lr}, {self.eta}, {self.start_guidance}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "method": self.method.value}
@@ -153,8 +176,13 @@ class AttackResult:
     losses: list[float] = field(default_factory=list)  # per step
 
     def to_dict(self) -> dict[str, Any]:
-        return {"words": list(self.words), "prompt": self.prompt, "allowed": list(self.allowed),
-                "weights": self.weights.tolist(), "losses": self.losses}
+        return {
+            "words": list(self.words),
+            "prompt": self.prompt,
+            "allowed": list(self.allowed),
+            "weights": self.weights.tolist(),
+            "losses": self.losses,
+        }
 
 
 # --- shared math --------------------------------------------------------------------------------------------
@@ -197,8 +225,9 @@ def trainable_names(unet: torch.nn.Module, method: TrainMethod | str) -> list[st
 
 
 def _with_unet(model: TextToImage, unet: torch.nn.Module, name: str) -> TextToImage:
-    return TextToImage(unet, model.vae, model.text_encoder, model.tokenizer, model.schedule,
-                       model.prediction.value, name=name)
+    return TextToImage(
+        unet, model.vae, model.text_encoder, model.tokenizer, model.schedule, model.prediction.value, name=name
+    )
 
 
 def _bar(total: int, desc: str, progress: bool) -> Any:
@@ -208,8 +237,13 @@ def _bar(total: int, desc: str, progress: bool) -> Any:
 
 
 # --- ESD ----------------------------------------------------------------------------------------------------
-def erase(model: TextToImage, config: ESDConfig = ESDConfig(), *, progress: bool = False,
-          log: Callable[[int, float], None] | None = None) -> tuple[TextToImage, list[float]]:
+def erase(
+    model: TextToImage,
+    config: ESDConfig = ESDConfig(),
+    *,
+    progress: bool = False,
+    log: Callable[[int, float], None] | None = None,
+) -> tuple[TextToImage, list[float]]:
     """ESD fine-tune of a copy of ``model.unet``; returns ``(erased model, loss per step)``. ``model`` is unchanged."""
     c = config
     model.check_prompt(c.concept)
@@ -228,8 +262,15 @@ def erase(model: TextToImage, config: ESDConfig = ESDConfig(), *, progress: bool
         i = int(torch.randint(1, c.sample_steps - 1, (1,), generator=gen))  # stop after i DDIM steps
         with torch.no_grad():
             # x_t: the model being fine-tuned, prompted with the concept, sampled from noise down to ts[i]
-            x = sample(erased.guided(c.start_guidance), c.batch_size, solver="ddim", nfe=None, grid=ts[: i + 1],
-                       cond={"prompt": c.concept}, seed=c.seed * 1_000_003 + step)
+            x = sample(
+                erased.guided(c.start_guidance),
+                c.batch_size,
+                solver="ddim",
+                nfe=None,
+                grid=ts[: i + 1],
+                cond={"prompt": c.concept},
+                seed=c.seed * 1_000_003 + step,
+            )
             t = ts[i].expand(c.batch_size)
             eps_c = eps_prediction(model, x, t, emb_c)  # frozen model, concept
             eps_0 = eps_prediction(model, x, t, emb_0)  # frozen model, empty prompt
@@ -248,8 +289,9 @@ def erase(model: TextToImage, config: ESDConfig = ESDConfig(), *, progress: bool
     return erased, losses
 
 
-def save_erased(path: str | Path, erased: TextToImage, base: TextToImage, config: ESDConfig,
-                info: dict[str, Any] | None = None) -> Path:
+def save_erased(
+    path: str | Path, erased: TextToImage, base: TextToImage, config: ESDConfig, info: dict[str, Any] | None = None
+) -> Path:
     """Write the tensors ESD changed (safetensors) and a JSON card ``<path>.json``; returns the safetensors path."""
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -257,8 +299,14 @@ def save_erased(path: str | Path, erased: TextToImage, base: TextToImage, config
     names = trainable_names(erased.unet, config.method)
     state = erased.unet.state_dict()
     tensors = {n: state[n].detach().float().contiguous() for n in names}
-    card = {"format": ESD_FORMAT, "base": base.name, "esd": config.to_dict(), "tensors": len(tensors),
-            "parameters": int(sum(v.numel() for v in tensors.values())), **(info or {})}
+    card = {
+        "format": ESD_FORMAT,
+        "base": base.name,
+        "esd": config.to_dict(),
+        "tensors": len(tensors),
+        "parameters": int(sum(v.numel() for v in tensors.values())),
+        **(info or {}),
+    }
     write_safetensors(path, tensors, {"format": ESD_FORMAT, "card": json.dumps(card)})
     with atomic_write(path.with_suffix(".json")) as tmp:
         tmp.write_text(json.dumps(card, indent=2))
@@ -319,7 +367,7 @@ def _spliced_embeddings(text_encoder: Any, position: int, embeds: Tensor) -> Ite
 
     def hook(module: Any, inputs: Any, out: Tensor) -> Tensor:
         e = embeds.to(out.dtype).expand(out.shape[0], k, out.shape[-1])
-        return torch.cat([out[:, :position], e, out[:, position + k:]], dim=1)
+        return torch.cat([out[:, :position], e, out[:, position + k :]], dim=1)
 
     handle = text_encoder.get_input_embeddings().register_forward_hook(hook)
     try:
@@ -336,8 +384,10 @@ def _prompt_ids(model: TextToImage, k: int, prompt: str) -> Tensor:
     body = tok(prompt, add_special_tokens=False).input_ids if prompt else []
     length = tok.model_max_length
     if 2 + k + len(body) > length:
-        raise ValueError(f"k = {k} adversarial tokens + {len(body)} prompt tokens + start/end exceed the text "
-                         f"encoder's context of {length}; use k <= {length - 2 - len(body)}")
+        raise ValueError(
+            f"k = {k} adversarial tokens + {len(body)} prompt tokens + start/end exceed the text "
+            f"encoder's context of {length}; use k <= {length - 2 - len(body)}"
+        )
     ids = [tok.bos_token_id, *([tok.unk_token_id] * k), *body, tok.eos_token_id]
     return torch.tensor([ids + [tok.pad_token_id] * (length - len(ids))])
 
@@ -366,14 +416,16 @@ class _STERandSelect(torch.autograd.Function):
         return F.hardtanh(grad), None
 
 
-def attack(model: TextToImage, prompt: str, targets: Tensor, config: AttackConfig = AttackConfig(), *,
-           progress: bool = False) -> AttackResult:
+def attack(
+    model: TextToImage, prompt: str, targets: Tensor, config: AttackConfig = AttackConfig(), *, progress: bool = False
+) -> AttackResult:
     """UnlearnDiffAtk: k prefix tokens for ``prompt`` minimising ``model``'s denoising loss on the target latents
     ``targets`` ``(N, *model.data_shape)`` (images of the erased concept, ``model.encode``-d)."""
     c = config
     if tuple(targets.shape[1:]) != tuple(model.data_shape or ()) or targets.shape[0] < 1:
-        raise ValueError(f"targets must be latents (N, {', '.join(map(str, model.data_shape or ()))}), "
-                         f"got {tuple(targets.shape)}")
+        raise ValueError(
+            f"targets must be latents (N, {', '.join(map(str, model.data_shape or ()))}), got {tuple(targets.shape)}"
+        )
     words, ids = allowed_words(model, c.forbid)
     _prompt_ids(model, c.k, prompt)  # context check before any work
     gen = torch.Generator().manual_seed(c.seed)
@@ -427,8 +479,16 @@ def target_latents(model: TextToImage, digit: int, n: int = 200) -> Tensor:
     return torch.cat([model.encode(b) for b in images.split(256)])
 
 
-def generate(model: TextToImage, prompt: str, n: int, *, guidance: float = 3.0, nfe: int = 10, seed: int = 0,
-             progress: bool = False) -> Tensor:
+def generate(
+    model: TextToImage,
+    prompt: str,
+    n: int,
+    *,
+    guidance: float = 3.0,
+    nfe: int = 10,
+    seed: int = 0,
+    progress: bool = False,
+) -> Tensor:
     """``n`` images ``(n, 1, 32, 32)`` in [-1, 1]: DPM-Solver++ at ``nfe`` with classifier-free guidance."""
     model.check_prompt(prompt)
     fn = model.guided(guidance) if guidance != 1.0 else model
@@ -456,7 +516,7 @@ def _save_png(images: Tensor, path: Path) -> None:
     arr = ((images[:, 0].clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
     for i in range(n):
         r, cc = divmod(i, cols)
-        grid[r * h:(r + 1) * h, cc * wd:(cc + 1) * wd] = arr[i]
+        grid[r * h : (r + 1) * h, cc * wd : (cc + 1) * wd] = arr[i]
     with atomic_write(path) as tmp:
         Image.fromarray(grid).save(tmp, format="PNG")
 
@@ -480,8 +540,10 @@ def _model(erased: str | None) -> TextToImage:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dpmlab.apps.unlearn_attack",
-                                description="ESD concept erasure and the UnlearnDiffAtk prompt attack on mnist_t2i")
+    p = argparse.ArgumentParser(
+        prog="python -m dpmlab.apps.unlearn_attack",
+        description="ESD concept erasure and the UnlearnDiffAtk prompt attack on mnist_t2i",
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("erase", help="ESD: erase a concept (writes the changed weights + a JSON card)")
     e.add_argument("--concept", default="seven")
@@ -527,15 +589,25 @@ def _cmd_erase(a: argparse.Namespace) -> int:
     out = _out(a.out, ".safetensors", a.overwrite)
     if out.with_suffix(".json").exists() and not a.overwrite:
         raise ValueError(f"{out.with_suffix('.json')} exists; pass --overwrite to replace it")
-    cfg = ESDConfig(concept=a.concept, method=a.method, steps=a.steps, lr=a.lr, eta=a.eta, batch_size=a.batch_size,
-                    sample_steps=a.sample_steps, seed=a.seed)
+    cfg = ESDConfig(
+        concept=a.concept,
+        method=a.method,
+        steps=a.steps,
+        lr=a.lr,
+        eta=a.eta,
+        batch_size=a.batch_size,
+        sample_steps=a.sample_steps,
+        seed=a.seed,
+    )
     base = _model(None)
     base.check_prompt(cfg.concept)
     erased, losses = erase(base, cfg, progress=not a.quiet)
     n = max(1, len(losses) // 10)
     save_erased(out, erased, base, cfg, {"loss_first": sum(losses[:n]) / n, "loss_last": sum(losses[-n:]) / n})
-    print(f"wrote {out} and {out.with_suffix('.json')}: ESD loss {sum(losses[:n]) / n:.4f} -> "
-          f"{sum(losses[-n:]) / n:.4f} over {len(losses)} steps")
+    print(
+        f"wrote {out} and {out.with_suffix('.json')}: ESD loss {sum(losses[:n]) / n:.4f} -> "
+        f"{sum(losses[-n:]) / n:.4f} over {len(losses)} steps"
+    )
     return 0
 
 
@@ -552,8 +624,10 @@ def _cmd_attack(a: argparse.Namespace) -> int:
     res = attack(model, a.prompt, target_latents(model, a.digit), cfg, progress=not a.quiet)
     with atomic_write(out) as tmp:
         tmp.write_text(json.dumps({"erased": a.erased, "config": cfg.to_dict(), **res.to_dict()}))
-    print(f"adversarial prompt: {res.prompt!r} (loss {res.losses[0] if res.losses else float('nan'):.4f} -> "
-          f"{res.losses[-1] if res.losses else float('nan'):.4f}); wrote {out}")
+    print(
+        f"adversarial prompt: {res.prompt!r} (loss {res.losses[0] if res.losses else float('nan'):.4f} -> "
+        f"{res.losses[-1] if res.losses else float('nan'):.4f}); wrote {out}"
+    )
     return 0
 
 

@@ -138,13 +138,32 @@ def fit_dc_ratios(
                 ratios[i] = _adamw(dc, problem, x, ts, i, state, gt[i + 1], lr, iters)
         x, state = dc.step_with(problem, x, ts, i, state, ratios[i])
         x = x.detach()
-    return DCRatios(tuple(ratios), dc_order, float(guidance), model_name, json.dumps(base.config()),
-                    tuple(float(t) for t in ts), dc.nfe(ts, schedule), method)
+    return DCRatios(
+        tuple(ratios),
+        dc_order,
+        float(guidance),
+        model_name,
+        json.dumps(base.config()),
+        tuple(float(t) for t in ts),
+        dc.nfe(ts, schedule),
+        method,
+    )
 
 
-def _adamw(dc: DynamicCompensation, problem: Problem, x: Tensor, ts: Tensor, i: int, state: Any, target: Tensor,
-           lr: float, iters: int, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-           weight_decay: float = 0.01) -> float:
+def _adamw(
+    dc: DynamicCompensation,
+    problem: Problem,
+    x: Tensor,
+    ts: Tensor,
+    i: int,
+    state: Any,
+    target: Tensor,
+    lr: float,
+    iters: int,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+) -> float:
     """The authors' ratio search: AdamW (Loshchilov & Hutter; torch's defaults) on the unbounded ``rho``
     from 1, the last iterate. Written out for one scalar: ``torch.optim`` costs seconds to import."""
     rho, m, v = 1.0, 0.0, 0.0

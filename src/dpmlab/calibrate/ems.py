@@ -99,8 +99,10 @@ def fit_ems(
         return eps
 
     def states(rows: slice) -> Iterator[tuple[int, Tensor, dict[str, Any]]]:
-        c = {k: v[rows] if isinstance(v, Tensor) and v.shape[:1] == (x_or_noise.shape[0],) else v
-             for k, v in cond.items()}
+        c = {
+            k: v[rows] if isinstance(v, Tensor) and v.shape[:1] == (x_or_noise.shape[0],) else v
+            for k, v in cond.items()
+        }
         if source == "data":
             for j in range(grid_size + 1):
                 z = torch.randn(data[rows].shape, generator=gen, dtype=torch.float64).to(dev)
@@ -119,8 +121,9 @@ def fit_ems(
     acc = {k: torch.zeros(grid_size + 1, *shape, dtype=torch.float64, device=dev) for k in ("l", *names)}
     from tqdm import tqdm
 
-    bar = tqdm(total=-(-n_points // batch_size) * (grid_size + 1), desc="EMS", unit="knot", disable=not progress,
-               leave=False)
+    bar = tqdm(
+        total=-(-n_points // batch_size) * (grid_size + 1), desc="EMS", unit="knot", disable=not progress, leave=False
+    )
     for lo in range(0, n_points, batch_size):
         for j, x, c in states(slice(lo, min(n_points, lo + batch_size))):
             bar.update(1)
@@ -149,10 +152,24 @@ def fit_ems(
     a, A, c1, c2 = torch.exp(-lamc), torch.exp(-lamc) * (l - 1), -l / alpha, -dl / alpha  # f = a e + c1 x
     mean_f, mean_df = a * m["e"] + c1 * m["x"], A * m["e"] + a * m["d"] + c2 * m["x"]  # f' = A e + a d + c2 x
     var_f = a * a * cov["ee"] + 2 * a * c1 * cov["ex"] + c1 * c1 * cov["xx"]
-    cov_f = (a * A * cov["ee"] + a * a * cov["ed"] + a * c2 * cov["ex"] + c1 * A * cov["ex"] + c1 * a * cov["dx"]
-             + c1 * c2 * cov["xx"])
+    cov_f = (
+        a * A * cov["ee"]
+        + a * a * cov["ed"]
+        + a * c2 * cov["ex"]
+        + c1 * A * cov["ex"]
+        + c1 * a * cov["dx"]
+        + c1 * c2 * cov["xx"]
+    )
     s = torch.where(var_f > 0, cov_f / var_f.clamp(min=1e-300), torch.zeros_like(var_f))
     b = mean_df - s * mean_f
     name = model_name if model_name is not None else repr(model)
-    return EMS(lam=lam, l=l.cpu(), s=s.cpu(), b=b.cpu(), model=name, guidance_scale=guidance_scale,
-               schedule=repr(schedule), n_points=n_points)
+    return EMS(
+        lam=lam,
+        l=l.cpu(),
+        s=s.cpu(),
+        b=b.cpu(),
+        model=name,
+        guidance_scale=guidance_scale,
+        schedule=repr(schedule),
+        n_points=n_points,
+    )

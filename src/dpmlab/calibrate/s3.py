@@ -38,8 +38,13 @@ from ..typing import DenoiserFn
 __all__ = ["S3Result", "fit_s3_plan", "initial_plans"]
 
 ORDER_PRIOR = {1: 0.2, 2: 0.4, 3: 0.3, 4: 0.1}  # the authors' mutation prior on Taylor orders
-RELAXATIONS = (Relaxation.NONE, Relaxation.DPM_SOLVER_2, Relaxation.UNIPC_BH1, Relaxation.HALF_EXP,
-               Relaxation.NEG_HALF_EXP)
+RELAXATIONS = (
+    Relaxation.NONE,
+    Relaxation.DPM_SOLVER_2,
+    Relaxation.UNIPC_BH1,
+    Relaxation.HALF_EXP,
+    Relaxation.NEG_HALF_EXP,
+)
 GRIDS = ("uniform_lambda", "uniform_time", "quadratic_time")
 
 
@@ -56,8 +61,13 @@ class S3Result:
 
 def initial_plans(schedule: NoiseSchedule, nfe: int, to_zero: bool, model: str = "") -> dict[str, Plan]:
     """The fixed solvers the search starts from, as plans with timesteps, by label."""
-    presets = {"dpm_solver_pp_2m": Preset.dpm_solver_pp(2), "dpm_solver_pp_3m": Preset.dpm_solver_pp(3),
-               "unipc_bh1": Preset.unipc(2, "bh1"), "unipc_bh2": Preset.unipc(2, "bh2"), "unipc_3": Preset.unipc(3)}
+    presets = {
+        "dpm_solver_pp_2m": Preset.dpm_solver_pp(2),
+        "dpm_solver_pp_3m": Preset.dpm_solver_pp(3),
+        "unipc_bh1": Preset.unipc(2, "bh1"),
+        "unipc_bh2": Preset.unipc(2, "bh2"),
+        "unipc_3": Preset.unipc(3),
+    }
     out = {}
     for g in GRIDS:
         ts = tuple(make_grid(schedule, g, nfe, to_zero=to_zero).tolist())
@@ -132,8 +142,11 @@ class _Search:
                 s = dataclasses.replace(s, predictor=tay)
             elif what == "corrector":  # the authors' rule: the corrector's order is the predictor's + 1
                 kc = min(s.predictor.order + 1, MAX_ORDER)
-                s = Step(s.prediction, s.predictor, *((Corrector.NONE, None) if s.correction else
-                                                      (Corrector.PSEUDO, Taylor.full(kc))))
+                s = Step(
+                    s.prediction,
+                    s.predictor,
+                    *((Corrector.NONE, None) if s.correction else (Corrector.PSEUDO, Taylor.full(kc))),
+                )
             steps[i] = s
         if rng.random() < self.p:  # jitter the interior log-SNR points
             gap = (self.lam_hi - self.lam_lo) / len(steps)
@@ -244,8 +257,10 @@ def fit_s3_plan(
         pop = sorted(pop, key=fitness)
         parents = pop[: max(2, population // 2)]
         n_new = population - elite
-        kids = [search.mutate(search.crossover(*search.rng.sample(parents, 2)))
-                for _ in range(n_new * (proposals if predictor else 1))]
+        kids = [
+            search.mutate(search.crossover(*search.rng.sample(parents, 2)))
+            for _ in range(n_new * (proposals if predictor else 1))
+        ]
         if predictor and len(seen) >= 8:
             finite = [(p, f) for p, f in seen.items() if math.isfinite(f)]
             guess = _ridge([_features(p, width) for p, _ in finite], [math.log(f) for _, f in finite])

@@ -22,5 +22,20 @@ from .inversion import invert as invert
 from .inversion import invert_ddpm as invert_ddpm
 from .inversion import regenerate as regenerate
 
-__all__ = ["DDPMInversion", "edit", "guided", "invert", "invert_ddpm", "regenerate", "Boundary", "Latents",
-           "MixingProfile", "bottleneck", "boundary_edit", "fit_boundary", "invert_to", "mixing_profile", "sample_to"]
+__all__ = [
+    "DDPMInversion",
+    "edit",
+    "guided",
+    "invert",
+    "invert_ddpm",
+    "regenerate",
+    "Boundary",
+    "Latents",
+    "MixingProfile",
+    "bottleneck",
+    "boundary_edit",
+    "fit_boundary",
+    "invert_to",
+    "mixing_profile",
+    "sample_to",
+]

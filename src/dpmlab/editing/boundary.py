@@ -50,8 +50,17 @@ from ..solvers.base import Problem, Solver, StepInfo, get, sample
 from ..timesteps import uniform_time
 from .inversion import invert
 
-__all__ = ["Boundary", "fit_boundary", "Latents", "bottleneck", "invert_to", "sample_to", "boundary_edit",
-           "MixingProfile", "mixing_profile"]
+__all__ = [
+    "Boundary",
+    "fit_boundary",
+    "Latents",
+    "bottleneck",
+    "invert_to",
+    "sample_to",
+    "boundary_edit",
+    "MixingProfile",
+    "mixing_profile",
+]
 
 
 # --- the h-space through hooks -----------------------------------------------------------------------
@@ -80,8 +89,10 @@ def bottleneck(network: nn.Module, replace: Tensor | None = None) -> Iterator[li
         finally:
             handle.remove()
     else:
-        raise ValueError(f"no h-space in {type(network).__name__}: need a dpmlab UNet or a diffusers UNet "
-                         "with a mid_block (pass network=)")
+        raise ValueError(
+            f"no h-space in {type(network).__name__}: need a dpmlab UNet or a diffusers UNet "
+            "with a mid_block (pass network=)"
+        )
 
 
 def _network(model: Any, network: nn.Module | None) -> nn.Module:
@@ -140,8 +151,10 @@ def fit_boundary(
 
     y = torch.as_tensor(labels).reshape(-1)
     if y.shape[0] != latents.shape[0] or y.dtype.is_floating_point or not set(y.tolist()) == {0, 1}:
-        raise ValueError(f"labels must be {latents.shape[0]} ints with both classes 0 and 1, got values "
-                         f"{sorted(set(y.tolist()))[:5]}")
+        raise ValueError(
+            f"labels must be {latents.shape[0]} ints with both classes 0 and 1, got values "
+            f"{sorted(set(y.tolist()))[:5]}"
+        )
     x = f64(latents).reshape(latents.shape[0], -1).cpu().numpy()
     svm = SVC(kernel="linear", C=C).fit(x, y.cpu().numpy())
     w, b = torch.tensor(svm.coef_[0], dtype=torch.float64), float(svm.intercept_[0])
@@ -151,8 +164,9 @@ def fit_boundary(
     test_acc = math.nan
     if test is not None:
         xt, yt = test
-        test_acc = float((svm.predict(f64(xt).reshape(xt.shape[0], -1).cpu().numpy()) == torch.as_tensor(yt)
-                          .cpu().numpy()).mean())
+        test_acc = float(
+            (svm.predict(f64(xt).reshape(xt.shape[0], -1).cpu().numpy()) == torch.as_tensor(yt).cpu().numpy()).mean()
+        )
     return Boundary(w / norm, b / norm, tuple(latents.shape[1:]), float(svm.score(x, y.cpu().numpy())), test_acc)
 
 

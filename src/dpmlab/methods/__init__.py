@@ -50,9 +50,21 @@ from ..models.hub import CHECKPOINT_FORMAT, write_safetensors
 from ..training.data import DataConfig, Dataset, load_data
 from ..training.trainer import TrainConfig, TrainObjective, TrainResult, fit, net_config_for
 
-__all__ = ["METHOD_FORMAT", "METHOD_KINDS", "method_kind", "Method", "MethodRecipe", "register_method",
-           "available_methods", "load_recipe", "is_method_recipe", "train_recipe", "load", "save_method_model",
-           "net_config_for"]
+__all__ = [
+    "METHOD_FORMAT",
+    "METHOD_KINDS",
+    "method_kind",
+    "Method",
+    "MethodRecipe",
+    "register_method",
+    "available_methods",
+    "load_recipe",
+    "is_method_recipe",
+    "train_recipe",
+    "load",
+    "save_method_model",
+    "net_config_for",
+]
 
 METHOD_KINDS = ("train", "finetune", "prune", "distill")  # train: from scratch; the others start from a model
 METHOD_FORMAT = "dpmlab.method/1"  # tensors: the network's state dict; metadata "method": name, settings, shape
@@ -128,17 +140,23 @@ class MethodRecipe:
         return d
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "description": self.description, "export_dtype": self.export_dtype,
-                "method": {"name": self.method, **self.settings.to_dict()}, "data": self.data.to_dict(),
-                "train": {**dataclasses.asdict(self.train), "adam_betas": list(self.train.adam_betas)}}
+        return {
+            "name": self.name,
+            "description": self.description,
+            "export_dtype": self.export_dtype,
+            "method": {"name": self.method, **self.settings.to_dict()},
+            "data": self.data.to_dict(),
+            "train": {**dataclasses.asdict(self.train), "adam_betas": list(self.train.adam_betas)},
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> MethodRecipe:
         allowed = {"name", "description", "export_dtype", "method", "data", "train"}
         unknown = sorted(set(d) - allowed)
         if unknown:
-            raise ValueError(f"unknown method recipe fields: {', '.join(unknown)}; "
-                             f"allowed: {', '.join(sorted(allowed))}")
+            raise ValueError(
+                f"unknown method recipe fields: {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}"
+            )
         if "name" not in d:
             raise ValueError("a recipe needs a name")
         m = d.get("method")
@@ -148,12 +166,18 @@ class MethodRecipe:
         train = dict(d.get("train", {}))
         names = {f.name for f in dataclasses.fields(TrainConfig)}
         if set(train) - names:
-            raise ValueError(f"unknown train fields: {', '.join(sorted(set(train) - names))}; "
-                             f"allowed: {', '.join(sorted(names))}")
-        return cls(name=d["name"], method=entry.name, settings=entry.settings.from_dict(
-            {k: v for k, v in m.items() if k != "name"}), data=DataConfig.from_dict(d.get("data", {})),
-            train=TrainConfig(**train), export_dtype=d.get("export_dtype", "float32"),
-            description=d.get("description", ""))
+            raise ValueError(
+                f"unknown train fields: {', '.join(sorted(set(train) - names))}; allowed: {', '.join(sorted(names))}"
+            )
+        return cls(
+            name=d["name"],
+            method=entry.name,
+            settings=entry.settings.from_dict({k: v for k, v in m.items() if k != "name"}),
+            data=DataConfig.from_dict(d.get("data", {})),
+            train=TrainConfig(**train),
+            export_dtype=d.get("export_dtype", "float32"),
+            description=d.get("description", ""),
+        )
 
 
 def _read_text(path: str | os.PathLike[str]) -> Any:
@@ -196,19 +220,34 @@ def train_recipe(
     return fit(objective, recipe.train, out_dir, resume=resume, progress=progress, callback=callback)
 
 
-def save_method_model(out_dir: Path, net: nn.Module, info: Mapping[str, Any], recipe: MethodRecipe, dataset: Dataset,
-                      card: Mapping[str, Any]) -> Path:
+def save_method_model(
+    out_dir: Path,
+    net: nn.Module,
+    info: Mapping[str, Any],
+    recipe: MethodRecipe,
+    dataset: Dataset,
+    card: Mapping[str, Any],
+) -> Path:
     """Write ``model.safetensors`` (``net``'s weights in ``recipe.export_dtype``, format ``METHOD_FORMAT``, ``info``:
     name, settings, ...) and the card ``model.json`` (recipe, data, the trainer's ``card``, ``info``)."""
     dtype = torch.float16 if recipe.export_dtype == "float16" else torch.float32
     path = Path(out_dir) / "model.safetensors"
-    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
-               for k, v in net.state_dict().items()}
+    tensors = {
+        k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
+        for k, v in net.state_dict().items()
+    }
     write_safetensors(path, tensors, {"format": METHOD_FORMAT, "method": json.dumps(dict(info))})
-    full = {"name": recipe.name, "description": recipe.description, "recipe": recipe.to_dict(),
-            "data": {**recipe.data.to_dict(), "examples": len(dataset), "shape": list(dataset.shape)}, **card,
-            "method": dict(info), "weights": path.name, "weights_dtype": recipe.export_dtype,
-            "sample_with": f"dpmlab.methods.load({str(out_dir)!r}).sample(...)"}
+    full = {
+        "name": recipe.name,
+        "description": recipe.description,
+        "recipe": recipe.to_dict(),
+        "data": {**recipe.data.to_dict(), "examples": len(dataset), "shape": list(dataset.shape)},
+        **card,
+        "method": dict(info),
+        "weights": path.name,
+        "weights_dtype": recipe.export_dtype,
+        "sample_with": f"dpmlab.methods.load({str(out_dir)!r}).sample(...)",
+    }
     with atomic_write(path.with_suffix(".json")) as tmp:
         tmp.write_text(json.dumps(full, indent=2) + "\n")
     return path
@@ -235,7 +274,7 @@ def load(path: str | os.PathLike[str]) -> Any:
     if info is None or fmt not in (METHOD_FORMAT, CHECKPOINT_FORMAT):
         raise ValueError(f"{p}: not a method model (format {fmt!r}); plain diffusion models load with dpmlab.load")
     if fmt == CHECKPOINT_FORMAT:
-        tensors = {k[len("ema/"):]: v for k, v in tensors.items() if k.startswith("ema/")}
+        tensors = {k[len("ema/") :]: v for k, v in tensors.items() if k.startswith("ema/")}
     return _method(info.get("name")).from_file(p, info, tensors)
 
 

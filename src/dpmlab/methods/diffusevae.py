@@ -61,8 +61,18 @@ from ..training.losses import PredictionLoss
 from ..typing import DenoiserFn
 from . import Method, MethodRecipe, load, register_method, save_method_model
 
-__all__ = ["Form", "VAEStage", "ConvVAE", "VAEObjective", "DiffuseVAE", "DiffuseVAEObjective", "DiffuseVAEModel",
-           "LatentGMM", "Clipped", "q_sample"]
+__all__ = [
+    "Form",
+    "VAEStage",
+    "ConvVAE",
+    "VAEObjective",
+    "DiffuseVAE",
+    "DiffuseVAEObjective",
+    "DiffuseVAEModel",
+    "LatentGMM",
+    "Clipped",
+    "q_sample",
+]
 
 Z_STREAM = 0x5A17  # counter_normal stream of the prior latents z (solvers use 0 and 1 + 16 i + sub)
 ENC_STREAM = 0x5A18  # stream of the encoder's reparameterisation noise in reconstruct()
@@ -273,8 +283,12 @@ class DiffuseVAEObjective:
         return self.loss_fn(module, y, batch["t"], batch["eps"], x_hat=x_hat).mean()
 
     def _info(self) -> dict[str, Any]:
-        return {"name": "diffusevae", "settings": self.settings.to_dict(), "data_shape": list(self.dataset.shape),
-                "vae_settings": self.net.vae.settings.to_dict()}
+        return {
+            "name": "diffusevae",
+            "settings": self.settings.to_dict(),
+            "data_shape": list(self.dataset.shape),
+            "vae_settings": self.net.vae.settings.to_dict(),
+        }
 
     def export(self, ema: nn.Module, out_dir: Path, card: dict[str, Any]) -> Path:
         return save_method_model(out_dir, ema, self._info(), self.recipe, self.dataset, card)
@@ -312,8 +326,11 @@ class LatentGMM:
         return (self.means[k] + (chol[k] @ e[:, :, None])[:, :, 0]).float()
 
     def save(self, path: str | Path) -> None:
-        write_safetensors(path, {"weights": self.weights, "means": self.means, "covariances": self.covariances},
-                          {"format": "dpmlab.latent_gmm/1"})
+        write_safetensors(
+            path,
+            {"weights": self.weights, "means": self.means, "covariances": self.covariances},
+            {"format": "dpmlab.latent_gmm/1"},
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> LatentGMM:
@@ -365,8 +382,11 @@ class DiffuseVAEModel:
     def latents(self, n: int, *, seed: int = 0, prior: LatentGMM | None = None) -> Tensor:
         """``n`` prior latents: ``N(0, I)`` or ``prior``; row ``i`` depends only on ``(seed, i)``."""
         idx = torch.arange(n)
-        return prior.sample(idx, seed=seed) if prior is not None else counter_normal(seed, idx, Z_STREAM,
-                                                                                      (self.latent_dim,))
+        return (
+            prior.sample(idx, seed=seed)
+            if prior is not None
+            else counter_normal(seed, idx, Z_STREAM, (self.latent_dim,))
+        )
 
     def fit_prior(self, x: Tensor, n_components: int = 10, *, seed: int = 0) -> LatentGMM:
         """The paper's expressive prior: a ``LatentGMM`` on latents of data ``x`` sampled from q(z | x) (the authors'
@@ -382,10 +402,22 @@ class DiffuseVAEModel:
             return self.denoiser
         return classifier_free(self.denoiser, with_cond(self.denoiser, x_hat=None), scale)
 
-    def sample(self, n: int | None = None, *, z: Tensor | None = None, prior: LatentGMM | None = None,
-               solver: str | Solver[Any] = "ddim", nfe: int = 10, grid: str = DEFAULT_GRID,
-               to_zero: bool | None = None, seed: int = 0, guidance: float = 1.0, clip: bool = True,
-               noise_ids: Tensor | None = None, return_x_hat: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    def sample(
+        self,
+        n: int | None = None,
+        *,
+        z: Tensor | None = None,
+        prior: LatentGMM | None = None,
+        solver: str | Solver[Any] = "ddim",
+        nfe: int = 10,
+        grid: str = DEFAULT_GRID,
+        to_zero: bool | None = None,
+        seed: int = 0,
+        guidance: float = 1.0,
+        clip: bool = True,
+        noise_ids: Tensor | None = None,
+        return_x_hat: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """Samples from latents ``z`` (or ``n`` draws of the prior): ``x^ = Dec(z)``, then ``solver`` at exactly
         ``nfe`` evaluations on ``grid`` (``to_zero`` as in ``dpmlab.sample``) conditioned on ``x^``, with the x0
         predictions ``clip``-ped to [-1, 1] (``Clipped``; the authors' default). The DDPM noise of row ``b`` comes from
@@ -416,15 +448,20 @@ class DiffuseVAEModel:
         returns ``(samples, x^)``."""
         w = torch.linspace(0, 1, steps)[:, None]
         z = (1 - w) * z0.reshape(1, -1) + w * z1.reshape(1, -1)
-        return self.sample(z=z, noise_ids=torch.zeros(steps, dtype=torch.int64), return_x_hat=True,  # type: ignore
-                           **sample_kw)
+        return self.sample(
+            z=z,
+            noise_ids=torch.zeros(steps, dtype=torch.int64),
+            return_x_hat=True,  # type: ignore
+            **sample_kw,
+        )
 
     @classmethod
     def from_file(cls, path: Path, info: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> DiffuseVAEModel:
         s = DiffuseVAE.from_dict(info["settings"])
         shape = tuple(info["data_shape"])
-        net = DiffuseVAENet(ConvVAE(VAEStage.from_dict(info["vae_settings"]), shape),
-                            UNet(UNetConfig.from_dict(s.net_config)))
+        net = DiffuseVAENet(
+            ConvVAE(VAEStage.from_dict(info["vae_settings"]), shape), UNet(UNetConfig.from_dict(s.net_config))
+        )
         load_state(path, net, tensors)
         net.eval().requires_grad_(False)
         den = Denoiser(net, get_schedule(s.schedule), Prediction.EPS, data_shape=shape)

@@ -64,9 +64,22 @@ from ..training.data import Dataset
 from ..training.losses import PredictionLoss, make_loss
 from . import Method, MethodRecipe, register_method, save_method_model
 
-__all__ = ["DomainStudio", "DomainStudioObjective", "DomainStudioModel", "DomainStudioT2I", "DomainStudioT2IObjective",
-           "DomainStudioT2IModel", "haar", "haar_inverse", "high_frequency",
-           "pairwise_similarity_kl", "to_domain", "shot_indices", "domain_shots", "DOMAINS"]
+__all__ = [
+    "DomainStudio",
+    "DomainStudioObjective",
+    "DomainStudioModel",
+    "DomainStudioT2I",
+    "DomainStudioT2IObjective",
+    "DomainStudioT2IModel",
+    "haar",
+    "haar_inverse",
+    "high_frequency",
+    "pairwise_similarity_kl",
+    "to_domain",
+    "shot_indices",
+    "domain_shots",
+    "DOMAINS",
+]
 
 DOMAINS = ("bold", "inverted")
 
@@ -117,8 +130,10 @@ def pairwise_similarity_kl(source: Tensor, adapted: Tensor) -> Tensor:
     of ``source`` / ``adapted`` (KL(source ‖ adapted) per row, summed, divided by ``m (m - 1)``). 0 iff the rows
     agree; invariant to permuting the batch."""
     if source.shape != adapted.shape or source.ndim < 2 or source.shape[0] < 3:
-        raise ValueError(f"pairwise_similarity_kl needs two batches of one shape (m >= 3, ...), got "
-                         f"{tuple(source.shape)} and {tuple(adapted.shape)}")
+        raise ValueError(
+            f"pairwise_similarity_kl needs two batches of one shape (m >= 3, ...), got "
+            f"{tuple(source.shape)} and {tuple(adapted.shape)}"
+        )
     p, q = _row_softmax_sims(source.detach()), _row_softmax_sims(adapted)
     return (p * (p.log() - q.log())).sum() / p.numel()
 
@@ -146,8 +161,9 @@ def shot_indices(labels: Tensor | None, n_examples: int, shots: int, seed: int, 
     return pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:shots]]
 
 
-def domain_shots(dataset: Dataset, domain: str = "bold", shots: int = 10, seed: int = 0,
-                 label: int | None = None) -> Tensor:
+def domain_shots(
+    dataset: Dataset, domain: str = "bold", shots: int = 10, seed: int = 0, label: int | None = None
+) -> Tensor:
     """The few-shot target set: ``to_domain`` of the ``shot_indices`` images of ``dataset`` (deterministic)."""
     return to_domain(dataset.x[shot_indices(dataset.labels, len(dataset), shots, seed, label)], domain)
 
@@ -180,8 +196,9 @@ class DomainStudio:
         s = self.sim_size
         if isinstance(s, bool) or not isinstance(s, int) or s in (1, 2) or s < 0:
             raise ValueError(f"DomainStudio sim_size must be 0 (whole batch) or an int >= 3, got {s!r}")
-        if self.label is not None and (isinstance(self.label, bool) or not isinstance(self.label, int)
-                                       or self.label < 0):
+        if self.label is not None and (
+            isinstance(self.label, bool) or not isinstance(self.label, int) or self.label < 0
+        ):
             raise ValueError(f"DomainStudio label must be None or a class index >= 0, got {self.label!r}")
 
     @property
@@ -229,11 +246,13 @@ class DomainStudioObjective:
         base = load_model(s.base)
         spec = getattr(base, "spec", None)
         if not isinstance(base, Denoiser) or not isinstance(spec, ModelSpec) or not isinstance(base.net, nn.Module):
-            raise ValueError(f"DomainStudio fine-tunes a trained dpmlab model file; {s.base!r} loads as "
-                             f"{type(base).__name__}")
+            raise ValueError(
+                f"DomainStudio fine-tunes a trained dpmlab model file; {s.base!r} loads as {type(base).__name__}"
+            )
         if tuple(spec.data_shape) != tuple(dataset.shape):
-            raise ValueError(f"base model {s.base!r} makes samples of shape {spec.data_shape}, the data has "
-                             f"{dataset.shape}")
+            raise ValueError(
+                f"base model {s.base!r} makes samples of shape {spec.data_shape}, the data has {dataset.shape}"
+            )
         _cond(spec, s.label, 1)  # validates label against the base
         self.spec, self.schedule = spec, base.schedule
         self.shots = domain_shots(dataset, s.domain, s.shots, s.shot_seed, s.label)
@@ -250,8 +269,12 @@ class DomainStudioObjective:
     def draw(self, idx: Tensor, g: torch.Generator) -> dict[str, Tensor]:
         """``x0`` the shots, ``t``, ``eps``, ``key`` (uniform; the ``sim_size`` smallest pick the pair members)."""
         b = len(idx)
-        return {"x0": self.shots[idx], "t": self.loss_fn.draw(g, b),
-                "eps": torch.randn((b, *self.shots.shape[1:]), generator=g), "key": torch.rand(b, generator=g)}
+        return {
+            "x0": self.shots[idx],
+            "t": self.loss_fn.draw(g, b),
+            "eps": torch.randn((b, *self.shots.shape[1:]), generator=g),
+            "key": torch.rand(b, generator=g),
+        }
 
     def terms(self, module: nn.Module, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """The loss terms (unweighted): ``simple``, ``img``, ``hf``, ``hfmse`` (the last three 0 when off)."""
@@ -276,15 +299,16 @@ class DomainStudioObjective:
         if not (s.pair_weight or s.hf_pair_weight):
             return {**out, "img": zero, "hf": zero}
         if len(x0) < m or m < 3:
-            raise ValueError(f"DomainStudio pairwise losses need a batch of >= max(sim_size, 3) = {max(m, 3)} "
-                             f"examples per process, got {len(x0)}")
+            raise ValueError(
+                f"DomainStudio pairwise losses need a batch of >= max(sim_size, 3) = {max(m, 3)} "
+                f"examples per process, got {len(x0)}"
+            )
         pick = batch["key"].argsort()[:m]
         with torch.no_grad():
             x0_src = self.source.to(x0.device)(x_t[pick], t[pick], **{k: v[pick] for k, v in cond.items()})
         x0_ad = x0_ad[pick]
         out["img"] = pairwise_similarity_kl(x0_src, x0_ad) if s.pair_weight else zero
-        out["hf"] = (pairwise_similarity_kl(high_frequency(x0_src), high_frequency(x0_ad)) if s.hf_pair_weight
-                     else zero)
+        out["hf"] = pairwise_similarity_kl(high_frequency(x0_src), high_frequency(x0_ad)) if s.hf_pair_weight else zero
         return out
 
     def loss(self, module: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
@@ -351,8 +375,15 @@ class DomainStudioT2I:
     sim_size: int = 3
 
     def __post_init__(self) -> None:
-        DomainStudio(domain=self.domain, shots=self.shots, shot_seed=self.shot_seed, pair_weight=self.pair_weight,
-                     hf_pair_weight=self.hf_pair_weight, hf_mse_weight=self.hf_mse_weight, sim_size=self.sim_size)
+        DomainStudio(
+            domain=self.domain,
+            shots=self.shots,
+            shot_seed=self.shot_seed,
+            pair_weight=self.pair_weight,
+            hf_pair_weight=self.hf_pair_weight,
+            hf_mse_weight=self.hf_mse_weight,
+            sim_size=self.sim_size,
+        )
         for name in ("instance_prompt", "class_prompt"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
                 raise ValueError(f"DomainStudio {name} must be a non-empty string, got {getattr(self, name)!r}")
@@ -376,8 +407,9 @@ def _load_t2i(base: str) -> Any:
 
     model = load_model(base)
     if not isinstance(model, TextToImage):
-        raise ValueError(f"DomainStudio text-to-image needs a text-to-image model; {base!r} loads as "
-                         f"{type(model).__name__}")
+        raise ValueError(
+            f"DomainStudio text-to-image needs a text-to-image model; {base!r} loads as {type(model).__name__}"
+        )
     return model
 
 
@@ -403,10 +435,12 @@ class DomainStudioT2IObjective:
         self.shots = _pad_to(shots, self.base.image_shape, float(shots.amin()))  # background = the darkest pixel
         self.z_shots = self.base.encode(self.shots)
         with torch.no_grad():
-            self.z_class = api_sample(self.base, s.class_images, solver="ddim", nfe=s.class_nfe, seed=12345,
-                                      cond={"prompt": s.class_prompt})
-            self.text = {k: self.base.encode_prompt(p, 1) for k, p in (("inst", s.instance_prompt),
-                                                                       ("cls", s.class_prompt))}
+            self.z_class = api_sample(
+                self.base, s.class_images, solver="ddim", nfe=s.class_nfe, seed=12345, cond={"prompt": s.class_prompt}
+            )
+            self.text = {
+                k: self.base.encode_prompt(p, 1) for k, p in (("inst", s.instance_prompt), ("cls", s.class_prompt))
+            }
         self.module: nn.Module = copy.deepcopy(self.base.unet).requires_grad_(True)
         self.loss_fn = PredictionLoss(self.base.schedule, Objective(self.base.prediction.value))
 
@@ -418,10 +452,16 @@ class DomainStudioT2IObjective:
 
     def draw(self, idx: Tensor, g: torch.Generator) -> dict[str, Tensor]:
         b, shape = len(idx), self.z_shots.shape[1:]
-        return {"z0": self.z_shots[idx], "x0": self.shots[idx], "t": self.loss_fn.draw(g, b),
-                "eps": torch.randn((b, *shape), generator=g), "key": torch.rand(b, generator=g),
-                "z_cls": self.z_class[torch.randint(0, len(self.z_class), (b,), generator=g)],
-                "t_cls": self.loss_fn.draw(g, b), "eps_cls": torch.randn((b, *shape), generator=g)}
+        return {
+            "z0": self.z_shots[idx],
+            "x0": self.shots[idx],
+            "t": self.loss_fn.draw(g, b),
+            "eps": torch.randn((b, *shape), generator=g),
+            "key": torch.rand(b, generator=g),
+            "z_cls": self.z_class[torch.randint(0, len(self.z_class), (b,), generator=g)],
+            "t_cls": self.loss_fn.draw(g, b),
+            "eps_cls": torch.randn((b, *shape), generator=g),
+        }
 
     def terms(self, module: nn.Module, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         s, z0, t = self.settings, batch["z0"], batch["t"]
@@ -433,10 +473,14 @@ class DomainStudioT2IObjective:
             def net(x: Tensor, tt: Tensor, **_: Any) -> Tensor:
                 seen["out"] = module(x, tt, encoder_hidden_states=states).sample
                 return seen["out"]
+
             return net
 
-        out = {"prior": self.loss_fn(unet(cls), batch["z_cls"], batch["t_cls"], batch["eps_cls"]).mean()
-               if s.prior_weight else z0.new_zeros(())}
+        out = {
+            "prior": self.loss_fn(unet(cls), batch["z_cls"], batch["t_cls"], batch["eps_cls"]).mean()
+            if s.prior_weight
+            else z0.new_zeros(())
+        }
         out["simple"] = self.loss_fn(unet(inst), z0, t, batch["eps"]).mean()
         zero = z0.new_zeros(())
         if not (s.pair_weight or s.hf_pair_weight or s.hf_mse_weight):
@@ -446,8 +490,10 @@ class DomainStudioT2IObjective:
         z0_ad = Denoiser(_Replay(seen["out"]), sch, self.base.prediction)(z_t, t)
         m = b if s.sim_size == 0 else s.sim_size
         if b < m or m < 3:
-            raise ValueError(f"DomainStudio pairwise losses need a batch of >= max(sim_size, 3) = {max(m, 3)} "
-                             f"examples per process, got {b}")
+            raise ValueError(
+                f"DomainStudio pairwise losses need a batch of >= max(sim_size, 3) = {max(m, 3)} "
+                f"examples per process, got {b}"
+            )
         pick = batch["key"].argsort()[:m]
         vae = self.base.vae.to(dev)
         x_ad = vae.decode(z0_ad[pick] / self.base.scaling_factor).sample  # decoded with gradients to the UNet
@@ -461,8 +507,13 @@ class DomainStudioT2IObjective:
 
     def loss(self, module: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
         s, tr = self.settings, self.terms(module, batch)
-        return (tr["simple"] + s.prior_weight * tr["prior"] + s.pair_weight * tr["img"] + s.hf_pair_weight * tr["hf"]
-                + s.hf_mse_weight * tr["hfmse"])
+        return (
+            tr["simple"]
+            + s.prior_weight * tr["prior"]
+            + s.pair_weight * tr["img"]
+            + s.hf_pair_weight * tr["hf"]
+            + s.hf_mse_weight * tr["hfmse"]
+        )
 
     def _info(self) -> dict[str, Any]:
         return {"name": "domainstudio_t2i", "settings": self.settings.to_dict()}
@@ -495,7 +546,11 @@ class DomainStudioT2IModel:
         return cls(model, settings)
 
 
-register_method(Method("domainstudio", DomainStudio, DomainStudioObjective, DomainStudioModel.from_file,
-                       kind="finetune"))
-register_method(Method("domainstudio_t2i", DomainStudioT2I, DomainStudioT2IObjective, DomainStudioT2IModel.from_file,
-                       kind="finetune"))
+register_method(
+    Method("domainstudio", DomainStudio, DomainStudioObjective, DomainStudioModel.from_file, kind="finetune")
+)
+register_method(
+    Method(
+        "domainstudio_t2i", DomainStudioT2I, DomainStudioT2IObjective, DomainStudioT2IModel.from_file, kind="finetune"
+    )
+)

@@ -58,8 +58,17 @@ from ..training.data import Dataset
 from ..typing import DenoiserFn
 from . import Method, MethodRecipe, register_method, save_method_model
 
-__all__ = ["Source", "DPMOT", "BrenierPotential", "OTObjective", "DPMOTModel", "source_sample", "noised_targets",
-           "fit_pot", "sample"]
+__all__ = [
+    "Source",
+    "DPMOT",
+    "BrenierPotential",
+    "OTObjective",
+    "DPMOTModel",
+    "source_sample",
+    "noised_targets",
+    "fit_pot",
+    "sample",
+]
 
 SOURCE_STREAM, TARGET_STREAM = 0x07A1, 0x07A2  # counter_normal streams of the source draws and the target noise
 
@@ -78,8 +87,9 @@ def source_sample(source: Source | str, idx: Tensor, dim: int, *, seed: int = 0)
 def noised_targets(x: Tensor, sigma: float, *, seed: int = 0) -> Tensor:
     """``y_j = x_j + sigma eps_j`` flattened to ``(M, D)`` float64; ``eps_j`` from ``(seed, j)``."""
     flat = x.double().flatten(1)
-    return flat + sigma * counter_normal(seed, torch.arange(len(x)), TARGET_STREAM, (flat.shape[1],),
-                                         dtype=torch.float64)
+    return flat + sigma * counter_normal(
+        seed, torch.arange(len(x)), TARGET_STREAM, (flat.shape[1],), dtype=torch.float64
+    )
 
 
 @dataclass(frozen=True)
@@ -110,8 +120,11 @@ class DPMOT:
         """The noised targets ``(M, D)`` of ``data`` (N, ...)."""
         if self.n_targets is not None and self.n_targets > len(data):
             raise ValueError(f"DPM-OT n_targets={self.n_targets} exceeds the {len(data)} data points")
-        pick = (torch.randperm(len(data), generator=torch.Generator().manual_seed(self.seed))[: self.n_targets]
-                if self.n_targets is not None else torch.arange(len(data)))
+        pick = (
+            torch.randperm(len(data), generator=torch.Generator().manual_seed(self.seed))[: self.n_targets]
+            if self.n_targets is not None
+            else torch.arange(len(data))
+        )
         return noised_targets(data[pick.sort().values], self.sigma, seed=self.seed)
 
 
@@ -176,19 +189,33 @@ class OTObjective:
     def export(self, ema: nn.Module, out_dir: Path, card: dict[str, Any]) -> Path:
         pot: BrenierPotential = ema  # type: ignore[assignment]
         n = min(200_000, max(100 * len(pot.h), 20_000))  # a perfect fit measures |g - nu| ~ mc_noise_l2
-        err = pot.measure(source_sample(self.settings.source, torch.arange(n), pot.targets.shape[1], seed=12345)) - \
-            pot.weights.double()
+        err = (
+            pot.measure(source_sample(self.settings.source, torch.arange(n), pot.targets.shape[1], seed=12345))
+            - pot.weights.double()
+        )
         nu = pot.weights.double()
-        fit = {"mc_points": n, "g_minus_nu_l2": float(err.norm()), "mc_noise_l2": math.sqrt(float((nu * (1 - nu)).sum())
-               / n), "max_rel_error": float((err / nu).abs().max()), "empty_cells": int((err == -nu).sum())}
+        fit = {
+            "mc_points": n,
+            "g_minus_nu_l2": float(err.norm()),
+            "mc_noise_l2": math.sqrt(float((nu * (1 - nu)).sum()) / n),
+            "max_rel_error": float((err / nu).abs().max()),
+            "empty_cells": int((err == -nu).sum()),
+        }
         return save_method_model(out_dir, ema, {**self._info(), "fit": fit}, self.recipe, self.dataset, card)
 
     def checkpoint_meta(self) -> dict[str, str]:
         return {"method": json.dumps(self._info())}
 
 
-def fit_pot(targets: Tensor, source: Source | str = Source.UNIFORM, *, weights: Tensor | None = None,
-            iters: int = 10_000, batch: int = 32, seed: int = 0) -> Tensor:
+def fit_pot(
+    targets: Tensor,
+    source: Source | str = Source.UNIFORM,
+    *,
+    weights: Tensor | None = None,
+    iters: int = 10_000,
+    batch: int = 32,
+    seed: int = 0,
+) -> Tensor:
     """Brenier heights ``h`` (M,) from POT's semi-discrete solver (projected averaged SGD with decreasing entropic
     regularisation, squared-Euclidean cost), centred; the source is sampled from a seeded torch generator."""
     from ot.semidiscrete import solve_semidiscrete
@@ -199,11 +226,15 @@ def fit_pot(targets: Tensor, source: Source | str = Source.UNIFORM, *, weights: 
 
     def draw(b: int) -> Tensor:
         shape = (b, y.shape[1])
-        return torch.rand(shape, generator=g, dtype=torch.float64) if uniform else torch.randn(
-            shape, generator=g, dtype=torch.float64)
+        return (
+            torch.rand(shape, generator=g, dtype=torch.float64)
+            if uniform
+            else torch.randn(shape, generator=g, dtype=torch.float64)
+        )
 
-    pot = solve_semidiscrete(y, draw, a_target=None if weights is None else weights.double(), max_iter=iters,
-                             batch_size=batch)
+    pot = solve_semidiscrete(
+        y, draw, a_target=None if weights is None else weights.double(), max_iter=iters, batch_size=batch
+    )
     h = (pot - y.square().sum(1)) / 2  # argmin |x - y|^2 - g = argmax <x, y> + (g - |y|^2) / 2
     return h - h.mean()
 
@@ -225,8 +256,15 @@ class DPMOTModel:
     angle_range: tuple[float, float] = (0.0, math.pi)
 
     @classmethod
-    def build(cls, potential: BrenierPotential, settings: DPMOT, data_shape: tuple[int, ...],
-              denoiser: DenoiserFn | None = None, *, k: int = 5) -> DPMOTModel:
+    def build(
+        cls,
+        potential: BrenierPotential,
+        settings: DPMOT,
+        data_shape: tuple[int, ...],
+        denoiser: DenoiserFn | None = None,
+        *,
+        k: int = 5,
+    ) -> DPMOTModel:
         """Measure the angle range on 4,096 fixed source points (their top-``k`` neighbours) and build."""
         pot = potential.eval().requires_grad_(False)
         k = min(k, len(pot.h))
@@ -235,12 +273,14 @@ class DPMOTModel:
         theta = torch.acos((nm[top[:, :1]] * nm[top[:, 1:]]).sum(-1).clamp(-1, 1)) if k > 1 else torch.zeros(1)
         return cls(pot, settings, tuple(data_shape), denoiser, (float(theta.min()), float(theta.max())))
 
-    def start(self, idx: Tensor, *, seed: int = 0, topk: int = 1, angle_thresh: float = 0.7,
-              mix: float = 0.25) -> tuple[Tensor, Tensor]:
+    def start(
+        self, idx: Tensor, *, seed: int = 0, topk: int = 1, angle_thresh: float = 0.7, mix: float = 0.25
+    ) -> tuple[Tensor, Tensor]:
         """The OT map of the source points ``idx`` (VE units, ``(B, *data_shape)`` float64) and their cells (B,)."""
         if not (isinstance(topk, int) and 1 <= topk <= len(self.potential.h)) or not 0 <= mix <= 1:
-            raise ValueError(f"need an int 1 <= topk <= M={len(self.potential.h)} and 0 <= mix <= 1, "
-                             f"got topk={topk!r}, mix={mix!r}")
+            raise ValueError(
+                f"need an int 1 <= topk <= M={len(self.potential.h)} and 0 <= mix <= 1, got topk={topk!r}, mix={mix!r}"
+            )
         y = self.potential.targets.double()
         top = self.potential.topk(source_sample(self.settings.source, idx, y.shape[1], seed=seed), topk)
         out = y[top[:, 0]]
@@ -253,15 +293,26 @@ class DPMOTModel:
             out = (1 - w) * out + w * y[top.gather(1, 1 + m[:, None])[:, 0]]
         return out.reshape(len(idx), *self.data_shape), top[:, 0]
 
-    def sample(self, n: int = 64, *, denoiser: DenoiserFn | None = None, solver: str | Solver[Any] = "heun",
-               nfe: int = 9, grid: str = "karras", seed: int = 0, topk: int = 1, angle_thresh: float = 0.7,
-               mix: float = 0.25) -> Tensor:
+    def sample(
+        self,
+        n: int = 64,
+        *,
+        denoiser: DenoiserFn | None = None,
+        solver: str | Solver[Any] = "heun",
+        nfe: int = 9,
+        grid: str = "karras",
+        seed: int = 0,
+        topk: int = 1,
+        angle_thresh: float = 0.7,
+        mix: float = 0.25,
+    ) -> Tensor:
         """See ``dpmlab.methods.dpm_ot.sample``; ``denoiser`` defaults to the settings' model."""
         den = denoiser if denoiser is not None else self.denoiser
         if den is None:
             raise ValueError("this DPM-OT model names no diffusion model (settings.model is None); pass denoiser=")
-        return sample(self, den, n, solver=solver, nfe=nfe, grid=grid, seed=seed, topk=topk,
-                      angle_thresh=angle_thresh, mix=mix)
+        return sample(
+            self, den, n, solver=solver, nfe=nfe, grid=grid, seed=seed, topk=topk, angle_thresh=angle_thresh, mix=mix
+        )
 
     @classmethod
     def from_file(cls, path: Path, info: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> DPMOTModel:
@@ -271,9 +322,19 @@ class DPMOTModel:
         return cls.build(pot, s, tuple(info["data_shape"]), load_model(s.model) if s.model is not None else None)
 
 
-def sample(ot: DPMOTModel, model: DenoiserFn, n: int = 64, *, solver: str | Solver[Any] = "heun", nfe: int = 9,
-           grid: str = "karras", seed: int = 0, topk: int = 1, angle_thresh: float = 0.7,
-           mix: float = 0.25) -> Tensor:
+def sample(
+    ot: DPMOTModel,
+    model: DenoiserFn,
+    n: int = 64,
+    *,
+    solver: str | Solver[Any] = "heun",
+    nfe: int = 9,
+    grid: str = "karras",
+    seed: int = 0,
+    topk: int = 1,
+    angle_thresh: float = 0.7,
+    mix: float = 0.25,
+) -> Tensor:
     """``n`` DPM-OT samples: ``x_k = alpha_k T(u)`` (``topk`` / ``angle_thresh`` / ``mix`` as in ``start``), then
     ``solver`` from ``t_k`` (``sigma_t / alpha_t = sigma_k``) to sigma = 0 on ``grid`` at exactly ``nfe`` evaluations.
     ``model``: an x0-denoiser with ``.schedule`` and ``.data_shape``. Sample ``i`` depends only on ``(seed, i)``."""

@@ -61,13 +61,29 @@ from ..training.data import Dataset
 from ..training.losses import make_loss
 from . import METHOD_FORMAT, Method, MethodRecipe, register_method
 
-__all__ = ["LDPruner", "Pruned", "operators", "bypassed", "prune", "latent_score", "score_operators",
-           "lowest", "parameter_count", "scoring_inputs", "LDPrunerObjective", "LDPrunedModel", "save_pruned",
-           "T2I_PROMPTS"]
+__all__ = [
+    "LDPruner",
+    "Pruned",
+    "operators",
+    "bypassed",
+    "prune",
+    "latent_score",
+    "score_operators",
+    "lowest",
+    "parameter_count",
+    "scoring_inputs",
+    "LDPrunerObjective",
+    "LDPrunedModel",
+    "save_pruned",
+    "T2I_PROMPTS",
+]
 
 # scoring prompts of a text-to-image base (captioned-MNIST grammar, dpmlab.training.captions): 20 prompts
-T2I_PROMPTS = tuple(f"a {w} {d}" for w in ("bold", "thin") for d in (
-    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"))
+T2I_PROMPTS = tuple(
+    f"a {w} {d}"
+    for w in ("bold", "thin")
+    for d in ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+)
 
 
 class Pruned(nn.Module):
@@ -100,8 +116,9 @@ def operators(net: nn.Module) -> list[str]:
     if isinstance(net, UNet):
         return net.prunable_blocks()
     if not _is_diffusers_unet(net):
-        raise ValueError(f"LD-Pruner prunes a dpmlab UNet or a diffusers UNet2DConditionModel, got "
-                         f"{type(net).__name__}")
+        raise ValueError(
+            f"LD-Pruner prunes a dpmlab UNet or a diffusers UNet2DConditionModel, got {type(net).__name__}"
+        )
     out = []
     for name, m in net.named_modules():
         parts = name.split(".")
@@ -110,7 +127,8 @@ def operators(net: nn.Module) -> list[str]:
         if isinstance(m, Pruned) or parts[-2] == "attentions":
             out.append(name)
         elif getattr(m, "in_channels", None) == getattr(m, "out_channels", -1) and not (
-                getattr(m, "up", False) or getattr(m, "down", False)):
+            getattr(m, "up", False) or getattr(m, "down", False)
+        ):
             out.append(name)
 
     def order(name: str) -> tuple[int, int, int, int]:  # down blocks, mid, up blocks; resnet j before attention j
@@ -187,8 +205,9 @@ def latent_score(ref: Tensor, mod: Tensor) -> float:
     """LD-Pruner's score of a modification: ``|mean(ref) - mean(mod)|_2 + |std(ref) - std(mod)|_2`` with the
     mean and std element-wise over the ``n`` latents ``(n, ...)`` of each set (float64)."""
     if ref.shape != mod.shape or ref.ndim < 2 or ref.shape[0] < 2:
-        raise ValueError(f"latent sets must have one shape (n >= 2, ...), got {tuple(ref.shape)} and "
-                         f"{tuple(mod.shape)}")
+        raise ValueError(
+            f"latent sets must have one shape (n >= 2, ...), got {tuple(ref.shape)} and {tuple(mod.shape)}"
+        )
     r, m = ref.double().flatten(1), mod.double().flatten(1)
     return float((r.mean(0) - m.mean(0)).norm() + (r.std(0) - m.std(0)).norm())
 
@@ -206,9 +225,17 @@ def _latents(model: Denoiser, cond: Mapping[str, Any], n: int, solver: str, nfe:
         return api_sample(model, n, solver=solver, nfe=nfe, grid=grid, seed=seed, cond=cond)
 
 
-def score_operators(model: Denoiser, cond: Mapping[str, Any], n: int, *, names: Sequence[str] | None = None,
-                    solver: str = "ddim", nfe: int = 10, grid: str = "quadratic_time", seed: int = 0
-                    ) -> dict[str, float]:
+def score_operators(
+    model: Denoiser,
+    cond: Mapping[str, Any],
+    n: int,
+    *,
+    names: Sequence[str] | None = None,
+    solver: str = "ddim",
+    nfe: int = 10,
+    grid: str = "quadratic_time",
+    seed: int = 0,
+) -> dict[str, float]:
     """``{operator: score}`` for ``names`` (default: all ``operators``) of ``model``'s network: ``n`` latents from
     ``solver`` at ``nfe`` with per-sample conditioning ``cond`` (labels / prompts, one row per sample) and noise
     seeded by ``(seed, index)``, with and without each operator."""
@@ -250,8 +277,10 @@ class LDPruner:
         if self.prune and len(self.prune) != self.k:
             raise ValueError(f"LD-Pruner prune lists {len(self.prune)} operators but k={self.k}")
         if self.seeds < 1 or self.nfe < 1 or self.distill < 0:
-            raise ValueError(f"LD-Pruner needs seeds >= 1, nfe >= 1, distill >= 0; got seeds={self.seeds}, "
-                             f"nfe={self.nfe}, distill={self.distill}")
+            raise ValueError(
+                f"LD-Pruner needs seeds >= 1, nfe >= 1, distill >= 0; got seeds={self.seeds}, "
+                f"nfe={self.nfe}, distill={self.distill}"
+            )
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError(f"LD-Pruner caption_dropout must be in [0, 1), got {self.caption_dropout!r}")
         if get(self.solver).is_stochastic():
@@ -283,8 +312,13 @@ def save_pruned(out_dir: str | Path, net: nn.Module, info: Mapping[str, Any], ca
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     write_safetensors(path, tensors, {"format": METHOD_FORMAT, "method": json.dumps(dict(info))})
-    full = {**dict(card), "method": dict(info), "pruned": list(info["pruned"]), "weights": path.name,
-            "sample_with": f"dpmlab.methods.load({str(out_dir)!r}).sample(...)"}
+    full = {
+        **dict(card),
+        "method": dict(info),
+        "pruned": list(info["pruned"]),
+        "weights": path.name,
+        "sample_with": f"dpmlab.methods.load({str(out_dir)!r}).sample(...)",
+    }
     with atomic_write(path.with_suffix(".json")) as tmp:
         tmp.write_text(json.dumps(full, indent=2) + "\n")
     return path
@@ -309,15 +343,19 @@ class LDPrunerObjective:
         self.t2i = isinstance(base, TextToImage)
         unet_file = isinstance(spec, ModelSpec) and isinstance(getattr(base, "net", None), UNet)
         if not isinstance(base, Denoiser) or not (self.t2i or unet_file):
-            raise ValueError(f"LD-Pruner's objective fine-tunes a dpmlab UNet model file or a text-to-image "
-                             f"(diffusers) folder; {s.base!r} is neither")
+            raise ValueError(
+                f"LD-Pruner's objective fine-tunes a dpmlab UNet model file or a text-to-image "
+                f"(diffusers) folder; {s.base!r} is neither"
+            )
         self.spec = spec if isinstance(spec, ModelSpec) and not self.t2i else None
         if self.t2i and dataset.name != "mnist":
-            raise ValueError(f"a text-to-image base fine-tunes on captioned MNIST; set data.name to 'mnist', "
-                             f"got {dataset.name!r}")
+            raise ValueError(
+                f"a text-to-image base fine-tunes on captioned MNIST; set data.name to 'mnist', got {dataset.name!r}"
+            )
         if self.spec is not None and tuple(self.spec.data_shape) != tuple(dataset.shape):
-            raise ValueError(f"base model {s.base!r} makes samples of shape {self.spec.data_shape}, the data has "
-                             f"{dataset.shape}")
+            raise ValueError(
+                f"base model {s.base!r} makes samples of shape {self.spec.data_shape}, the data has {dataset.shape}"
+            )
         self.scores: dict[str, float] = {}
         if s.prune or not s.k:
             names = list(s.prune)
@@ -345,8 +383,11 @@ class LDPrunerObjective:
         if self.t2i:  # captioned-MNIST latents, caption ids (dropped to "" at caption_dropout), t, noise
             return self.latent.draw(idx, g)
         b = len(idx)
-        batch = {"x0": self.dataset.x[idx], "t": self.loss_fn.draw(g, b),
-                 "eps": torch.randn((b, *self.dataset.shape), generator=g)}
+        batch = {
+            "x0": self.dataset.x[idx],
+            "t": self.loss_fn.draw(g, b),
+            "eps": torch.randn((b, *self.dataset.shape), generator=g),
+        }
         if self.spec is not None and self.spec.class_names:
             if self.dataset.labels is None:
                 raise ValueError("the base model is class-conditional but the data has no labels")
@@ -375,8 +416,13 @@ class LDPrunerObjective:
         return task + self.settings.distill * (seen["out"] - target).square().mean()
 
     def _info(self) -> dict[str, Any]:
-        info = {"name": "ld_pruner", "settings": self.settings.to_dict(), "pruned": list(self.settings.prune),
-                "scores": dict(self.scores), "parameters": {"before": self.params_before, "after": self.params_after}}
+        info = {
+            "name": "ld_pruner",
+            "settings": self.settings.to_dict(),
+            "pruned": list(self.settings.prune),
+            "scores": dict(self.scores),
+            "parameters": {"before": self.params_before, "after": self.params_after},
+        }
         if self.spec is not None:
             return {**info, "spec": self.spec.to_dict()}
         unet_config: Any = self.teacher.config  # diffusers' FrozenDict
@@ -385,8 +431,9 @@ class LDPrunerObjective:
 
     def export(self, ema: nn.Module, out_dir: Path, card: dict[str, Any]) -> Path:
         r = self.recipe
-        return save_pruned(out_dir, ema, self._info(), {"name": r.name, "description": r.description,
-                                                        "recipe": r.to_dict(), **card})
+        return save_pruned(
+            out_dir, ema, self._info(), {"name": r.name, "description": r.description, "recipe": r.to_dict(), **card}
+        )
 
     def checkpoint_meta(self) -> dict[str, str]:
         return {"method": json.dumps(self._info())}
@@ -399,13 +446,19 @@ def _latent_objective(base: TextToImage, unet: nn.Module, caption_dropout: float
     from ..training.t2i import LatentDiffusionObjective, T2IRecipe
 
     sd = DiscreteVP.from_preset("scaled_linear")
-    if not (isinstance(base.schedule, DiscreteVP) and base.schedule.alphas_cumprod.shape == sd.alphas_cumprod.shape
-            and torch.allclose(base.schedule.alphas_cumprod, sd.alphas_cumprod)):
-        raise ValueError("the text-to-image base's schedule is not Stable Diffusion's scaled-linear one, which the "
-                         "latent-diffusion loss (dpmlab.training.t2i) trains on")
+    if not (
+        isinstance(base.schedule, DiscreteVP)
+        and base.schedule.alphas_cumprod.shape == sd.alphas_cumprod.shape
+        and torch.allclose(base.schedule.alphas_cumprod, sd.alphas_cumprod)
+    ):
+        raise ValueError(
+            "the text-to-image base's schedule is not Stable Diffusion's scaled-linear one, which the "
+            "latent-diffusion loss (dpmlab.training.t2i) trains on"
+        )
     if base.prediction.value not in ("eps", "v"):
-        raise ValueError(f"the text-to-image base predicts {base.prediction.value!r}; the latent loss trains "
-                         "'eps' or 'v'")
+        raise ValueError(
+            f"the text-to-image base predicts {base.prediction.value!r}; the latent loss trains 'eps' or 'v'"
+        )
     recipe = T2IRecipe(prediction=base.prediction.value, caption_dropout=caption_dropout)
     return LatentDiffusionObjective(recipe, captioned_mnist(), base.vae, base.text_encoder, unet=unet)
 
@@ -447,8 +500,15 @@ def _pruned_text_to_image(path: Path, info: Mapping[str, Any], tensors: Mapping[
     unet = prune(UNet2DConditionModel.from_config(dict(info["unet_config"])), info["pruned"])
     load_state(path, unet, tensors)
     unet.eval().requires_grad_(False)
-    return TextToImage(unet, base.vae, base.text_encoder, base.tokenizer, base.schedule, base.prediction.value,
-                       name=f"{base.name}+ld_pruner")
+    return TextToImage(
+        unet,
+        base.vae,
+        base.text_encoder,
+        base.tokenizer,
+        base.schedule,
+        base.prediction.value,
+        name=f"{base.name}+ld_pruner",
+    )
 
 
 register_method(Method("ld_pruner", LDPruner, LDPrunerObjective, LDPrunedModel.from_file, kind="prune"))

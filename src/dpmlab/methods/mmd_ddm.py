@@ -150,8 +150,10 @@ def _load_base(base: str) -> Denoiser:
     model = load_model(base)
     spec = getattr(model, "spec", None)
     if not isinstance(model, Denoiser) or not isinstance(spec, ModelSpec):
-        raise ValueError(f"MMD-DDM fine-tunes a trained dpmlab model file (dpmlab.load with a spec); {base!r} "
-                         f"loads as {type(model).__name__}")
+        raise ValueError(
+            f"MMD-DDM fine-tunes a trained dpmlab model file (dpmlab.load with a spec); {base!r} "
+            f"loads as {type(model).__name__}"
+        )
     return model
 
 
@@ -165,12 +167,15 @@ class MMDDDMObjective:
         base = _load_base(s.base)
         self.spec: ModelSpec = base.spec  # type: ignore[assignment]
         if tuple(self.spec.data_shape) != tuple(dataset.shape):
-            raise ValueError(f"base model {s.base!r} makes samples of shape {self.spec.data_shape}, the data has "
-                             f"{dataset.shape}")
+            raise ValueError(
+                f"base model {s.base!r} makes samples of shape {self.spec.data_shape}, the data has {dataset.shape}"
+            )
         self.conditional = bool(s.conditional and self.spec.class_names)
         if self.conditional and dataset.labels is None:
-            raise ValueError(f"base model {s.base!r} is class-conditional and conditional=true, but the data "
-                             f"{dataset.name!r} has no labels; set method.conditional=false")
+            raise ValueError(
+                f"base model {s.base!r} is class-conditional and conditional=true, but the data "
+                f"{dataset.name!r} has no labels; set method.conditional=false"
+            )
         self.schedule = base.schedule
         assert isinstance(base.net, nn.Module)
         self.module: nn.Module = base.net.requires_grad_(True)
@@ -223,11 +228,16 @@ class MMDDDMObjective:
     def export(self, ema: nn.Module, out_dir: Path, card: dict[str, Any]) -> Path:
         s, r = self.settings, self.recipe
         dtype = torch.float16 if r.export_dtype == "float16" else torch.float32
-        full = {"name": r.name, "description": r.description, "recipe": r.to_dict(), **card,
-                "method": self._info(), "tuned_for": {"solver": s.solver, "nfe": s.nfe, "grid": s.grid,
-                                                      "to_zero": True},
-                "sample_with": f"dpmlab sample --model {out_dir} --solver {s.solver} --nfe {s.nfe} --grid {s.grid} "
-                               "--to-zero"}
+        full = {
+            "name": r.name,
+            "description": r.description,
+            "recipe": r.to_dict(),
+            **card,
+            "method": self._info(),
+            "tuned_for": {"solver": s.solver, "nfe": s.nfe, "grid": s.grid, "to_zero": True},
+            "sample_with": f"dpmlab sample --model {out_dir} --solver {s.solver} --nfe {s.nfe} --grid {s.grid} "
+            "--to-zero",
+        }
         return save_model(Path(out_dir) / "model.safetensors", ema, self.spec, dtype=dtype, card=full)
 
     def checkpoint_meta(self) -> dict[str, str]:
@@ -242,12 +252,22 @@ class MMDDDMModel:
     denoiser: Denoiser
     settings: MMDDDM
 
-    def sample(self, n: int = 64, *, seed: int = 0, cond: Mapping[str, Any] | None = None,
-               batch_size: int | None = None) -> Tensor:
+    def sample(
+        self, n: int = 64, *, seed: int = 0, cond: Mapping[str, Any] | None = None, batch_size: int | None = None
+    ) -> Tensor:
         """``n`` samples with the sampler and budget the model was tuned for."""
         s = self.settings
-        return api_sample(self.denoiser, n, solver=s.solver, nfe=s.nfe, grid=s.grid, to_zero=True, seed=seed,
-                          cond=cond, batch_size=batch_size)
+        return api_sample(
+            self.denoiser,
+            n,
+            solver=s.solver,
+            nfe=s.nfe,
+            grid=s.grid,
+            to_zero=True,
+            seed=seed,
+            cond=cond,
+            batch_size=batch_size,
+        )
 
     @classmethod
     def from_file(cls, path: Path, info: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> MMDDDMModel:

@@ -84,12 +84,17 @@ class PFGMPP:
         object.__setattr__(self, "D", float(d))
         object.__setattr__(self, "net_config", dict(self.net_config))
         if not 0 < self.sigma_min < self.sigma_max or not self.sigma_data > 0:
-            raise ValueError(f"need 0 < sigma_min < sigma_max and sigma_data > 0, got sigma_min={self.sigma_min}, "
-                             f"sigma_max={self.sigma_max}, sigma_data={self.sigma_data}")
+            raise ValueError(
+                f"need 0 < sigma_min < sigma_max and sigma_data > 0, got sigma_min={self.sigma_min}, "
+                f"sigma_max={self.sigma_max}, sigma_data={self.sigma_data}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "D": "inf" if math.isinf(self.D) else self.D,
-                "net_config": dict(self.net_config)}
+        return {
+            **dataclasses.asdict(self),
+            "D": "inf" if math.isinf(self.D) else self.D,
+            "net_config": dict(self.net_config),
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> PFGMPP:
@@ -109,8 +114,15 @@ def kernel_noise(eps: Tensor, D: float, rng: np.random.Generator) -> Tensor:
     return (e * append_dims(radius / e.flatten(1).norm(dim=1), e.ndim)).to(eps.dtype)
 
 
-def prior(idx: Tensor, shape: tuple[int, ...], D: float, sigma_max: float, *, seed: int = 0,
-          dtype: torch.dtype = torch.float32) -> Tensor:
+def prior(
+    idx: Tensor,
+    shape: tuple[int, ...],
+    D: float,
+    sigma_max: float,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
     """Starting points ``(len(idx), *shape)`` from ``p_{r_max}(. | 0)``, ``r_max = sigma_max sqrt(D)``: radius
     then direction; row ``b`` depends only on ``(seed, idx[b])``. ``D = inf``: ``sigma_max z``, the same start
     as ``dpmlab.sample``."""
@@ -118,7 +130,7 @@ def prior(idx: Tensor, shape: tuple[int, ...], D: float, sigma_max: float, *, se
         return sigma_max * counter_normal(seed, idx, 0, shape, dtype=dtype)
     z = counter_normal(seed, idx, 0, shape, dtype=torch.float64)  # the direction
     rngs = [np.random.default_rng([int(seed), int(i), 0x9F6]) for i in idx.tolist()]
-    eps = torch.cat([kernel_noise(z[k:k + 1], D, rng) for k, rng in enumerate(rngs)]) if len(z) else z
+    eps = torch.cat([kernel_noise(z[k : k + 1], D, rng) for k, rng in enumerate(rngs)]) if len(z) else z
     return (sigma_max * eps).to(dtype)
 
 
@@ -145,15 +157,27 @@ class NoiseInjection(Wrapper[Any]):
         return self.base.step(problem, x, ts, i, state)
 
 
-def sample(model: DenoiserFn, n: int = 64, *, D: float, solver: str | Solver[Any] = "heun", nfe: int = 35,
-           grid: str = "karras", seed: int = 0, alpha: float = 0.0, batch_size: int | None = None) -> Tensor:
+def sample(
+    model: DenoiserFn,
+    n: int = 64,
+    *,
+    D: float,
+    solver: str | Solver[Any] = "heun",
+    nfe: int = 35,
+    grid: str = "karras",
+    seed: int = 0,
+    alpha: float = 0.0,
+    batch_size: int | None = None,
+) -> Tensor:
     """``n`` PFGM++ samples: the prior at ``r_max = sigma(ts[0]) sqrt(D)``, then ``solver`` (deterministic for
     finite D) on ``grid`` to sigma = 0 at exactly ``nfe`` evaluations, with noise injection ``alpha``. ``model``:
     the x0 prediction on an EDM schedule (``.schedule``, ``.data_shape``). Paper default: Heun, 35 NFE, Karras."""
     slv = get(solver) if isinstance(solver, str) else solver
     if not math.isinf(D) and slv.is_stochastic():
-        raise ValueError(f"solver {slv.name!r} is stochastic (Gaussian noise = the D = inf kernel); PFGM++ with "
-                         f"D={D:g} samples its ODE: use a deterministic solver, and alpha= for noise injection")
+        raise ValueError(
+            f"solver {slv.name!r} is stochastic (Gaussian noise = the D = inf kernel); PFGM++ with "
+            f"D={D:g} samples its ODE: use a deterministic solver, and alpha= for noise injection"
+        )
     sch, shape = model.schedule, tuple(model.data_shape)  # type: ignore[attr-defined]
     if not isinstance(sch, EDM):
         raise ValueError(f"PFGM++ samples in sigma on an EDM schedule, got {sch!r}")
@@ -178,8 +202,7 @@ class PFGMPPObjective(DiffusionObjective):
         self.method_recipe = recipe
         self.settings = dataclasses.replace(s, net_config=net_config_for(s.net, s.net_config, dataset.shape))
         model = ModelConfig(net=s.net, net_config=self.settings.net_config, objective="edm", sigma_data=s.sigma_data)
-        super().__init__(Recipe(recipe.name, recipe.data, model, recipe.train, description=recipe.description),
-                         dataset)
+        super().__init__(Recipe(recipe.name, recipe.data, model, recipe.train, description=recipe.description), dataset)
 
     def config(self) -> dict[str, Any]:
         return self.method_recipe.config()
@@ -209,14 +232,33 @@ class PFGMPPModel:
     settings: PFGMPP
 
     def prior(self, n: int, *, seed: int = 0) -> Tensor:
-        return prior(torch.arange(n), tuple(self.denoiser.data_shape or ()), self.settings.D, self.settings.sigma_max,
-                     seed=seed)
+        return prior(
+            torch.arange(n), tuple(self.denoiser.data_shape or ()), self.settings.D, self.settings.sigma_max, seed=seed
+        )
 
-    def sample(self, n: int = 64, *, solver: str | Solver[Any] = "heun", nfe: int = 35, grid: str = "karras",
-               seed: int = 0, alpha: float = 0.0, batch_size: int | None = None) -> Tensor:
+    def sample(
+        self,
+        n: int = 64,
+        *,
+        solver: str | Solver[Any] = "heun",
+        nfe: int = 35,
+        grid: str = "karras",
+        seed: int = 0,
+        alpha: float = 0.0,
+        batch_size: int | None = None,
+    ) -> Tensor:
         """See ``dpmlab.methods.pfgmpp.sample``."""
-        return sample(self.denoiser, n, D=self.settings.D, solver=solver, nfe=nfe, grid=grid, seed=seed, alpha=alpha,
-                      batch_size=batch_size)
+        return sample(
+            self.denoiser,
+            n,
+            D=self.settings.D,
+            solver=solver,
+            nfe=nfe,
+            grid=grid,
+            seed=seed,
+            alpha=alpha,
+            batch_size=batch_size,
+        )
 
     @classmethod
     def from_file(cls, path: Path, info: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> PFGMPPModel:

@@ -52,8 +52,18 @@ from ..training.data import Dataset
 from ..typing import DenoiserFn
 from . import Method, MethodRecipe, net_config_for, register_method, save_method_model
 
-__all__ = ["Shape", "coefficients", "RDDMSchedule", "Degradation", "RDDM", "RDDMObjective", "RDDMModel",
-           "rddm_step", "sample", "predictor_from_denoiser"]
+__all__ = [
+    "Shape",
+    "coefficients",
+    "RDDMSchedule",
+    "Degradation",
+    "RDDM",
+    "RDDMObjective",
+    "RDDMModel",
+    "rddm_step",
+    "sample",
+    "predictor_from_denoiser",
+]
 
 ResNoiseFn = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]  # (x_t, I_in, t index (B,)) -> (res, eps)
 
@@ -90,8 +100,14 @@ class RDDMSchedule:
         object.__setattr__(self, "beta2_cumsum", b)
 
     @classmethod
-    def residual(cls, T: int = 1000, *, alpha: Shape | str = Shape.DECREASED, beta2: Shape | str = Shape.INCREASED,
-                 sum_scale: float = 1.0) -> RDDMSchedule:
+    def residual(
+        cls,
+        T: int = 1000,
+        *,
+        alpha: Shape | str = Shape.DECREASED,
+        beta2: Shape | str = Shape.INCREASED,
+        sum_scale: float = 1.0,
+    ) -> RDDMSchedule:
         """The paper's schedule: cumulative sums of ``coefficients`` (clipped to [0, 1] as the authors do)."""
         if not (isinstance(T, int) and T >= 2) or not 0 < sum_scale <= 1:
             raise ValueError(f"need an int T >= 2 and 0 < sum_scale <= 1, got T={T!r}, sum_scale={sum_scale!r}")
@@ -177,24 +193,46 @@ class RDDM:
         return RDDMSchedule.residual(self.timesteps, alpha=self.alpha, beta2=self.beta2, sum_scale=scale)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "alpha": self.alpha.value, "beta2": self.beta2.value,
-                "net_config": dict(self.net_config), "degradation": {
-                    **dataclasses.asdict(self.degradation), "kind": self.degradation.kind.value}}
+        return {
+            **dataclasses.asdict(self),
+            "alpha": self.alpha.value,
+            "beta2": self.beta2.value,
+            "net_config": dict(self.net_config),
+            "degradation": {**dataclasses.asdict(self.degradation), "kind": self.degradation.kind.value},
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RDDM:
         return dataclass_from_dict(cls, d, what="RDDM method")
 
 
-def rddm_step(x: Tensor, res: Tensor, eps: Tensor, a_t: float, a_s: float, b2_t: float, b2_s: float, sigma: float,
-              z: Tensor | None) -> Tensor:
+def rddm_step(
+    x: Tensor,
+    res: Tensor,
+    eps: Tensor,
+    a_t: float,
+    a_s: float,
+    b2_t: float,
+    b2_s: float,
+    sigma: float,
+    z: Tensor | None,
+) -> Tensor:
     """One generalised-DDIM RDDM step from index t to s with noise std ``sigma`` (``z`` may be None if 0)."""
     x_s = x - (a_t - a_s) * res - (math.sqrt(b2_t) - math.sqrt(b2_s - sigma**2)) * eps
     return x_s + sigma * z if sigma > 0 and z is not None else x_s
 
 
-def sample(predict: ResNoiseFn, schedule: RDDMSchedule, x_in: Tensor, steps: int, *, eta: float = 0.0,
-           seed: int = 0, clip: bool = False, callback: Callable[[int, Tensor], None] | None = None) -> Tensor:
+def sample(
+    predict: ResNoiseFn,
+    schedule: RDDMSchedule,
+    x_in: Tensor,
+    steps: int,
+    *,
+    eta: float = 0.0,
+    seed: int = 0,
+    clip: bool = False,
+    callback: Callable[[int, Tensor], None] | None = None,
+) -> Tensor:
     """RDDM's sampler from ``x_T = I_in + bbar_T z`` in ``steps`` evaluations; ``clip`` bounds ``I_0^`` to [-1, 1]
     (and the residual to ``[I_in - 1, I_in + 1]``). Noise of sample ``b`` depends only on ``(seed, b)``."""
     if not (isinstance(steps, int) and 1 <= steps <= schedule.T) or not eta >= 0:
@@ -202,7 +240,8 @@ def sample(predict: ResNoiseFn, schedule: RDDMSchedule, x_in: Tensor, steps: int
     noise = SeededNoise(seed, torch.arange(len(x_in)))
     times = torch.linspace(-1, schedule.T - 1, steps + 1).int().tolist()[::-1]  # authors' grid, T-1 ... -1
     x = x_in + math.sqrt(float(schedule.beta2_cumsum[-1])) * counter_normal(
-        seed, torch.arange(len(x_in)), 0, x_in.shape[1:], dtype=torch.float64).to(x_in.dtype)
+        seed, torch.arange(len(x_in)), 0, x_in.shape[1:], dtype=torch.float64
+    ).to(x_in.dtype)
     for i, (t, s) in enumerate(zip(times[:-1], times[1:])):
         res, eps = predict(x, x_in, torch.full((len(x),), t, dtype=torch.int64))
         if clip:
@@ -236,7 +275,7 @@ def predictor_from_denoiser(model: DenoiserFn, schedule: DiscreteVP) -> ResNoise
 
 def _predict(net: nn.Module, x: Tensor, x_in: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
     out = net(torch.cat([x, x_in], 1), t.to(x.dtype))  # [I_res^, eps^] stacked on dim 1
-    return out[:, : x.shape[1]], out[:, x.shape[1]:]
+    return out[:, : x.shape[1]], out[:, x.shape[1] :]
 
 
 class RDDMObjective:
@@ -302,8 +341,16 @@ class RDDMModel:
         """The training degradation applied to clean ``x0`` (noise from ``(seed, row)``)."""
         return self.settings.degradation(x0, counter_normal(seed, torch.arange(len(x0)), 7, x0.shape[1:]).to(x0))
 
-    def sample(self, x_in: Tensor | None = None, *, n: int | None = None, steps: int = 5, eta: float = 0.0,
-               seed: int = 0, clip: bool | None = None) -> Tensor:
+    def sample(
+        self,
+        x_in: Tensor | None = None,
+        *,
+        n: int | None = None,
+        steps: int = 5,
+        eta: float = 0.0,
+        seed: int = 0,
+        clip: bool | None = None,
+    ) -> Tensor:
         """Restore ``x_in`` ``(B, *data_shape)``, or generate ``n`` samples (``I_in = 0``). ``clip`` defaults to
         True for image data (in [-1, 1]) as in the authors' code."""
         if (x_in is None) == (n is None):
@@ -311,8 +358,9 @@ class RDDMModel:
         if x_in is None:
             x_in = torch.zeros(int(n), *self.data_shape)  # type: ignore[arg-type]
         elif tuple(x_in.shape[1:]) != self.data_shape:
-            raise ValueError(f"x_in must have shape (B, {', '.join(map(str, self.data_shape))}), "
-                             f"got {tuple(x_in.shape)}")
+            raise ValueError(
+                f"x_in must have shape (B, {', '.join(map(str, self.data_shape))}), got {tuple(x_in.shape)}"
+            )
         clip = len(self.data_shape) == 3 if clip is None else clip
         return sample(self.predict, self.schedule, x_in.float(), steps, eta=eta, seed=seed, clip=clip)
 

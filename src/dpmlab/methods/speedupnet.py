@@ -69,9 +69,22 @@ from ..training.captions import CAPTIONS, draw_caption_ids, slant_class, thickne
 from ..training.data import Dataset
 from . import METHOD_FORMAT, Method, MethodRecipe, register_method, save_method_model
 
-__all__ = ["SpeedUpNet", "SpeedUpNetAdapter", "SpeedUpNetProcessor", "SpeedUpNetDenoiser", "SpeedUpNetObjective",
-           "SpeedUpNetModel", "cross_attention_layers", "install", "uninstall", "load_adapter", "save_adapter",
-           "teacher_segment", "msc_loss", "NEGATIVES"]
+__all__ = [
+    "SpeedUpNet",
+    "SpeedUpNetAdapter",
+    "SpeedUpNetProcessor",
+    "SpeedUpNetDenoiser",
+    "SpeedUpNetObjective",
+    "SpeedUpNetModel",
+    "cross_attention_layers",
+    "install",
+    "uninstall",
+    "load_adapter",
+    "save_adapter",
+    "teacher_segment",
+    "msc_loss",
+    "NEGATIVES",
+]
 
 NEGATIVES = ("", "thin", "bold", "left slanted", "right slanted", "slanted", "upright")  # mnist_t2i attribute words
 EPS = 1e-6  # attention normalisation: |Z-| + EPS
@@ -141,8 +154,10 @@ def cross_attention_layers(unet: nn.Module) -> dict[str, tuple[int, int, int]]:
             continue
         extras = [a for a in ("spatial_norm", "group_norm", "norm_q", "norm_k") if getattr(attn, a, None) is not None]
         if extras or attn.norm_cross or attn.residual_connection:
-            raise ValueError(f"cross-attention layer {name} uses {extras or 'norm_cross/residual_connection'}; "
-                             "SpeedUpNet supports Stable Diffusion's plain cross-attention only")
+            raise ValueError(
+                f"cross-attention layer {name} uses {extras or 'norm_cross/residual_connection'}; "
+                "SpeedUpNet supports Stable Diffusion's plain cross-attention only"
+            )
         out[name] = (int(attn.to_k.in_features), int(attn.to_k.out_features), int(attn.heads))
     if not out:
         raise ValueError(f"{type(unet).__name__} has no cross-attention layers")
@@ -156,13 +171,22 @@ class SpeedUpNetProcessor:
     def __init__(self, layer: SpeedUpNetLayer, context_length: int, base: Any) -> None:
         self.layer, self.context_length, self.base = layer, context_length, base  # base: the replaced processor
 
-    def __call__(self, attn: Any, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
-                 attention_mask: Tensor | None = None, temb: Tensor | None = None, **kwargs: Any) -> Tensor:
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        temb: Tensor | None = None,
+        **kwargs: Any,
+    ) -> Tensor:
         n, length = hidden_states.shape[0], self.context_length
         if encoder_hidden_states is None or encoder_hidden_states.shape[1] not in (length, 2 * length):
             got = None if encoder_hidden_states is None else tuple(encoder_hidden_states.shape)
-            raise ValueError(f"SpeedUpNet cross-attention takes text states of {length} (positive) or {2 * length} "
-                             f"(positive + negative) tokens, got {got}")
+            raise ValueError(
+                f"SpeedUpNet cross-attention takes text states of {length} (positive) or {2 * length} "
+                f"(positive + negative) tokens, got {got}"
+            )
         if attention_mask is not None:
             raise ValueError("SpeedUpNet cross-attention does not take an attention mask")
         pos = encoder_hidden_states[:, :length]
@@ -192,9 +216,11 @@ def install(unet: nn.Module, adapter: SpeedUpNetAdapter | str | Path) -> SpeedUp
     want = adapter.shapes
     if have != want:
         diff = sorted(set(have) ^ set(want)) + [n for n in have if n in want and have[n] != want[n]]
-        raise ValueError(f"the adapter does not fit this UNet: cross-attention layers (cross_dim, inner_dim, heads) "
-                         f"differ at {', '.join(diff[:3])}{' ...' if len(diff) > 3 else ''} (UNet "
-                         f"{have.get(diff[0])}, adapter {want.get(diff[0])})")
+        raise ValueError(
+            f"the adapter does not fit this UNet: cross-attention layers (cross_dim, inner_dim, heads) "
+            f"differ at {', '.join(diff[:3])}{' ...' if len(diff) > 3 else ''} (UNet "
+            f"{have.get(diff[0])}, adapter {want.get(diff[0])})"
+        )
     uninstall(unet)
     procs = dict(unet.attn_processors)  # type: ignore[arg-type]
     for name, layer in zip(adapter.names, adapter.layers, strict=True):
@@ -209,8 +235,12 @@ def uninstall(unet: nn.Module) -> None:
     """Put back the processors ``install`` replaced (nothing happens without an installed adapter)."""
     procs = dict(unet.attn_processors)  # type: ignore[arg-type]
     if any(isinstance(p, SpeedUpNetProcessor) for p in procs.values()):
-        unet.set_attn_processor({k: p.base if isinstance(p, SpeedUpNetProcessor) else p  # type: ignore[operator]
-                                 for k, p in procs.items()})
+        unet.set_attn_processor(
+            {
+                k: p.base if isinstance(p, SpeedUpNetProcessor) else p  # type: ignore[operator]
+                for k, p in procs.items()
+            }
+        )
 
 
 def load_adapter(path: str | Path) -> SpeedUpNetAdapter:
@@ -233,16 +263,24 @@ def load_adapter(path: str | Path) -> SpeedUpNetAdapter:
         name = info.get("name") if isinstance(info, dict) else None
         raise ValueError(f"{p}: not a SpeedUpNet adapter (method {name!r})")
     if meta.get("format") == CHECKPOINT_FORMAT:
-        tensors = {k[len("ema/"):]: v for k, v in tensors.items() if k.startswith("ema/")}
+        tensors = {k[len("ema/") :]: v for k, v in tensors.items() if k.startswith("ema/")}
     return _adapter_from(info, tensors, p)
 
 
-def save_adapter(path: str | Path, adapter: SpeedUpNetAdapter, settings: SpeedUpNet | None = None,
-                 card: Mapping[str, Any] | None = None) -> Path:
+def save_adapter(
+    path: str | Path,
+    adapter: SpeedUpNetAdapter,
+    settings: SpeedUpNet | None = None,
+    card: Mapping[str, Any] | None = None,
+) -> Path:
     """Write ``adapter`` as safetensors (format ``METHOD_FORMAT``, the layers in the header) + a JSON card
     beside it; ``load_adapter`` / ``install`` / ``dpmlab.methods.load`` read it."""
-    info = {"name": "speedupnet", "settings": (settings or SpeedUpNet()).to_dict(), "adapter": adapter.info(),
-            "parameters": sum(p.numel() for p in adapter.parameters())}
+    info = {
+        "name": "speedupnet",
+        "settings": (settings or SpeedUpNet()).to_dict(),
+        "adapter": adapter.info(),
+        "parameters": sum(p.numel() for p in adapter.parameters()),
+    }
     p = Path(path)
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in adapter.state_dict().items()}
     write_safetensors(p, tensors, {"format": METHOD_FORMAT, "method": json.dumps(info)})
@@ -256,8 +294,9 @@ def _adapter_from(info: Mapping[str, Any], tensors: Mapping[str, Tensor], path: 
     want = {k: tuple(v.shape) for k, v in adapter.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in tensors.items()}
     if want != got:
-        raise ValueError(f"{path}: adapter tensors {sorted(set(got) ^ set(want))[:3] or 'shapes'} do not match its "
-                         "header's layers")
+        raise ValueError(
+            f"{path}: adapter tensors {sorted(set(got) ^ set(want))[:3] or 'shapes'} do not match its header's layers"
+        )
     adapter.load_state_dict({k: v.float() for k, v in tensors.items()})
     return adapter.eval().requires_grad_(False)
 
@@ -276,8 +315,9 @@ class SpeedUpNetDenoiser:
     def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
         unknown = sorted(set(cond) - set(self.KEYS))
         if unknown:
-            raise ValueError(f"SpeedUpNet student conditioning {', '.join(unknown)} unknown; allowed: "
-                             f"{', '.join(self.KEYS)}")
+            raise ValueError(
+                f"SpeedUpNet student conditioning {', '.join(unknown)} unknown; allowed: {', '.join(self.KEYS)}"
+            )
         b, pos, neg = x.shape[0], cond.get("encoder_hidden_states"), cond.get("negative_hidden_states")
         if pos is None:
             pos = self.model.encode_prompt(cond.get("prompt") or "", b)
@@ -286,8 +326,9 @@ class SpeedUpNetDenoiser:
         return self.model(x, t, encoder_hidden_states=torch.cat([pos, neg.to(pos)], 1))  # type: ignore[no-any-return]
 
 
-def teacher_segment(teacher: Any, schedule: NoiseSchedule, x: Tensor, ts: Tensor, solver: Solver[Any],
-                    cond: Mapping[str, Any]) -> Tensor:
+def teacher_segment(
+    teacher: Any, schedule: NoiseSchedule, x: Tensor, ts: Tensor, solver: Solver[Any], cond: Mapping[str, Any]
+) -> Tensor:
     """The teacher's trajectory from ``x`` at ``ts[0]`` to ``ts[-1]`` (``solver`` restarted at ``ts[0]``)."""
     with torch.no_grad():
         return run(Problem(teacher, schedule, cond=dict(cond)), x, ts, solver)
@@ -327,8 +368,10 @@ class SpeedUpNet:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"SpeedUpNet {name} must be a positive int, got {v!r}")
         if self.teacher_steps % self.student_steps or self.teacher_steps == self.student_steps:
-            raise ValueError(f"SpeedUpNet teacher_steps ({self.teacher_steps}) must be a multiple > 1 of "
-                             f"student_steps ({self.student_steps})")
+            raise ValueError(
+                f"SpeedUpNet teacher_steps ({self.teacher_steps}) must be a multiple > 1 of "
+                f"student_steps ({self.student_steps})"
+            )
         if not self.guidance >= 1.0:
             raise ValueError(f"SpeedUpNet guidance must be >= 1, got {self.guidance!r}")
         if self.grid not in GRIDS or self.grid in DISCRETE_GRIDS:
@@ -359,8 +402,10 @@ def grids(model: TextToImage, s: SpeedUpNet) -> tuple[Tensor, Tensor]:
     ts = make_grid(model.schedule, s.grid, s.student_steps)
     ts_teacher = make_grid(model.schedule, s.grid, s.teacher_steps)
     if not torch.allclose(ts_teacher[:: s.teacher_steps // s.student_steps], ts, rtol=0, atol=1e-9):
-        raise ValueError(f"grid {s.grid!r} is not nested: its {s.student_steps}-step times are not every "
-                         f"{s.teacher_steps // s.student_steps}-th of its {s.teacher_steps}-step times")
+        raise ValueError(
+            f"grid {s.grid!r} is not nested: its {s.student_steps}-step times are not every "
+            f"{s.teacher_steps // s.student_steps}-th of its {s.teacher_steps}-step times"
+        )
     return ts, ts_teacher
 
 
@@ -371,8 +416,10 @@ class SpeedUpNetObjective:
         s: SpeedUpNet = recipe.settings
         self.recipe, self.settings, self.dataset, self.name = recipe, s, dataset, recipe.name
         if dataset.labels is None or tuple(dataset.shape) not in ((1, 28, 28), (1, 32, 32)):
-            raise ValueError(f"SpeedUpNet draws its prompts from labelled MNIST images; data {dataset.name!r} has "
-                             f"shape {dataset.shape} and {'no ' if dataset.labels is None else ''}labels")
+            raise ValueError(
+                f"SpeedUpNet draws its prompts from labelled MNIST images; data {dataset.name!r} has "
+                f"shape {dataset.shape} and {'no ' if dataset.labels is None else ''}labels"
+            )
         self.model = _load_t2i(s.base)
         for p in s.negatives:
             if p:
@@ -380,13 +427,15 @@ class SpeedUpNetObjective:
         self.ts, self.ts_teacher = grids(self.model, s)
         self.m = s.teacher_steps // s.student_steps
         with torch.no_grad():
-            self.attrs = torch.stack([dataset.labels, thickness_class(dataset.x, dataset.labels),
-                                      slant_class(dataset.x)], 1)
+            self.attrs = torch.stack(
+                [dataset.labels, thickness_class(dataset.x, dataset.labels), slant_class(dataset.x)], 1
+            )
             self.pos_states = self.model.encode_prompt(list(CAPTIONS))  # (len(CAPTIONS), L, D)
             self.neg_states = self.model.encode_prompt(list(s.negatives))
         torch.manual_seed(recipe.train.seed)
-        self.module: nn.Module = SpeedUpNetAdapter.for_unet(self.model.unet, self.model.tokenizer.model_max_length,
-                                                            s.gain_init)
+        self.module: nn.Module = SpeedUpNetAdapter.for_unet(
+            self.model.unet, self.model.tokenizer.model_max_length, s.gain_init
+        )
         install(self.model.unet, self.module)  # type: ignore[arg-type]
         self.module.requires_grad_(True)
         self.student = SpeedUpNetDenoiser(self.model)
@@ -401,10 +450,12 @@ class SpeedUpNetObjective:
     def draw(self, idx: Tensor, g: torch.Generator) -> dict[str, Tensor]:
         """``caption``/``negative`` ids, the starting noise ``z`` and the interval (one per step, repeated)."""
         b = len(idx)
-        return {"caption": draw_caption_ids(self.attrs[idx], g),
-                "negative": torch.randint(0, len(self.settings.negatives), (b,), generator=g),
-                "z": torch.randn((b, *self.model.data_shape), generator=g),  # type: ignore[misc]
-                "segment": torch.randint(0, self.settings.student_steps, (1,), generator=g).expand(b)}
+        return {
+            "caption": draw_caption_ids(self.attrs[idx], g),
+            "negative": torch.randint(0, len(self.settings.negatives), (b,), generator=g),
+            "z": torch.randn((b, *self.model.data_shape), generator=g),  # type: ignore[misc]
+            "segment": torch.randint(0, self.settings.student_steps, (1,), generator=g).expand(b),
+        }
 
     def loss(self, module: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
         i, sch = int(batch["segment"][0]), self.model.schedule
@@ -416,22 +467,42 @@ class SpeedUpNetObjective:
             with torch.no_grad():
                 x = run(student, x, self.ts[: i + 1], self.student_solver)
         teacher = classifier_free(self.model, with_cond(self.model, encoder_hidden_states=neg), self.settings.guidance)
-        target = teacher_segment(teacher, sch, x, self.ts_teacher[i * self.m:(i + 1) * self.m + 1],
-                                 self.teacher_solver, {"encoder_hidden_states": pos})
-        x_next = sample_with_grad(student, x, self.ts[i:i + 2], self.student_solver)
+        target = teacher_segment(
+            teacher,
+            sch,
+            x,
+            self.ts_teacher[i * self.m : (i + 1) * self.m + 1],
+            self.teacher_solver,
+            {"encoder_hidden_states": pos},
+        )
+        x_next = sample_with_grad(student, x, self.ts[i : i + 2], self.student_solver)
         return msc_loss(x_next, target, sch, float(self.ts[i]), float(self.ts[i + 1]))
 
     def _info(self) -> dict[str, Any]:
         a: SpeedUpNetAdapter = self.module  # type: ignore[assignment]
-        return {"name": "speedupnet", "settings": self.settings.to_dict(), "adapter": a.info(),
-                "parameters": sum(p.numel() for p in a.parameters()),
-                "base_parameters": sum(p.numel() for p in self.model.unet.parameters())}
+        return {
+            "name": "speedupnet",
+            "settings": self.settings.to_dict(),
+            "adapter": a.info(),
+            "parameters": sum(p.numel() for p in a.parameters()),
+            "base_parameters": sum(p.numel() for p in self.model.unet.parameters()),
+        }
 
     def export(self, ema: nn.Module, out_dir: Path, card: dict[str, Any]) -> Path:
         s = self.settings
-        return save_method_model(out_dir, ema, self._info(), self.recipe, self.dataset, {
-            **card, "nfe": {"student": s.student_steps, "teacher": 2 * s.teacher_steps},
-            "install_with": f"dpmlab.methods.speedupnet.install(unet, {str(Path(out_dir) / 'model.safetensors')!r})"})
+        weights = str(Path(out_dir) / "model.safetensors")
+        return save_method_model(
+            out_dir,
+            ema,
+            self._info(),
+            self.recipe,
+            self.dataset,
+            {
+                **card,
+                "nfe": {"student": s.student_steps, "teacher": 2 * s.teacher_steps},
+                "install_with": f"dpmlab.methods.speedupnet.install(unet, {weights!r})",
+            },
+        )
 
     def checkpoint_meta(self) -> dict[str, str]:
         return {"method": json.dumps(self._info())}
@@ -449,14 +520,29 @@ class SpeedUpNetModel:
     def denoiser(self) -> SpeedUpNetDenoiser:
         return SpeedUpNetDenoiser(self.model)
 
-    def sample(self, n: int = 16, *, prompt: str | Sequence[str] = "", negative_prompt: str | Sequence[str] = "",
-               nfe: int | None = None, seed: int = 0, grid: str | None = None,
-               batch_size: int | None = None) -> Tensor:
+    def sample(
+        self,
+        n: int = 16,
+        *,
+        prompt: str | Sequence[str] = "",
+        negative_prompt: str | Sequence[str] = "",
+        nfe: int | None = None,
+        seed: int = 0,
+        grid: str | None = None,
+        batch_size: int | None = None,
+    ) -> Tensor:
         """``n`` latents (``self.model.decode`` gives images) from the student: DDIM, ``nfe`` steps of ONE
         evaluation each (default: the trained ``student_steps``), no CFG, the negative prompt via the adapter."""
-        return api_sample(self.denoiser, n, solver=STUDENT_SOLVER, nfe=nfe or self.settings.student_steps,
-                          grid=grid or self.settings.grid, seed=seed, batch_size=batch_size,
-                          cond={"prompt": prompt, "negative_prompt": negative_prompt})
+        return api_sample(
+            self.denoiser,
+            n,
+            solver=STUDENT_SOLVER,
+            nfe=nfe or self.settings.student_steps,
+            grid=grid or self.settings.grid,
+            seed=seed,
+            batch_size=batch_size,
+            cond={"prompt": prompt, "negative_prompt": negative_prompt},
+        )
 
     @classmethod
     def from_file(cls, path: Path, info: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> SpeedUpNetModel:

@@ -46,8 +46,9 @@ def _features(out: Any) -> Tensor:
 
 
 @torch.no_grad()
-def clip_score(images: Tensor, prompts: str | Sequence[str], clip: CLIP | None = None, *,
-               batch_size: int = 500) -> Tensor:
+def clip_score(
+    images: Tensor, prompts: str | Sequence[str], clip: CLIP | None = None, *, batch_size: int = 500
+) -> Tensor:
     """``(N,)`` CLIP scores of ``images (N, C, H, W)`` in ``[-1, 1]`` (the range the shipped CLIP was
     trained on) against one prompt or ``N`` prompts."""
     clip = clip if clip is not None else load_clip()
@@ -62,9 +63,14 @@ def clip_score(images: Tensor, prompts: str | Sequence[str], clip: CLIP | None =
     tok = clip.tokenizer
     out = []
     for lo in range(0, n, batch_size):
-        ids = tok(texts[lo:lo + batch_size], padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids
+        ids = tok(
+            texts[lo : lo + batch_size],
+            padding="max_length",
+            max_length=tok.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
         t = _features(clip.model.get_text_features(input_ids=ids))
-        v = _features(clip.model.get_image_features(pixel_values=images[lo:lo + batch_size].float()))
+        v = _features(clip.model.get_image_features(pixel_values=images[lo : lo + batch_size].float()))
         out.append(100.0 * (t * v).sum(-1).clamp_min(0))
     return torch.cat(out)

@@ -225,9 +225,17 @@ def train_mnist_classifier(
     """Train ``MNISTClassifier`` on the training part of ``mnist_5k_split`` and report validation accuracy.
     Seeded end to end (init, dropout, shuffling, shifts) without touching the caller's global RNG."""
     return _train_classifier(
-        MNISTClassifier, "MNISTClassifier (conv32-conv64-conv64, fc128, head10; features = fc pre-ReLU)", _FORMAT,
-        epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, max_shift=max_shift, seed=seed,
-        data=data, log=log,
+        MNISTClassifier,
+        "MNISTClassifier (conv32-conv64-conv64, fc128, head10; features = fc pre-ReLU)",
+        _FORMAT,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        max_shift=max_shift,
+        seed=seed,
+        data=data,
+        log=log,
     )
 
 
@@ -337,8 +345,10 @@ def _load_weights(path: Path, model: nn.Module, fmt: str, script: str) -> Any:
     if expected != got:
         missing, extra = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
         wrong = sorted(k for k in expected.keys() & got.keys() if expected[k] != got[k])
-        raise ValueError(f"{path}: weights do not match {type(model).__name__} (missing {missing}, "
-                         f"unexpected {extra}, wrong shape {wrong})")
+        raise ValueError(
+            f"{path}: weights do not match {type(model).__name__} (missing {missing}, "
+            f"unexpected {extra}, wrong shape {wrong})"
+        )
     model.load_state_dict(tensors)
     return model.eval()
 
@@ -355,9 +365,7 @@ def fd_mnist(samples: Tensor, reference: Tensor, *, classifier: MNISTClassifier 
     return frechet_distance_from_features(extract(samples), extract(reference))
 
 
-def classifier_accuracy(
-    samples: Tensor, labels: Tensor, *, classifier: MNISTClassifier | None = None
-) -> float:
+def classifier_accuracy(samples: Tensor, labels: Tensor, *, classifier: MNISTClassifier | None = None) -> float:
     """Fraction of ``samples (N, 1, 28, 28)`` that our classifier assigns to ``labels (N,)``."""
     if labels.shape != (samples.shape[0],):
         raise ValueError(f"labels must have shape ({samples.shape[0]},), got {tuple(labels.shape)}")
@@ -406,9 +414,17 @@ def train_mnist_classifier_b(
     """Train the independent evaluator ``MNISTClassifierB`` on the same split as ``train_mnist_classifier``
     (the same 500 held-out images, so both report comparable validation accuracies)."""
     return _train_classifier(
-        MNISTClassifierB, "MNISTClassifierB (conv5x5-16-avgpool, conv5x5-32-avgpool, GELU, fc64, head10)", _FORMAT_B,
-        epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, max_shift=max_shift, seed=seed,
-        data=data, log=log,
+        MNISTClassifierB,
+        "MNISTClassifierB (conv5x5-16-avgpool, conv5x5-32-avgpool, GELU, fc64, head10)",
+        _FORMAT_B,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        max_shift=max_shift,
+        seed=seed,
+        data=data,
+        log=log,
     )
 
 
@@ -428,5 +444,10 @@ def evaluator_predictions(images: Tensor, *, classifier: nn.Module | None = None
         return torch.cat([clf(b.to(p)).argmax(1) for b in images.split(batch_size)])
 
 
-__all__ += ["MNISTClassifierB", "train_mnist_classifier_b", "load_mnist_classifier_b", "evaluator_predictions",
-            "MNIST_CLASSIFIER_B_PATH"]
+__all__ += [
+    "MNISTClassifierB",
+    "train_mnist_classifier_b",
+    "load_mnist_classifier_b",
+    "evaluator_predictions",
+    "MNIST_CLASSIFIER_B_PATH",
+]

@@ -35,14 +35,17 @@ def _result(mixed: Tensor, assigned: Tensor, k: int) -> ModeMixture:
     return ModeMixture(float(mixed.double().mean()), mixed, counts)
 
 
-def mode_mixture_ratio(samples: Tensor, means: Tensor, stds: Tensor | float, *, n_std: float = 3.0,
-                       batch_size: int = 4096) -> ModeMixture:
+def mode_mixture_ratio(
+    samples: Tensor, means: Tensor, stds: Tensor | float, *, n_std: float = 3.0, batch_size: int = 4096
+) -> ModeMixture:
     """Mixed = farther than ``n_std`` (Mahalanobis, diagonal) from every mode. ``samples`` ``(B, D)``, ``means``
     ``(K, D)``, ``stds`` a scalar, ``(K,)`` or ``(K, D)`` (> 0)."""
     x, mu = samples.double().flatten(1), torch.as_tensor(means, dtype=torch.float64)
     if mu.ndim != 2 or x.shape[1] != mu.shape[1] or len(x) == 0:
-        raise ValueError(f"need samples (B, D) with B >= 1 and means (K, D) of the same D, got {tuple(samples.shape)} "
-                         f"and {tuple(mu.shape)}")
+        raise ValueError(
+            f"need samples (B, D) with B >= 1 and means (K, D) of the same D, got {tuple(samples.shape)} "
+            f"and {tuple(mu.shape)}"
+        )
     s = torch.as_tensor(stds, dtype=torch.float64)
     s = s.expand(mu.shape) if s.ndim == 0 else s[:, None].expand(mu.shape) if s.shape == mu.shape[:1] else s
     if s.shape != mu.shape or not bool((s > 0).all()):

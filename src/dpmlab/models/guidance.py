@@ -367,8 +367,15 @@ def elucd(
     return OffTheShelfGuidance(model, clf, scale, tau1, tau2, gamma, rescale, key)
 
 
-__all__ += ["ClassifierGuidance", "classifier_guidance", "OffTheShelfGuidance", "elucd", "softplus_classifier",
-            "calibrated_log_likelihood", "diffusion_rate"]
+__all__ += [
+    "ClassifierGuidance",
+    "classifier_guidance",
+    "OffTheShelfGuidance",
+    "elucd",
+    "softplus_classifier",
+    "calibrated_log_likelihood",
+    "diffusion_rate",
+]
 
 
 # --- calibration of a classifier on x0(x_t) --------------------------------------------------------

@@ -32,9 +32,17 @@ from .analytic import PRESETS, AnalyticDenoiser, preset
 from .denoiser import Denoiser
 from .nets import ModelSpec
 
-__all__ = ["load", "available_models", "shipped_models", "save_model", "read_spec", "MODEL_FORMAT",
-           "CHECKPOINT_FORMAT", "load_state",
-           "write_safetensors"]
+__all__ = [
+    "load",
+    "available_models",
+    "shipped_models",
+    "save_model",
+    "read_spec",
+    "MODEL_FORMAT",
+    "CHECKPOINT_FORMAT",
+    "load_state",
+    "write_safetensors",
+]
 
 MODEL_FORMAT = "dpmlab.model/1"  # tensors: the network's state dict
 CHECKPOINT_FORMAT = "dpmlab.checkpoint/1"  # tensors: "model/...", "ema/...", "optim/..." (dpmlab.training)
@@ -94,12 +102,18 @@ def save_model(
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"model files end in .safetensors, got {path.name!r}")
-    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
-               for k, v in net.state_dict().items()}
+    tensors = {
+        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+        for k, v in net.state_dict().items()
+    }
     meta = {"format": MODEL_FORMAT, "spec": json.dumps(spec.to_dict())}
     write_safetensors(path, tensors, meta)
-    full_card = {**dict(card or {}), "spec": spec.to_dict(), "weights": path.name,
-                 "weights_dtype": str(dtype or next(iter(tensors.values())).dtype).replace("torch.", "")}
+    full_card = {
+        **dict(card or {}),
+        "spec": spec.to_dict(),
+        "weights": path.name,
+        "weights_dtype": str(dtype or next(iter(tensors.values())).dtype).replace("torch.", ""),
+    }
     with atomic_write(path.with_suffix(".json")) as tmp:
         tmp.write_text(json.dumps(full_card, indent=2) + "\n")
     return path
@@ -127,11 +141,15 @@ def read_spec(path: str | os.PathLike[str], meta: Mapping[str, str]) -> ModelSpe
             name = json.loads(meta["method"]).get("name", "?")
         except (json.JSONDecodeError, AttributeError):
             name = "?"
-        raise ValueError(f"{path}: a model of the method {name!r}; load it with dpmlab.methods.load(path) and sample "
-                         "with its .sample() (dpmlab.load and `dpmlab sample` take diffusion models)")
+        raise ValueError(
+            f"{path}: a model of the method {name!r}; load it with dpmlab.methods.load(path) and sample "
+            "with its .sample() (dpmlab.load and `dpmlab sample` take diffusion models)"
+        )
     if fmt not in (MODEL_FORMAT, CHECKPOINT_FORMAT):
-        raise ValueError(f"{path}: not a dpmlab model or checkpoint (format {fmt!r}; expected {MODEL_FORMAT!r} "
-                         f"or {CHECKPOINT_FORMAT!r})")
+        raise ValueError(
+            f"{path}: not a dpmlab model or checkpoint (format {fmt!r}; expected {MODEL_FORMAT!r} "
+            f"or {CHECKPOINT_FORMAT!r})"
+        )
     try:
         return ModelSpec.from_dict(json.loads(meta["spec"]))
     except (KeyError, json.JSONDecodeError, TypeError, ValueError) as e:
@@ -145,13 +163,16 @@ def load_state(path: str | os.PathLike[str], module: nn.Module, state: Mapping[s
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match the network: missing {missing[:5]}"
-                         f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-                         f"{'...' if len(unexpected) > 5 else ''}")
+        raise ValueError(
+            f"{path}: weights do not match the network: missing {missing[:5]}"
+            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+            f"{'...' if len(unexpected) > 5 else ''}"
+        )
     for k, v in own.items():
         if tuple(state[k].shape) != tuple(v.shape):
-            raise ValueError(f"{path}: tensor {k!r} has shape {tuple(state[k].shape)}, "
-                             f"the network needs {tuple(v.shape)}")
+            raise ValueError(
+                f"{path}: tensor {k!r} has shape {tuple(state[k].shape)}, the network needs {tuple(v.shape)}"
+            )
     module.load_state_dict({k: state[k].to(own[k].dtype) for k in own})
 
 
@@ -172,9 +193,7 @@ def _resolve(name: str | os.PathLike[str]) -> Path | None:
     return None
 
 
-def load(
-    name: str | os.PathLike[str], *, schedule: NoiseSchedule | None = None
-) -> AnalyticDenoiser | Denoiser:
+def load(name: str | os.PathLike[str], *, schedule: NoiseSchedule | None = None) -> AnalyticDenoiser | Denoiser:
     """A ready-to-sample model (``.schedule``, ``.data_shape``) by name (see ``available_models()``) or
     path of a model file, checkpoint or folder we wrote, or of a diffusers-format Stable Diffusion folder
     (a latent ``TextToImage`` denoiser, ``dpmlab.models.t2i``). Trained networks are returned in float32
@@ -183,8 +202,10 @@ def load(
         return preset(name).denoiser(schedule)
     path = _resolve(name)
     if path is None:
-        raise ValueError(f"unknown model {str(name)!r}: neither a name ({', '.join(available_models())}) "
-                         "nor an existing file or folder")
+        raise ValueError(
+            f"unknown model {str(name)!r}: neither a name ({', '.join(available_models())}) "
+            "nor an existing file or folder"
+        )
     if path.is_dir():
         if schedule is not None:
             raise ValueError("schedule= is not supported for diffusers folders (their scheduler config fixes it)")
@@ -198,7 +219,7 @@ def load(
     tensors, meta = _read(path)
     spec = read_spec(path, meta)
     if meta["format"] == CHECKPOINT_FORMAT:
-        tensors = {k[len("ema/"):]: v for k, v in tensors.items() if k.startswith("ema/")}
+        tensors = {k[len("ema/") :]: v for k, v in tensors.items() if k.startswith("ema/")}
     try:
         net = spec.build_net()
     except (TypeError, ValueError) as e:

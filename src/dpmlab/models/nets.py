@@ -112,9 +112,15 @@ class ModelSpec:
         return Denoiser(net, sch, Prediction(self.objective.value), data_shape=self.data_shape)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"net": self.net, "net_config": dict(self.net_config), "objective": self.objective.value,
-                "schedule": self.schedule, "data_shape": list(self.data_shape), "sigma_data": self.sigma_data,
-                "class_names": list(self.class_names)}
+        return {
+            "net": self.net,
+            "net_config": dict(self.net_config),
+            "objective": self.objective.value,
+            "schedule": self.schedule,
+            "data_shape": list(self.data_shape),
+            "sigma_data": self.sigma_data,
+            "class_names": list(self.class_names),
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ModelSpec:

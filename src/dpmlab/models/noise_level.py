@@ -42,8 +42,14 @@ class NoiseLevelClassifier(nn.Module):
         if self.image:
             c = self.data_shape[0]
             self.features: nn.Module = nn.Sequential(
-                nn.Conv2d(c, 32, 3, 2, 1), nn.SiLU(), nn.Conv2d(32, 64, 3, 2, 1), nn.SiLU(),
-                nn.Conv2d(64, width, 3, 2, 1), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                nn.Conv2d(c, 32, 3, 2, 1),
+                nn.SiLU(),
+                nn.Conv2d(32, 64, 3, 2, 1),
+                nn.SiLU(),
+                nn.Conv2d(64, width, 3, 2, 1),
+                nn.SiLU(),
+                nn.AdaptiveAvgPool2d(1),
+                nn.Flatten(),
             )
             n_in = width + 1
         else:

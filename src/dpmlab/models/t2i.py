@@ -42,8 +42,9 @@ COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 class TextToImage(Denoiser):
     """A latent ``Denoiser`` conditioned on prompts (see the module docstring)."""
 
-    def __init__(self, unet: Any, vae: Any, text_encoder: Any, tokenizer: Any, schedule: Any, prediction: str,
-                 *, name: str = "") -> None:
+    def __init__(
+        self, unet: Any, vae: Any, text_encoder: Any, tokenizer: Any, schedule: Any, prediction: str, *, name: str = ""
+    ) -> None:
         c = unet.config
         f = 2 ** (len(vae.config.block_out_channels) - 1)
         super().__init__(self._eps_or_v, schedule, prediction, data_shape=(c.in_channels, c.sample_size, c.sample_size))
@@ -56,8 +57,14 @@ class TextToImage(Denoiser):
     def _net_dtype(self, x: Tensor) -> torch.dtype:
         return self.unet.dtype
 
-    def _eps_or_v(self, x: Tensor, t: Tensor, *, prompt: str | Sequence[str] | None = None,
-                  encoder_hidden_states: Tensor | None = None) -> Tensor:
+    def _eps_or_v(
+        self,
+        x: Tensor,
+        t: Tensor,
+        *,
+        prompt: str | Sequence[str] | None = None,
+        encoder_hidden_states: Tensor | None = None,
+    ) -> Tensor:
         if prompt is not None and encoder_hidden_states is not None:
             raise ValueError("give prompt= or encoder_hidden_states=, not both")
         if encoder_hidden_states is not None:
@@ -77,15 +84,18 @@ class TextToImage(Denoiser):
         enc = tok(prompt, return_offsets_mapping=bool(getattr(tok, "is_fast", False)))
         ids = enc.input_ids
         if len(ids) > tok.model_max_length:
-            raise ValueError(f"prompt {prompt!r} has {len(ids)} tokens; the text encoder's context holds "
-                             f"{tok.model_max_length} (start and end tokens included)")
+            raise ValueError(
+                f"prompt {prompt!r} has {len(ids)} tokens; the text encoder's context holds "
+                f"{tok.model_max_length} (start and end tokens included)"
+            )
         unk = tok.unk_token_id
         if unk is not None and unk in ids and unk not in (tok.pad_token_id, tok.eos_token_id):
             words = [prompt[a:b] for i, (a, b) in zip(ids, enc.get("offset_mapping", []), strict=False) if i == unk]
             vocab = [w for w in tok.get_vocab() if w not in tok.all_special_tokens]
             allowed = f"; allowed: {', '.join(sorted(vocab))}" if len(vocab) <= 100 else ""
-            raise ValueError(f"word {(words or ['?'])[0]!r} of prompt {prompt!r} is not in the tokenizer's "
-                             f"vocabulary{allowed}")
+            raise ValueError(
+                f"word {(words or ['?'])[0]!r} of prompt {prompt!r} is not in the tokenizer's vocabulary{allowed}"
+            )
 
     @torch.no_grad()
     def encode_prompt(self, prompt: str | Sequence[str], n: int | None = None) -> Tensor:
@@ -98,8 +108,9 @@ class TextToImage(Denoiser):
             self.check_prompt(p)
         if todo:
             tok = self.tokenizer
-            ids = tok(todo, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids
+            ids = tok(
+                todo, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+            ).input_ids
             states = self.text_encoder(ids.to(self.text_encoder.device))[0].float()
             self._cache.update(zip(todo, states, strict=True))
         return torch.stack([self._cache[p] for p in prompts])
@@ -130,8 +141,9 @@ class TextToImage(Denoiser):
 def _component(folder: Path, name: str, loader: Any) -> Any:
     path = folder / name
     if not path.is_dir():
-        raise ValueError(f"{folder}: component folder {name}/ is missing (a Stable Diffusion folder needs "
-                         f"{', '.join(COMPONENTS)})")
+        raise ValueError(
+            f"{folder}: component folder {name}/ is missing (a Stable Diffusion folder needs {', '.join(COMPONENTS)})"
+        )
     try:
         return loader(str(path))
     except Exception as e:  # diffusers / transformers / safetensors raise many types for a bad folder
@@ -139,8 +151,9 @@ def _component(folder: Path, name: str, loader: Any) -> Any:
         raise ValueError(f"{path}: cannot load ({type(e).__name__}: {msg})") from None
 
 
-def load_text_to_image(folder: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32,
-                       name: str = "") -> TextToImage:
+def load_text_to_image(
+    folder: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32, name: str = ""
+) -> TextToImage:
     """A diffusers-format Stable Diffusion folder as a ``TextToImage`` denoiser (offline, safetensors)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
@@ -155,8 +168,9 @@ def load_text_to_image(folder: str | os.PathLike[str], *, dtype: torch.dtype = t
     kw = {"torch_dtype": dtype, "use_safetensors": True}
     unet = _component(root, "unet", lambda p: UNet2DConditionModel.from_pretrained(p, **kw))
     vae = _component(root, "vae", lambda p: AutoencoderKL.from_pretrained(p, **kw))
-    text = _component(root, "text_encoder", lambda p: CLIPTextModel.from_pretrained(p, dtype=dtype,
-                                                                                    use_safetensors=True))
+    text = _component(
+        root, "text_encoder", lambda p: CLIPTextModel.from_pretrained(p, dtype=dtype, use_safetensors=True)
+    )
     tok = _component(root, "tokenizer", AutoTokenizer.from_pretrained)
     for m in (unet, vae, text):
         m.eval().requires_grad_(False)

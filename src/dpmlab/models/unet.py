@@ -71,8 +71,10 @@ def check_labels(label: Tensor | None, num_classes: int, batch: int, device: tor
     if label.shape != (batch,):
         raise ValueError(f"label must have shape ({batch},), got {tuple(label.shape)}")
     if bool(((label < 0) | (label > num_classes)).any()):
-        raise ValueError(f"labels must be in [0, {num_classes}] ({num_classes} = null class), "
-                         f"got values in [{int(label.min())}, {int(label.max())}]")
+        raise ValueError(
+            f"labels must be in [0, {num_classes}] ({num_classes} = null class), "
+            f"got values in [{int(label.min())}, {int(label.max())}]"
+        )
     return label.long()
 
 
@@ -246,8 +248,13 @@ class UNet(nn.Module):
                 self.down.append(Downsample(c))
                 down_names.append(f"down.{lvl}.downsample")
                 skip_ch.append(c)
-        self.mid = nn.ModuleList([ResBlock(c, c, emb_dim, g, cfg.dropout), AttnBlock(c, g, cfg.num_heads),
-                                  ResBlock(c, c, emb_dim, g, cfg.dropout)])
+        self.mid = nn.ModuleList(
+            [
+                ResBlock(c, c, emb_dim, g, cfg.dropout),
+                AttnBlock(c, g, cfg.num_heads),
+                ResBlock(c, c, emb_dim, g, cfg.dropout),
+            ]
+        )
         self.up = nn.ModuleList()
         up_names: list[str] = []
         for lvl in reversed(range(levels)):
@@ -273,21 +280,22 @@ class UNet(nn.Module):
     def skip_sources(self) -> list[str]:
         """The block whose output feeds skip connection ``k`` (``k = 0`` is the highest resolution)."""
         names = self.down_names
-        return ["conv_in", *(n for i, n in enumerate(names)
-                             if i + 1 == len(names) or ".attn" not in names[i + 1])]
+        return ["conv_in", *(n for i, n in enumerate(names) if i + 1 == len(names) or ".attn" not in names[i + 1])]
 
     # --- hooks -----------------------------------------------------------------------------------
     def block_names(self) -> list[str]:
         """Names that ``capture`` accepts, in forward order."""
-        return ["conv_in", *self.down_names, *(f"mid.{i}" for i in range(len(self.mid))), "mid",
-                *self.up_names, "out"]
+        return ["conv_in", *self.down_names, *(f"mid.{i}" for i in range(len(self.mid))), "mid", *self.up_names, "out"]
 
     def prunable_blocks(self) -> list[str]:
         """Blocks that keep their input's shape, so the identity can replace them (``bypass``)."""
         blocks = [*zip(self.down_names, self.down), *zip(self.up_names, self.up)]
         mids = [(f"mid.{i}", m) for i, m in enumerate(self.mid)]
-        return [n for n, m in blocks[: len(self.down_names)] + mids + blocks[len(self.down_names):]
-                if getattr(m, "same_shape", False)]
+        return [
+            n
+            for n, m in blocks[: len(self.down_names)] + mids + blocks[len(self.down_names) :]
+            if getattr(m, "same_shape", False)
+        ]
 
     @contextlib.contextmanager
     def hooks(
@@ -307,8 +315,9 @@ class UNet(nn.Module):
             raise ValueError(f"unknown blocks to capture: {', '.join(bad)}; allowed: {', '.join(self.block_names())}")
         bad = sorted(bypass - set(self.prunable_blocks()))
         if bad:
-            raise ValueError(f"blocks {', '.join(bad)} cannot be bypassed; "
-                             f"prunable: {', '.join(self.prunable_blocks())}")
+            raise ValueError(
+                f"blocks {', '.join(bad)} cannot be bypassed; prunable: {', '.join(self.prunable_blocks())}"
+            )
         scales = dict(skip_scale or {})
         bad_k = sorted(k for k in scales if not (isinstance(k, int) and 0 <= k < self.num_skips))
         if bad_k:
@@ -337,15 +346,17 @@ class UNet(nn.Module):
     def forward(self, x: Tensor, t: Tensor, label: Tensor | None = None, x_cond: Tensor | None = None) -> Tensor:
         cfg = self.config
         if x.ndim != 4 or x.shape[1] != cfg.in_channels or x.shape[2] != cfg.image_size or x.shape[3] != cfg.image_size:
-            raise ValueError(f"UNet expects (B, {cfg.in_channels}, {cfg.image_size}, {cfg.image_size}), "
-                             f"got {tuple(x.shape)}")
+            raise ValueError(
+                f"UNet expects (B, {cfg.in_channels}, {cfg.image_size}, {cfg.image_size}), got {tuple(x.shape)}"
+            )
         b = x.shape[0]
         if cfg.cond_channels:
             want = (b, cfg.cond_channels, cfg.image_size, cfg.image_size)
             if x_cond is not None and tuple(x_cond.shape) != want:
                 raise ValueError(f"UNet x_cond must have shape {want}, got {tuple(x_cond.shape)}")
-            x = torch.cat([x, torch.zeros(want, dtype=x.dtype, device=x.device) if x_cond is None
-                           else x_cond.to(x.dtype)], dim=1)
+            x = torch.cat(
+                [x, torch.zeros(want, dtype=x.dtype, device=x.device) if x_cond is None else x_cond.to(x.dtype)], dim=1
+            )
         elif x_cond is not None:
             raise ValueError("this UNet takes no x_cond (cond_channels=0)")
         t = torch.as_tensor(t, device=x.device)

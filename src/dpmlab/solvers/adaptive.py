@@ -92,8 +92,9 @@ def solve_adaptive(
             raise RuntimeError(f"adaptive DPM-Solver used more than max_nfe={max_nfe} evaluations")
         t = float(sch.t_of_lambda(f64(lam_s + h)))
         # lower-order solution, then the higher one reusing its evaluations
-        x_lo, ms = singlestep_update(sch, fn, x, s, t, lo_nodes, form, solver_type=solver_type,
-                                     known=() if m_s is None else (m_s,))
+        x_lo, ms = singlestep_update(
+            sch, fn, x, s, t, lo_nodes, form, solver_type=solver_type, known=() if m_s is None else (m_s,)
+        )
         x_hi, _ = singlestep_update(sch, fn, x, s, t, hi_nodes, form, solver_type=solver_type, known=ms)
         delta = torch.clamp(rtol * torch.maximum(x_lo.abs(), x_prev.abs()), min=atol)
         err = float(((x_hi - x_lo) / delta).square().flatten(1).mean(1).sqrt().max())  # E

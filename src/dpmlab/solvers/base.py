@@ -290,8 +290,10 @@ def get(name: str, **options: Any) -> Solver[Any]:
     for key, value in options.items():
         hint = hints.get(key)
         if hint is not None and _matches(value, hint) is False:
-            raise ValueError(f"solver {name!r} option {key}={value!r} ({type(value).__name__}) has the wrong type; "
-                             f"allowed: {_hint_name(hint)}")
+            raise ValueError(
+                f"solver {name!r} option {key}={value!r} ({type(value).__name__}) has the wrong type; "
+                f"allowed: {_hint_name(hint)}"
+            )
     return cls(**options)
 
 

@@ -72,8 +72,9 @@ def lagrange_weights(nodes: Sequence[float], tau: Rho) -> list[Any]:
     return [math.prod([(tau - tj) / (tk - tj) for j, tj in enumerate(nodes) if j != k]) for k, tk in enumerate(nodes)]
 
 
-def cpr_features(steps: int, guidance: float, i: int, degree: int = 3, cfg_scale: float = 12.0,
-                 nfe_scale: float = 50.0) -> list[float]:
+def cpr_features(
+    steps: int, guidance: float, i: int, degree: int = 3, cfg_scale: float = 12.0, nfe_scale: float = 50.0
+) -> list[float]:
     """The ``9 (degree + 1)`` monomials ``u^a g^(2-b) n^(2-c)`` of CPR (authors' coefficient order ``[a][b][c]``)."""
     u, g, n = (i + 1) / steps, guidance / cfg_scale, steps / nfe_scale
     return [u**a * g ** (2 - b) * n ** (2 - c) for a in range(degree + 1) for b in range(3) for c in range(3)]
@@ -90,8 +91,9 @@ def _save(path: str | os.PathLike[str], kind: str, tensors: dict[str, Tensor], m
     return path
 
 
-def _load(path: str | os.PathLike[str], kind: str, versions: Sequence[str] = (str(_VERSION),)
-          ) -> tuple[dict[str, Tensor], dict[str, Any], str]:
+def _load(
+    path: str | os.PathLike[str], kind: str, versions: Sequence[str] = (str(_VERSION),)
+) -> tuple[dict[str, Tensor], dict[str, Any], str]:
     from safetensors import safe_open
 
     path = Path(path)
@@ -163,8 +165,9 @@ class DCRatios:
             raise ValueError(f"nfe must be None or a positive int, got {self.nfe!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
-                for f in dataclasses.fields(self)}
+        return {
+            f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in dataclasses.fields(self)
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DCRatios:
@@ -180,8 +183,9 @@ class DCRatios:
         refit = "refit them for this setting (dpmlab.calibrate.dc.fit_dc_ratios / dpmlab calibrate dc)"
         if len(self.ratios) != steps:
             raise ValueError(f"{len(self.ratios)} dc ratios for a grid of {steps} steps; {refit}")
-        if self.ts is not None and not torch.allclose(torch.tensor(self.ts, dtype=torch.float64),
-                                                      ts.detach().cpu().to(torch.float64), rtol=1e-9, atol=1e-12):
+        if self.ts is not None and not torch.allclose(
+            torch.tensor(self.ts, dtype=torch.float64), ts.detach().cpu().to(torch.float64), rtol=1e-9, atol=1e-12
+        ):
             got, want = ", ".join(f"{t:.4g}" for t in ts.tolist()), ", ".join(f"{t:.4g}" for t in self.ts)
             raise ValueError(f"dc ratios were fitted on the grid [{want}], not [{got}]; {refit}")
         if self.nfe is not None and nfe != self.nfe:
@@ -199,9 +203,11 @@ class DCRatios:
         unless ``allow_unchecked=True``: then they load without those records and are not checked on use."""
         tensors, meta, version = _load(path, "dpmlab.dc_ratios", ("1", str(_VERSION)))
         if version == "1" and not allow_unchecked:
-            raise ValueError(f"{path} is a version-1 dc_ratios artifact: it does not record the grid, NFE and base it "
-                             "was fitted on; refit it (dpmlab calibrate dc ... / fit_dc_ratios) or load it with "
-                             "DCRatios.load(path, allow_unchecked=True) to use it unchecked")
+            raise ValueError(
+                f"{path} is a version-1 dc_ratios artifact: it does not record the grid, NFE and base it "
+                "was fitted on; refit it (dpmlab calibrate dc ... / fit_dc_ratios) or load it with "
+                "DCRatios.load(path, allow_unchecked=True) to use it unchecked"
+            )
         if set(tensors) != {"ratios"} or tensors["ratios"].ndim != 1:
             raise ValueError(f"{path}: a dc_ratios artifact holds one 1-d tensor 'ratios', got {sorted(tensors)}")
         try:
@@ -248,8 +254,12 @@ class CPRModel:
         return DCRatios(rs, self.dc_order, float(guidance), self.model, fit="cpr")
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        meta = {"dc_order": self.dc_order, "cfg_scale": self.cfg_scale, "nfe_scale": self.nfe_scale,
-                "model": self.model}
+        meta = {
+            "dc_order": self.dc_order,
+            "cfg_scale": self.cfg_scale,
+            "nfe_scale": self.nfe_scale,
+            "model": self.model,
+        }
         return _save(path, "dpmlab.dc_cpr", {"coeffs": torch.tensor(self.coeffs, dtype=torch.float64)}, meta)
 
     @classmethod
@@ -344,8 +354,9 @@ class DynamicCompensation(Wrapper[DCState]):
         rhos = self.rhos
         return self.step_with(problem, x, ts, i, state, 1.0 if rhos is None else rhos[i])
 
-    def step_with(self, problem: Problem, x: Tensor, ts: Tensor, i: int, state: DCState, rho: Rho
-                  ) -> tuple[Tensor, DCState]:
+    def step_with(
+        self, problem: Problem, x: Tensor, ts: Tensor, i: int, state: DCState, rho: Rho
+    ) -> tuple[Tensor, DCState]:
         """One step with ratio ``rho`` (a 0-d tensor makes the result differentiable in it: the gradient fit)."""
         t = float(ts[i])
         active = len(state.ms) >= self.dc_order and (isinstance(rho, Tensor) or rho != 1.0)

@@ -72,6 +72,8 @@ def sample_with_grad(
     if not isinstance(solver, Solver):
         raise TypeError(f"solver must be a dpmlab Solver instance, got {type(solver).__name__}")
     if solver.is_stochastic():
-        raise ValueError(f"solver {solver.name or type(solver).__name__!r} is stochastic; differentiable sampling "
-                         "needs a deterministic solver (e.g. ddim with eta=0)")
+        raise ValueError(
+            f"solver {solver.name or type(solver).__name__!r} is stochastic; differentiable sampling "
+            "needs a deterministic solver (e.g. ddim with eta=0)"
+        )
     return sample(problem, x, ts, Checkpointed(solver) if checkpoint else solver)

@@ -65,8 +65,9 @@ class LevelPosterior(Protocol):
     def __call__(self, x: Tensor) -> Tensor: ...  # log p(k | x), (B, K)
 
 
-def level_grid(schedule: NoiseSchedule, n_levels: int = 100, *, t_hi: float | None = None,
-               t_lo: float | None = None) -> Tensor:
+def level_grid(
+    schedule: NoiseSchedule, n_levels: int = 100, *, t_hi: float | None = None, t_lo: float | None = None
+) -> Tensor:
     """``n_levels`` times, uniform in ``lam``, noisiest first (``t_hi`` .. ``t_lo``; the paper's grid is
     geometric in sigma, i.e. uniform in ``lam`` for VE models)."""
     return uniform_lambda(schedule, n_levels - 1, t_start=t_hi, t_end=t_lo)
@@ -75,8 +76,9 @@ def level_grid(schedule: NoiseSchedule, n_levels: int = 100, *, t_hi: float | No
 class ExactLevelPosterior:
     """``log p(k | x) = log p(k) + log p_{t_k}(x) - logsumexp`` for a ``GaussianMixture`` (exact)."""
 
-    def __init__(self, mixture: GaussianMixture, schedule: NoiseSchedule, levels: Tensor,
-                 log_prior: Tensor | None = None) -> None:
+    def __init__(
+        self, mixture: GaussianMixture, schedule: NoiseSchedule, levels: Tensor, log_prior: Tensor | None = None
+    ) -> None:
         self.mixture, self.schedule, self.levels = mixture, schedule, f64(levels)
         k = self.levels.numel()
         self.log_prior = torch.full((k,), -math.log(k), dtype=torch.float64) if log_prior is None else f64(log_prior)
@@ -110,8 +112,17 @@ def _gibbs(level_posterior: LevelPosterior, x: Tensor, gibbs: str, seed: int, id
 
 
 def langevin_gibbs(
-    problem: Problem, chain: Chain, levels: Tensor, level_posterior: LevelPosterior, *, steps: int,
-    step_size: float, gibbs: str = "sample", keep: str = "last", seed: int = 0, idx: Tensor | None = None,
+    problem: Problem,
+    chain: Chain,
+    levels: Tensor,
+    level_posterior: LevelPosterior,
+    *,
+    steps: int,
+    step_size: float,
+    gibbs: str = "sample",
+    keep: str = "last",
+    seed: int = 0,
+    idx: Tensor | None = None,
     step: str = "relative",
 ) -> tuple[Chain, Chain]:
     """``steps`` Langevin-Gibbs updates (one evaluation each); returns (last state, kept state).
@@ -147,9 +158,18 @@ def langevin_gibbs(
 
 
 def start_chain(
-    model: DenoiserFn, schedule: NoiseSchedule, n: int, *, levels: Tensor, k_init: int | None = None,
-    solver: Solver[Any] | str = "dpm_solver_pp", steps: int = 30, seed: int = 0,
-    shape: tuple[int, ...] | None = None, dtype: torch.dtype = torch.float32, cond: Mapping[str, Any] | None = None,
+    model: DenoiserFn,
+    schedule: NoiseSchedule,
+    n: int,
+    *,
+    levels: Tensor,
+    k_init: int | None = None,
+    solver: Solver[Any] | str = "dpm_solver_pp",
+    steps: int = 30,
+    seed: int = 0,
+    shape: tuple[int, ...] | None = None,
+    dtype: torch.dtype = torch.float32,
+    cond: Mapping[str, Any] | None = None,
 ) -> tuple[Chain, int]:
     """A chain started the authors' way: a plain sampler run from noise at ``t_max`` down to level
     ``k_init`` (default: the middle of the grid). Returns the chain and the evaluations per chain it
@@ -205,8 +225,10 @@ def dmcmc_sample(
     if step not in STEPS:
         raise ValueError(f"unknown step {step!r}; allowed: {', '.join(STEPS)}")
     if not isinstance(final_denoise, bool) or (final_denoise and to_zero):
-        raise ValueError(f"final_denoise must be a bool and needs to_zero=False (a grid to sigma = 0 already ends "
-                         f"denoised), got final_denoise={final_denoise!r}, to_zero={to_zero!r}")
+        raise ValueError(
+            f"final_denoise must be a bool and needs to_zero=False (a grid to sigma = 0 already ends "
+            f"denoised), got final_denoise={final_denoise!r}, to_zero={to_zero!r}"
+        )
     final = 1 if final_denoise else 0
     solver = get(integrator) if isinstance(integrator, str) else integrator
     if (integrator_steps is None) == (nfe_budget is None):
@@ -239,8 +261,19 @@ def dmcmc_sample(
         chain = Chain(x, _gibbs(level_posterior, x, gibbs, seed, idx, _STREAM - 1))
     if chain.x.shape[0] != n:
         raise ValueError(f"chain has {chain.x.shape[0]} rows, n={n}")
-    last, kept = langevin_gibbs(problem, chain, lv, level_posterior, steps=langevin_steps, step_size=step_size,
-                                gibbs=gibbs, keep=keep, seed=seed, idx=idx, step=step)
+    last, kept = langevin_gibbs(
+        problem,
+        chain,
+        lv,
+        level_posterior,
+        steps=langevin_steps,
+        step_size=step_size,
+        gibbs=gibbs,
+        keep=keep,
+        seed=seed,
+        idx=idx,
+        step=step,
+    )
     out = torch.empty_like(kept.x)
     grid_fn = get_grid(grid)
     zero_kw = {"to_zero": True} if grid == "karras" and to_zero else {"t_end": t_end}

@@ -143,8 +143,12 @@ class DPMSolverFast(Solver[tuple[Any, ...]]):
         _check(self.order, (2, 3), self.solver_type)
 
     def init(self, problem: Problem, x: Tensor, ts: Tensor) -> tuple[Any, ...]:
-        orders = fast_orders(len(ts) - 1, self.order, lower_order_final=self.lower_order_final,
-                             to_zero=ends_at_zero(problem.schedule, ts))
+        orders = fast_orders(
+            len(ts) - 1,
+            self.order,
+            lower_order_final=self.lower_order_final,
+            to_zero=ends_at_zero(problem.schedule, ts),
+        )
         starts = [sum(orders[:g]) for g in range(len(orders))]
         return (tuple(zip(starts, orders)), None)  # groups (first step, order); group in progress
 
@@ -186,7 +190,7 @@ class DPMSolverMultistep(Solver[tuple[Any, ...]]):
         hist = ((c.lam, _eps(problem, x, c.t)), *state)[: self.order]  # eps at (x, t), then the history
         k = multistep_order(self.order, len(hist), i, len(ts) - 1, self.lower_order_final, c.sigma_next == 0)
         lams, ms = zip(*hist[:k])  # the k newest outputs
-        x_next = multistep_update(c, x, ms, lams, "noise", solver_type=self.solver_type,
-                                  third_order_term=self.third_order_term)
+        x_next = multistep_update(
+            c, x, ms, lams, "noise", solver_type=self.solver_type, third_order_term=self.third_order_term
+        )
         return x_next, hist
-

@@ -83,13 +83,19 @@ class DPMSolverPP2S(Solver[None]):
     def step(self, problem: Problem, x: Tensor, ts: Tensor, i: int, state: None) -> tuple[Tensor, None]:
         c = interval(problem.schedule, ts, i)
         r = (0.0, self.r1) if c.sigma_next > 0 else (0.0,)  # first order into sigma = 0
-        x_next, _ = singlestep_update(problem.schedule, problem.denoise, x, c.t, c.t_next, r, "data",
-                                      solver_type=self.solver_type)
+        x_next, _ = singlestep_update(
+            problem.schedule, problem.denoise, x, c.t, c.t_next, r, "data", solver_type=self.solver_type
+        )
         return x_next, None
 
 
 def _multistep(
-    solver: DPMSolverPP | SDEDPMSolverPP, eta: float, problem: Problem, x: Tensor, ts: Tensor, i: int,
+    solver: DPMSolverPP | SDEDPMSolverPP,
+    eta: float,
+    problem: Problem,
+    x: Tensor,
+    ts: Tensor,
+    i: int,
     state: tuple[Any, ...],
 ) -> tuple[Tensor, tuple[Any, ...]]:
     """One multistep step (ODE for ``eta = 0``) with the history ``state`` of ``(lam, x0)``, newest first."""
@@ -97,8 +103,9 @@ def _multistep(
     hist = ((c.lam, problem.denoise(x, c.t)), *state)[: solver.order]  # x0 at (x, t), then the history
     k = multistep_order(solver.order, len(hist), i, len(ts) - 1, solver.lower_order_final, c.sigma_next == 0)
     lams, ms = zip(*hist[:k])
-    x_next = multistep_update(c, x, ms, lams, "data", solver_type=solver.solver_type,
-                              third_order_term=solver.third_order_term, eta=eta)
+    x_next = multistep_update(
+        c, x, ms, lams, "data", solver_type=solver.solver_type, third_order_term=solver.third_order_term, eta=eta
+    )
     if eta > 0 and c.sigma_next > 0:  # SDE noise sigma_t sqrt(1 - e^{-2 eta h}) z
         x_next = x_next + c.sigma_next * math.sqrt(-math.expm1(-2.0 * eta * c.h)) * problem.randn(i, x)
     return x_next, hist

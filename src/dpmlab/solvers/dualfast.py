@@ -110,8 +110,13 @@ class DualFast(Wrapper[DualFastState]):
     paper = "Yu et al. 2025, DualFast (arXiv 2506.13058)"
     # differs from its base and stays consistent (first order): mixing with the previous output, both terms.
     # Not DDIM with c = 0.5: on a uniform-lambda grid that is exactly DPM-Solver++(2M) (measured order 1.9)
-    order_test_options: ClassVar[dict[str, Any]] = {"base": {"name": "dpm_solver_pp"}, "c": 0.25, "tau": "previous",
-                                                    "c_schedule": "constant", "replace": "both"}
+    order_test_options: ClassVar[dict[str, Any]] = {
+        "base": {"name": "dpm_solver_pp"},
+        "c": 0.25,
+        "tau": "previous",
+        "c_schedule": "constant",
+        "replace": "both",
+    }
 
     def __post_init__(self) -> None:
         if isinstance(self.base, Mapping):  # from config(): {"name": ..., **options}
@@ -120,8 +125,12 @@ class DualFast(Wrapper[DualFastState]):
             raise ValueError(f"base must be a Solver, got {self.base!r}")
         if isinstance(self.c, bool) or not isinstance(self.c, (int, float)) or not math.isfinite(self.c):
             raise ValueError(f"c must be a finite number, got {self.c!r}")
-        for name, value, allowed in (("tau", self.tau, TAUS), ("c_schedule", self.c_schedule, C_SCHEDULES),
-                                     ("prediction", self.prediction, PREDICTIONS), ("replace", self.replace, REPLACES)):
+        for name, value, allowed in (
+            ("tau", self.tau, TAUS),
+            ("c_schedule", self.c_schedule, C_SCHEDULES),
+            ("prediction", self.prediction, PREDICTIONS),
+            ("replace", self.replace, REPLACES),
+        ):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
 
@@ -150,10 +159,12 @@ class DualFast(Wrapper[DualFastState]):
         view = _Evaluated.of(problem, x, c.t, x0)
         x_next, base_state = self.base.step(view, x, ts, i, state.base)
         if not view.hits:
-            raise ValueError(f"dualfast: base {self.base.name!r} did not evaluate the model at (x_i, t_i) in step {i} "
-                             "(a predictor-corrector reuses its corrector's evaluation), so the correction would cost "
-                             "an extra evaluation; use a base that evaluates there (ddim, dpm_solver_pp, deis, heun, "
-                             "unipc with use_corrector=False, ...)")
+            raise ValueError(
+                f"dualfast: base {self.base.name!r} did not evaluate the model at (x_i, t_i) in step {i} "
+                "(a predictor-corrector reuses its corrector's evaluation), so the correction would cost "
+                "an extra evaluation; use a base that evaluates there (ddim, dpm_solver_pp, deis, heun, "
+                "unipc with use_corrector=False, ...)"
+            )
         m = x0 if self.prediction == "data" else (x - c.alpha * x0) / c.sigma  # the mixed output, plain
         m_tau = state.m_first if self.tau == "first" else state.m_prev
         if m_tau is not None:

@@ -54,9 +54,9 @@ import torch
 from torch import Tensor
 
 from .._utils import atomic_write
+from ._ems import EMS, _Coeffs
 from ._expint import Interval, expint_coeffs, interval, lincomb, multistep_order, phi, taylor_weights
 from .base import Problem, Solver, ends_at_zero, register
-from .dpm_solver_v3 import EMS, _Coeffs
 
 __all__ = ["Prediction", "Relaxation", "Corrector", "AFS", "Family", "Taylor", "Step", "Plan", "Preset", "USF"]
 
@@ -216,8 +216,10 @@ class Plan:
     @property
     def nfe(self) -> int:
         """Evaluations: one per step start (unless AFS or a pseudo corrector provided it) + one per corrector."""
-        starts = sum(not ((i == 0 and self.afs is not AFS.NONE) or (i > 0 and self.steps[i - 1].corrector
-                          is Corrector.PSEUDO)) for i in range(len(self.steps)))
+        starts = sum(
+            not ((i == 0 and self.afs is not AFS.NONE) or (i > 0 and self.steps[i - 1].corrector is Corrector.PSEUDO))
+            for i in range(len(self.steps))
+        )
         return starts + sum(s.corrector is not Corrector.NONE for s in self.steps)
 
     @property
@@ -265,9 +267,14 @@ class Plan:
         return plan
 
     @classmethod
-    def from_authors(cls, source: str | os.PathLike[str] | Mapping[str, Any], *,
-                     afs_mean: Tensor | list[float] | None = None, v3: str | None = None,
-                     drop_skip: bool = False) -> Plan:
+    def from_authors(
+        cls,
+        source: str | os.PathLike[str] | Mapping[str, Any],
+        *,
+        afs_mean: Tensor | list[float] | None = None,
+        v3: str | None = None,
+        drop_skip: bool = False,
+    ) -> Plan:
         """A plan from the authors' ``uni_sampler`` decisions (their ``load_decision`` dict).
 
         ``source``: the dict itself (tensors or lists), a JSON file holding it (bare or under
@@ -329,8 +336,9 @@ def _authors_taylor(where: str, order: int, derivs: list[Any] | None, corrector:
     return Taylor(order, tuple(points), rel, coef)
 
 
-def _convert_authors(d: dict[str, Any], afs_mean: Tensor | list[float] | None, v3: str | None,
-                     drop_skip: bool) -> dict[str, Any]:
+def _convert_authors(
+    d: dict[str, Any], afs_mean: Tensor | list[float] | None, v3: str | None, drop_skip: bool
+) -> dict[str, Any]:
     ts = [float(t) for t in d["timesteps"]]
     n = len(ts) - 1
     for key in ("orders", "prediction_types", "start_points", "derivative_types", "corrector_types"):
@@ -340,8 +348,10 @@ def _convert_authors(d: dict[str, Any], afs_mean: Tensor | list[float] | None, v
         raise ValueError(f"v3 must be None (keep v3 steps), 'data' or 'noise', got {v3!r}")
     skip = [float(v) for v in d.get("skip_coefficients") or []]
     if any(v != 1.0 for v in skip) and not drop_skip:
-        raise ValueError(f"skip_coefficients {skip} scale a ScoreSDE NCSN++ UNet's skip connections (model "
-                         "surgery, not a solver step); pass drop_skip=True to sample without them")
+        raise ValueError(
+            f"skip_coefficients {skip} scale a ScoreSDE NCSN++ UNet's skip connections (model "
+            "surgery, not a solver step); pass drop_skip=True to sample without them"
+        )
     steps = []
     for i in range(n):
         pt = d["prediction_types"][i]
@@ -442,19 +452,35 @@ class USFState:
 
     def push(self, lam: float, x: Tensor, x0: Tensor, alpha: float, sigma: float, pending: bool) -> USFState:
         k, eps = MAX_ORDER + 1, (x - alpha * x0) / sigma
-        return USFState(self.plan, self.co, (*self.lams, lam)[-k:], (*self.x0s, x0)[-k:], (*self.epss, eps)[-k:],
-                        pending, (x, alpha, sigma), (*self.xas, (x, alpha))[-k:])
+        return USFState(
+            self.plan,
+            self.co,
+            (*self.lams, lam)[-k:],
+            (*self.x0s, x0)[-k:],
+            (*self.epss, eps)[-k:],
+            pending,
+            (x, alpha, sigma),
+            (*self.xas, (x, alpha))[-k:],
+        )
 
 
-def _update(c: Interval, x: Tensor, lams: tuple[float, ...], ms: tuple[Tensor, ...], tay: Taylor, form: str,
-            new: Tensor | None = None) -> Tensor:
+def _update(
+    c: Interval,
+    x: Tensor,
+    lams: tuple[float, ...],
+    ms: tuple[Tensor, ...],
+    tay: Taylor,
+    form: str,
+    new: Tensor | None = None,
+) -> Tensor:
     """One exponential-integrator update from the newest output ``ms[-1]`` (module docstring)."""
     a, b = expint_coeffs(c, tay.order, form)  # type: ignore[arg-type]
     m_s = ms[-1]
     out = a * x + b[0] * m_s
     h = c.h
-    pts = ([(1.0, new)] if new is not None else []) + [((lams[-1 - q] - lams[-1]) / h, ms[-1 - q])
-                                                       for q in range(1, len(ms))]
+    pts = ([(1.0, new)] if new is not None else []) + [
+        ((lams[-1 - q] - lams[-1]) / h, ms[-1 - q]) for q in range(1, len(ms))
+    ]
     for j in range(1, tay.order):
         r, mq = zip(*pts[: tay.points[j - 1]])
         d_j = lincomb(taylor_weights([0.0, *r])[j], [m_s, *mq])  # D_j = h^j m^(j)(lam_s), interpolation
@@ -493,7 +519,8 @@ def _update_v3(c: Interval, x: Tensor, state: USFState, tay: Taylor, new: Tensor
     g_s = fs[-1]
     g_old = [torch.exp(-to(d_s[q])) * fs[-1 - q] - to(beta[q]) for q in range(1, len(fs))]
     pts = ([(1.0, torch.exp(-to(d_s[0])) * new - to(beta[0]))] if new is not None else []) + [
-        ((others[q - 1] - c.lam) / h, g) for q, g in enumerate(g_old, 1)]
+        ((others[q - 1] - c.lam) / h, g) for q, g in enumerate(g_old, 1)
+    ]
     acc = to(e_b) + to(e[0]) * g_s
     for j in range(1, tay.order):
         r, gq = zip(*pts[: tay.points[j - 1]])
@@ -558,23 +585,28 @@ class USF(Solver[USFState]):
         if plan.ts is not None and not torch.allclose(plan.grid(), ts.double().cpu(), rtol=0, atol=1e-12):
             raise ValueError(f"the grid differs from the plan's timesteps {plan.ts}; sample on plan.grid()")
         last = plan.steps[-1]
-        if to_zero and (last.predictor.order != 1 or last.corrector is not Corrector.NONE
-                        or last.prediction is Prediction.V3):
+        if to_zero and (
+            last.predictor.order != 1 or last.corrector is not Corrector.NONE or last.prediction is Prediction.V3
+        ):
             raise ValueError("the step to sigma = 0 must be first order, data or noise, without a corrector")
         v3 = [i for i, s in enumerate(plan.steps) if s.prediction is Prediction.V3]
         if not v3:
             return USFState(plan)
         st: EMS | None = self._stats  # type: ignore[attr-defined]
         if st is None:
-            raise ValueError(f"steps {v3} use DPM-Solver-v3 prediction: pass USF(plan, ems=...) with the "
-                             "model's EMS (dpmlab.calibrate.fit_ems)")
+            raise ValueError(
+                f"steps {v3} use DPM-Solver-v3 prediction: pass USF(plan, ems=...) with the "
+                "model's EMS (dpmlab.calibrate.fit_ems)"
+            )
         if torch.broadcast_shapes(st.l.shape[1:], x.shape[1:]) != x.shape[1:]:
             raise ValueError(f"EMS of data shape {tuple(st.l.shape[1:])} do not fit samples {tuple(x.shape)}")
         lam = problem.schedule.lam(ts.double())
         lo, hi = float(lam.min()), float(lam.max())
         if lo < float(st.lam[0]) - 1e-6 or hi > float(st.lam[-1]) + 1e-6:
-            raise ValueError(f"grid spans lam in [{lo:.4g}, {hi:.4g}], outside the EMS range "
-                             f"[{float(st.lam[0]):.4g}, {float(st.lam[-1]):.4g}]; refit the EMS")
+            raise ValueError(
+                f"grid spans lam in [{lo:.4g}, {hi:.4g}], outside the EMS range "
+                f"[{float(st.lam[0]):.4g}, {float(st.lam[-1]):.4g}]; refit the EMS"
+            )
         co = _Coeffs(st.lam.to(x.device), st.l.to(x.device), st.s.to(x.device), st.b.to(x.device))
         return USFState(plan, co)
 
@@ -586,8 +618,9 @@ class USF(Solver[USFState]):
         if not state.pending or state.at is None:
             raise ValueError("USF: this state holds no pending corrector evaluation to replace")
         x, alpha, sigma = state.at
-        return dataclasses.replace(state, x0s=(*state.x0s[:-1], output),
-                                   epss=(*state.epss[:-1], (x - alpha * output) / sigma))
+        return dataclasses.replace(
+            state, x0s=(*state.x0s[:-1], output), epss=(*state.epss[:-1], (x - alpha * output) / sigma)
+        )
 
     def step(self, problem: Problem, x: Tensor, ts: Tensor, i: int, state: USFState) -> tuple[Tensor, USFState]:
         st, c = state.plan.steps[i], interval(problem.schedule, ts, i)

@@ -31,9 +31,26 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "DIGIT_WORDS", "THICKNESS", "SLANT", "VOCAB", "CONTEXT_LENGTH", "CAPTIONS", "SLANT_LIMITS", "INK_TERTILES",
-    "CaptionSpec", "CaptionedMNIST", "ink_mass", "slant", "thickness_class", "slant_class", "parse_caption",
-    "caption_consistency", "draw_caption_ids", "captioned_mnist", "build_tokenizer", "check_prompt",
+    "DIGIT_WORDS",
+    "THICKNESS",
+    "SLANT",
+    "VOCAB",
+    "CONTEXT_LENGTH",
+    "CAPTIONS",
+    "SLANT_LIMITS",
+    "INK_TERTILES",
+    "CaptionSpec",
+    "CaptionedMNIST",
+    "ink_mass",
+    "slant",
+    "thickness_class",
+    "slant_class",
+    "parse_caption",
+    "caption_consistency",
+    "draw_caption_ids",
+    "captioned_mnist",
+    "build_tokenizer",
+    "check_prompt",
 ]
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -43,8 +60,16 @@ SLANT_LIMITS = (0.0, 0.25)  # shear below the first: left; above the second: rig
 # Per-digit ink-mass tertiles (1/3, 2/3) of the MNIST-5k training split (mnist_5k_split: 4,500 images),
 # measured by ``ink_mass``; tests/test_captions.py recomputes them from the data.
 INK_TERTILES = (
-    (0.1591, 0.1932), (0.0666, 0.0824), (0.1311, 0.1625), (0.1281, 0.1557), (0.1042, 0.1295),
-    (0.1080, 0.1401), (0.1150, 0.1465), (0.1017, 0.1260), (0.1312, 0.1613), (0.1041, 0.1292),
+    (0.1591, 0.1932),
+    (0.0666, 0.0824),
+    (0.1311, 0.1625),
+    (0.1281, 0.1557),
+    (0.1042, 0.1295),
+    (0.1080, 0.1401),
+    (0.1150, 0.1465),
+    (0.1017, 0.1260),
+    (0.1312, 0.1613),
+    (0.1041, 0.1292),
 )
 SPECIAL = ("<|startoftext|>", "<|endoftext|>", "<unk>")  # ids 0, 1, 2: bos, eos (= pad), unknown
 VOCAB = (*SPECIAL, "a", "thin", "bold", "left", "right", "slanted", "upright", "digit", *DIGIT_WORDS)
@@ -89,10 +114,13 @@ class CaptionSpec:
 def _all_specs() -> tuple[CaptionSpec, ...]:
     out = []
     for tw, sp, noun in itertools.product(_THICK_WORDS, _SLANT_PHRASES, _NOUNS):
-        out.append(CaptionSpec(
-            digit=None if noun == "digit" else DIGIT_WORDS.index(noun),
-            thickness=None if tw is None else THICKNESS.index(tw),
-            slant=None if sp is None else sp.split()[0]))
+        out.append(
+            CaptionSpec(
+                digit=None if noun == "digit" else DIGIT_WORDS.index(noun),
+                thickness=None if tw is None else THICKNESS.index(tw),
+                slant=None if sp is None else sp.split()[0],
+            )
+        )
     return tuple(out)
 
 
@@ -202,8 +230,9 @@ def caption_consistency(attrs: Tensor) -> Tensor:
     return torch.cat([torch.ones_like(ok[:, :1]), ok], 1)
 
 
-def draw_caption_ids(attrs: Tensor, g: torch.Generator, *, p_attr: float = 0.7, p_generic: float = 0.1,
-                     p_plain_slanted: float = 0.3) -> Tensor:
+def draw_caption_ids(
+    attrs: Tensor, g: torch.Generator, *, p_attr: float = 0.7, p_generic: float = 0.1, p_plain_slanted: float = 0.3
+) -> Tensor:
     """One caption id per image (index into ``CAPTIONS``, never the empty one): each measured attribute
     is stated with probability ``p_attr`` (regular thickness has no word), a left/right slant says just
     "slanted" with probability ``p_plain_slanted``, and the digit is called "digit" with probability
@@ -262,9 +291,16 @@ def build_tokenizer(out_dir: str | os.PathLike[str] | None = None) -> Any:
     tok.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Replace(Regex(r"[-,.]"), " ")])
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(
-        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", 0), ("<|endoftext|>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
-                                  pad_token="<|endoftext|>", unk_token="<unk>", model_max_length=CONTEXT_LENGTH)
+        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", 0), ("<|endoftext|>", 1)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        unk_token="<unk>",
+        model_max_length=CONTEXT_LENGTH,
+    )
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         fast.save_pretrained(str(out_dir))

@@ -145,8 +145,9 @@ def toy2d(name: str, n: int = 10000, *, seed: int = 0, noise: float = 0.05) -> D
     if name == "moons":  # two interleaving half circles (as scikit-learn's make_moons)
         upper = torch.rand(n, generator=g) < 0.5
         a = math.pi * u
-        x = torch.where(upper[:, None], torch.stack([a.cos(), a.sin()], 1),
-                        torch.stack([1 - a.cos(), 0.5 - a.sin()], 1))
+        x = torch.where(
+            upper[:, None], torch.stack([a.cos(), a.sin()], 1), torch.stack([1 - a.cos(), 0.5 - a.sin()], 1)
+        )
         x = (x - torch.tensor([0.5, 0.25], dtype=torch.float64)) * 1.5
         labels = (~upper).long()
         names = ("upper", "lower")
@@ -208,8 +209,10 @@ def image_folder(
                         raise _SizeMismatch(f"{p}: images must be square, got {target[0]}x{target[1]} (pass size=)")
                 if im.size != target:
                     if on_mismatch == "error":
-                        raise _SizeMismatch(f"{p}: size {im.size[0]}x{im.size[1]} differs from {target[0]}x{target[1]} "
-                                         "(use on_mismatch='resize')")
+                        raise _SizeMismatch(
+                            f"{p}: size {im.size[0]}x{im.size[1]} differs from {target[0]}x{target[1]} "
+                            "(use on_mismatch='resize')"
+                        )
                     im = im.resize(target, pil.Resampling.BILINEAR)
                 arr = np.asarray(im, dtype=np.float32)
         except _SizeMismatch:

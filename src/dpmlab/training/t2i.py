@@ -55,8 +55,17 @@ from .captions import (
 from .losses import PredictionLoss
 from .trainer import TrainConfig, TrainResult, fit
 
-__all__ = ["T2IRecipe", "CLIPObjective", "VAEObjective", "LatentDiffusionObjective", "train_t2i", "assemble",
-           "load_t2i_recipe", "tokenize", "SCHEDULE"]
+__all__ = [
+    "T2IRecipe",
+    "CLIPObjective",
+    "VAEObjective",
+    "LatentDiffusionObjective",
+    "train_t2i",
+    "assemble",
+    "load_t2i_recipe",
+    "tokenize",
+    "SCHEDULE",
+]
 
 SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
 
@@ -107,8 +116,9 @@ def load_t2i_recipe(path: str | os.PathLike[str]) -> T2IRecipe:
 
 def tokenize(tokenizer: Any, prompts: list[str]) -> Tensor:
     """``(N, CONTEXT_LENGTH)`` token ids, padded as diffusers' Stable Diffusion pipelines pad."""
-    return tokenizer(prompts, padding="max_length", max_length=CONTEXT_LENGTH, truncation=True,
-                     return_tensors="pt").input_ids
+    return tokenizer(
+        prompts, padding="max_length", max_length=CONTEXT_LENGTH, truncation=True, return_tensors="pt"
+    ).input_ids
 
 
 def _jsonable(d: Mapping[str, Any]) -> dict[str, Any]:
@@ -146,11 +156,18 @@ class CLIPObjective(_Stage):
 
         super().__init__(data, {"clip": recipe.clip})
         c = dict(recipe.clip)
-        text = {"vocab_size": len(VOCAB), "max_position_embeddings": CONTEXT_LENGTH, "bos_token_id": 0,
-                "eos_token_id": 1, "pad_token_id": 1, **c.get("text", {})}
+        text = {
+            "vocab_size": len(VOCAB),
+            "max_position_embeddings": CONTEXT_LENGTH,
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+            "pad_token_id": 1,
+            **c.get("text", {}),
+        }
         vision = {"image_size": 32, "num_channels": 1, **c.get("vision", {})}
-        self.module = CLIPModel(CLIPConfig(text_config=text, vision_config=vision,
-                                           projection_dim=c.get("projection_dim", 64)))
+        self.module = CLIPModel(
+            CLIPConfig(text_config=text, vision_config=vision, projection_dim=c.get("projection_dim", 64))
+        )
         self.tokens = tokenize(build_tokenizer(), list(CAPTIONS))
 
     def draw(self, idx: Tensor, g: torch.Generator) -> dict[str, Tensor]:
@@ -218,7 +235,7 @@ class VAEObjective(_Stage):
 def _encode(vae: Any, x: Tensor, batch: int = 500) -> Any:
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-    params = torch.cat([vae.encode(x[i:i + batch]).latent_dist.parameters for i in range(0, len(x), batch)])
+    params = torch.cat([vae.encode(x[i : i + batch]).latent_dist.parameters for i in range(0, len(x), batch)])
     return DiagonalGaussianDistribution(params)
 
 
@@ -229,16 +246,34 @@ class LatentDiffusionObjective(_Stage):
 
     name = "unet"
 
-    def __init__(self, recipe: T2IRecipe, data: CaptionedMNIST, vae: Any, text_encoder: Any, *,
-                 unet: Any = None) -> None:
+    def __init__(
+        self, recipe: T2IRecipe, data: CaptionedMNIST, vae: Any, text_encoder: Any, *, unet: Any = None
+    ) -> None:
         from diffusers import UNet2DConditionModel
 
-        super().__init__(data, {"unet": recipe.unet, "prediction": recipe.prediction,
-                                "caption_dropout": recipe.caption_dropout, "schedule": SCHEDULE,
-                                "scaling_factor": float(vae.config.scaling_factor)})
-        self.module = unet if unet is not None else UNet2DConditionModel(**{
-            "sample_size": 8, "in_channels": 4, "out_channels": 4,
-            "cross_attention_dim": text_encoder.config.hidden_size, **recipe.unet})
+        super().__init__(
+            data,
+            {
+                "unet": recipe.unet,
+                "prediction": recipe.prediction,
+                "caption_dropout": recipe.caption_dropout,
+                "schedule": SCHEDULE,
+                "scaling_factor": float(vae.config.scaling_factor),
+            },
+        )
+        self.module = (
+            unet
+            if unet is not None
+            else UNet2DConditionModel(
+                **{
+                    "sample_size": 8,
+                    "in_channels": 4,
+                    "out_channels": 4,
+                    "cross_attention_dim": text_encoder.config.hidden_size,
+                    **recipe.unet,
+                }
+            )
+        )
         with torch.no_grad():
             post = _encode(vae.eval(), data.images[data.train_idx])
             self.text = text_encoder.eval()(tokenize(build_tokenizer(), list(CAPTIONS)))[0]  # (C, L, D)
@@ -252,9 +287,14 @@ class LatentDiffusionObjective(_Stage):
         n = idx.shape[0]
         cap = draw_caption_ids(self.data.attrs[ex], g)
         cap = torch.where(torch.rand(n, generator=g) < self.dropout, 0, cap)
-        return {"mean": self.post_mean[idx], "std": self.post_std[idx],
-                "noise": torch.randn(self.post_mean[idx].shape, generator=g), "t": self.loss_fn.draw(g, n),
-                "eps": torch.randn(self.post_mean[idx].shape, generator=g), "caption": cap}
+        return {
+            "mean": self.post_mean[idx],
+            "std": self.post_std[idx],
+            "noise": torch.randn(self.post_mean[idx].shape, generator=g),
+            "t": self.loss_fn.draw(g, n),
+            "eps": torch.randn(self.post_mean[idx].shape, generator=g),
+            "caption": cap,
+        }
 
     def loss(self, module: Any, batch: Mapping[str, Tensor]) -> Tensor:
         z0 = self.scale * (batch["mean"] + batch["std"] * batch["noise"])
@@ -297,8 +337,14 @@ def _text_tower(clip: Any) -> Any:
     return text.eval().requires_grad_(False)
 
 
-def train_t2i(recipe: T2IRecipe, out_dir: str | os.PathLike[str], *, resume: bool = False,
-              progress: bool = True, stages: tuple[str, ...] = ("clip", "vae", "unet")) -> dict[str, TrainResult]:
+def train_t2i(
+    recipe: T2IRecipe,
+    out_dir: str | os.PathLike[str],
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    stages: tuple[str, ...] = ("clip", "vae", "unet"),
+) -> dict[str, TrainResult]:
     """Run the stages in order, each in ``out_dir/<stage>`` (its checkpoint, and the exported EMA weights
     in ``out_dir/<stage>/<stage>``); a stage whose export exists is skipped; ``resume`` continues a
     stopped one from its checkpoint."""
@@ -321,8 +367,9 @@ def train_t2i(recipe: T2IRecipe, out_dir: str | os.PathLike[str], *, resume: boo
         else:
             raise ValueError(f"unknown stage {stage!r}; allowed: clip, vae, unet")
         run = out / stage
-        results[stage] = fit(obj, tc, run, resume=resume and (run / "checkpoint.safetensors").is_file(),
-                             progress=progress)
+        results[stage] = fit(
+            obj, tc, run, resume=resume and (run / "checkpoint.safetensors").is_file(), progress=progress
+        )
     return results
 
 
@@ -341,17 +388,29 @@ def assemble(run_dir: str | os.PathLike[str], folder: str | os.PathLike[str], re
         pred = "v_prediction" if recipe.prediction == "v" else "epsilon"
         scheduler: Any = DPMSolverMultistepScheduler(**SCHEDULE, prediction_type=pred, steps_offset=1)
         scheduler.save_pretrained(str(tmp / "scheduler"))
-        index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
-                 "feature_extractor": [None, None], "image_encoder": [None, None],
-                 "requires_safety_checker": False, "safety_checker": [None, None],
-                 "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
-                 "text_encoder": ["transformers", "CLIPTextModel"],
-                 "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
-                 "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+        index = {
+            "_class_name": "StableDiffusionPipeline",
+            "_diffusers_version": "0.42.1",
+            "feature_extractor": [None, None],
+            "image_encoder": [None, None],
+            "requires_safety_checker": False,
+            "safety_checker": [None, None],
+            "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        }
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         cards = {s: json.loads((run / s / s / "train_card.json").read_text()) for s in ("clip", "vae", "unet")}
-        card = {"name": recipe.name, "prediction": recipe.prediction, "schedule": SCHEDULE,
-                "weights_dtype": "float16", "captions": "dpmlab.training.captions", "stages": cards}
+        card = {
+            "name": recipe.name,
+            "prediction": recipe.prediction,
+            "schedule": SCHEDULE,
+            "weights_dtype": "float16",
+            "captions": "dpmlab.training.captions",
+            "stages": cards,
+        }
         (tmp / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
     return target
 

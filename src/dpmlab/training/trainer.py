@@ -49,8 +49,18 @@ from ..models.nets import ModelSpec, Objective
 from .data import DataConfig, Dataset, load_data
 from .losses import DiffusionLoss, make_loss
 
-__all__ = ["TrainConfig", "ModelConfig", "Recipe", "TrainResult", "TrainObjective", "DiffusionObjective", "fit",
-           "train", "load_recipe", "read_checkpoint"]
+__all__ = [
+    "TrainConfig",
+    "ModelConfig",
+    "Recipe",
+    "TrainResult",
+    "TrainObjective",
+    "DiffusionObjective",
+    "fit",
+    "train",
+    "load_recipe",
+    "read_checkpoint",
+]
 
 CHECKPOINT = "checkpoint.safetensors"
 MODEL = "model.safetensors"
@@ -249,8 +259,9 @@ def _spec_for(recipe: Recipe, ds: Dataset) -> ModelSpec:
             raise ValueError(f"UNet in_channels/image_size give samples of shape {want}, data has {ds.shape}")
     elif m.net == "mlp" and tuple(cfg.get("data_shape", (2,))) != ds.shape:
         raise ValueError(f"MLP data_shape {tuple(cfg.get('data_shape', (2,)))} differs from the data's {ds.shape}")
-    return ModelSpec(m.net, cfg, Objective(m.objective), m.schedule, ds.shape, m.sigma_data,
-                     ds.class_names if k else ())
+    return ModelSpec(
+        m.net, cfg, Objective(m.objective), m.schedule, ds.shape, m.sigma_data, ds.class_names if k else ()
+    )
 
 
 class DiffusionObjective:
@@ -295,10 +306,18 @@ class DiffusionObjective:
 
     def export(self, ema: nn.Module, out_dir: Path, card: dict[str, Any]) -> Path:
         ds, r = self.dataset, self.recipe
-        full = {"name": r.name, "description": r.description,
-                "data": {**r.data.to_dict(), "examples": len(ds), "shape": list(ds.shape),
-                         "skipped_files": len(ds.skipped)},
-                "recipe": r.to_dict(), **{k: v for k, v in card.items() if k not in ("name", "train")}}
+        full = {
+            "name": r.name,
+            "description": r.description,
+            "data": {
+                **r.data.to_dict(),
+                "examples": len(ds),
+                "shape": list(ds.shape),
+                "skipped_files": len(ds.skipped),
+            },
+            "recipe": r.to_dict(),
+            **{k: v for k, v in card.items() if k not in ("name", "train")},
+        }
         dtype = torch.float16 if r.export_dtype == "float16" else torch.float32
         return save_model(Path(out_dir) / MODEL, ema, self.spec, dtype=dtype, card=full)
 
@@ -380,8 +399,9 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], di
 
 
 # header entries the trainer writes itself; an objective's checkpoint_meta() may not use them
-_RESERVED_META = frozenset({"format", "objective", "train", "step", "optim", "losses", "window", "elapsed_s", "cpu_s",
-                            "world_size", "dpmlab"})
+_RESERVED_META = frozenset(
+    {"format", "objective", "train", "step", "optim", "losses", "window", "elapsed_s", "cpu_s", "world_size", "dpmlab"}
+)
 
 
 def _train_dict(tc: TrainConfig) -> dict[str, Any]:
@@ -471,8 +491,10 @@ class _Run:
         for k, v in drawn.items():
             if not isinstance(v, Tensor) or v.dim() == 0 or v.shape[0] != b:
                 got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
-                raise ValueError(f"objective {self.obj.name!r}: draw() gave {k!r} as {got}; every entry must be a "
-                                 f"tensor with leading dimension batch_size={b}")
+                raise ValueError(
+                    f"objective {self.obj.name!r}: draw() gave {k!r} as {got}; every entry must be a "
+                    f"tensor with leading dimension batch_size={b}"
+                )
             out[k] = v[sl].to(self.dist.device)
         return out
 
@@ -490,13 +512,17 @@ class _Run:
         extra = self.obj.checkpoint_meta()
         for k, v in extra.items():
             if k in _RESERVED_META:
-                raise ValueError(f"objective {self.obj.name!r}: checkpoint_meta() key {k!r} is the trainer's; "
-                                 f"reserved: {', '.join(sorted(_RESERVED_META))}")
+                raise ValueError(
+                    f"objective {self.obj.name!r}: checkpoint_meta() key {k!r} is the trainer's; "
+                    f"reserved: {', '.join(sorted(_RESERVED_META))}"
+                )
             try:
                 json.loads(v)
             except (TypeError, json.JSONDecodeError):
-                raise ValueError(f"objective {self.obj.name!r}: checkpoint_meta()[{k!r}] must be JSON text "
-                                 f"(json.dumps(...)), got {v!r:.80}") from None
+                raise ValueError(
+                    f"objective {self.obj.name!r}: checkpoint_meta()[{k!r}] must be JSON text "
+                    f"(json.dumps(...)), got {v!r:.80}"
+                ) from None
         return dict(extra)
 
     def save(self) -> None:
@@ -505,12 +531,20 @@ class _Run:
         opt_tensors, opt_meta = _optim_tensors(self.opt)
         tensors |= opt_tensors
         tensors["rng/torch"] = torch.get_rng_state()
-        meta = {"format": CHECKPOINT_FORMAT, "objective": json.dumps(self.config),
-                "train": json.dumps(self.train_config), **self._extra_meta(), "step": json.dumps(self.step),
-                "optim": json.dumps(opt_meta), "losses": json.dumps(self.losses), "window": json.dumps(self.window),
-                "elapsed_s": json.dumps(self.elapsed), "cpu_s": json.dumps(self.cpu),
-                "world_size": json.dumps(self.dist.world),
-                "dpmlab": json.dumps(__version__)}
+        meta = {
+            "format": CHECKPOINT_FORMAT,
+            "objective": json.dumps(self.config),
+            "train": json.dumps(self.train_config),
+            **self._extra_meta(),
+            "step": json.dumps(self.step),
+            "optim": json.dumps(opt_meta),
+            "losses": json.dumps(self.losses),
+            "window": json.dumps(self.window),
+            "elapsed_s": json.dumps(self.elapsed),
+            "cpu_s": json.dumps(self.cpu),
+            "world_size": json.dumps(self.dist.world),
+            "dpmlab": json.dumps(__version__),
+        }
         write_safetensors(self.out / CHECKPOINT, tensors, meta)
 
     def restore(self) -> None:
@@ -519,18 +553,22 @@ class _Run:
             raise ValueError(f"cannot resume: {path} does not exist")
         tensors, meta = read_checkpoint(path)
         saved_obj, saved_train = _saved_configs(path, meta)
-        rule = ("the checkpoint was written by a different recipe (only train.steps and train.checkpoint_every may "
-                "change on resume)")
+        rule = (
+            "the checkpoint was written by a different recipe (only train.steps and train.checkpoint_every may "
+            "change on resume)"
+        )
         diff = [d for d in _differences(saved_obj, self.config) if not d.startswith("train.")]  # compared below
         if diff:
             raise ValueError(f"{path}: {rule}: objective {self.obj.name!r} config differs at {'; '.join(diff[:5])}")
         free = ("steps", "checkpoint_every")  # neither changes the trained weights
-        diff = _differences({k: v for k, v in saved_train.items() if k not in free} if isinstance(saved_train, dict)
-                            else saved_train, {k: v for k, v in self.train_config.items() if k not in free})
+        diff = _differences(
+            {k: v for k, v in saved_train.items() if k not in free} if isinstance(saved_train, dict) else saved_train,
+            {k: v for k, v in self.train_config.items() if k not in free},
+        )
         if diff:
             raise ValueError(f"{path}: {rule}: train config differs at {'; '.join(diff[:5])}")
         for prefix, module in (("model/", self.net), ("ema/", self.ema)):
-            load_state(path, module, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            load_state(path, module, {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
         try:
             self.opt.load_state_dict(_optim_state(tensors, meta["optim"]))
         except (KeyError, ValueError, RuntimeError) as e:
@@ -544,18 +582,29 @@ class _Run:
 
     def card(self) -> dict[str, Any]:
         """The generic facts of the run, for the objective's export."""
-        return {"name": self.obj.name, "steps": self.step, "seed": self.tc.seed,
-                "final_loss": self.losses[-1][1] if self.losses else None, "loss_window_steps": self.tc.log_every,
-                "losses": list(self.losses), "train_time_s": round(self.elapsed, 1),
-                "train_cpu_time_s": round(self.cpu, 1), "parameters": sum(p.numel() for p in self.ema.parameters()),
-                "processes": self.dist.world, "torch_threads": torch.get_num_threads(),
-                "machine": f"{platform.machine()} {platform.processor() or platform.system()}",
-                "torch": torch.__version__, "dpmlab": __version__, "weights": "EMA",
-                "train": copy.deepcopy(self.train_config)}
+        return {
+            "name": self.obj.name,
+            "steps": self.step,
+            "seed": self.tc.seed,
+            "final_loss": self.losses[-1][1] if self.losses else None,
+            "loss_window_steps": self.tc.log_every,
+            "losses": list(self.losses),
+            "train_time_s": round(self.elapsed, 1),
+            "train_cpu_time_s": round(self.cpu, 1),
+            "parameters": sum(p.numel() for p in self.ema.parameters()),
+            "processes": self.dist.world,
+            "torch_threads": torch.get_num_threads(),
+            "machine": f"{platform.machine()} {platform.processor() or platform.system()}",
+            "torch": torch.__version__,
+            "dpmlab": __version__,
+            "weights": "EMA",
+            "train": copy.deepcopy(self.train_config),
+        }
 
 
-def net_config_for(net: str, config: Mapping[str, Any], shape: Sequence[int], channels: int = 1, *,
-                   num_classes: int | None = None) -> dict[str, Any]:
+def net_config_for(
+    net: str, config: Mapping[str, Any], shape: Sequence[int], channels: int = 1, *, num_classes: int | None = None
+) -> dict[str, Any]:
     """``config`` with the data-dependent fields of network kind ``net`` filled in (given ones win): the MLP's
     ``data_shape``, the UNet's ``image_size`` / ``in_channels``, and ``num_classes`` if given. ``channels``
     multiplies the first data dimension (RDDM: input and output are two stacked images)."""
@@ -638,19 +687,26 @@ def _fit(
 ) -> TrainResult:
     if not isinstance(tc, TrainConfig):
         raise TypeError(f"fit needs a TrainConfig, got {type(tc).__name__}")
-    missing = [a for a in ("name", "module", "__len__", "config", "draw", "loss", "export", "checkpoint_meta")
-               if not hasattr(objective, a)]
+    missing = [
+        a
+        for a in ("name", "module", "__len__", "config", "draw", "loss", "export", "checkpoint_meta")
+        if not hasattr(objective, a)
+    ]
     if missing or not isinstance(objective.module, nn.Module):
-        raise TypeError(f"fit needs a TrainObjective; {type(objective).__name__} lacks "
-                        f"{', '.join(missing) or 'an nn.Module as module'}")
+        raise TypeError(
+            f"fit needs a TrainObjective; {type(objective).__name__} lacks "
+            f"{', '.join(missing) or 'an nn.Module as module'}"
+        )
     if tc.batch_size % dist.world:
         raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the {dist.world} processes")
     run = _Run(objective, tc, out, dist)
     if resume:
         run.restore()
         if run.step >= tc.steps:
-            raise ValueError(f"{out / CHECKPOINT} is at step {run.step}, train.steps={tc.steps}: nothing to resume; "
-                             f"give more steps (--steps > {run.step}) to continue training")
+            raise ValueError(
+                f"{out / CHECKPOINT} is at step {run.step}, train.steps={tc.steps}: nothing to resume; "
+                f"give more steps (--steps > {run.step}) to continue training"
+            )
     elif (out / CHECKPOINT).exists():
         raise ValueError(f"{out / CHECKPOINT} exists; pass resume=True (--resume) or choose another folder")
     net: nn.Module = run.net
@@ -660,8 +716,14 @@ def _fit(
 
     from tqdm import tqdm
 
-    bar = tqdm(total=tc.steps, initial=run.step, desc=objective.name, unit="step",
-               disable=not (progress and dist.main), dynamic_ncols=True)
+    bar = tqdm(
+        total=tc.steps,
+        initial=run.step,
+        desc=objective.name,
+        unit="step",
+        disable=not (progress and dist.main),
+        dynamic_ncols=True,
+    )
     t_start, step_start, cpu_start = time.perf_counter(), run.step, time.process_time()
     stopped = False
     net.train()
@@ -674,8 +736,10 @@ def _fit(
                 if dist.main:
                     run.save()
                 bar.close()
-                raise KeyboardInterrupt(f"{interrupt.signal}: checkpoint written at step {run.step} to "
-                                        f"{out / CHECKPOINT}; continue with resume=True (--resume)")
+                raise KeyboardInterrupt(
+                    f"{interrupt.signal}: checkpoint written at step {run.step} to "
+                    f"{out / CHECKPOINT}; continue with resume=True (--resume)"
+                )
             batch = run.batch(run.step)
             for g in run.opt.param_groups:
                 g["lr"] = tc.lr_at(run.step)
