@@ -24,7 +24,6 @@ from .typing import DenoiserFn
 __all__ = ["sample", "make_grid", "DISCRETE_GRIDS", "DEFAULT_GRID"]
 
 
-
 def _per_sample(v: Any, n: int) -> bool:
     if isinstance(v, Tensor):
         return bool(v.ndim) and v.shape[0] == n
@@ -70,6 +69,7 @@ def sample(
     batch_size: int | None = None,
     callback: Callable[[StepInfo], None] | None = None,
     x_T: Tensor | None = None,
+    index_offset: int = 0,
     **solver_options: Any,
 ) -> Tensor:
     """Draw ``n`` samples with ``solver`` at exactly ``nfe`` network evaluations each.
@@ -83,6 +83,8 @@ def sample(
     ``dtype`` promoted to >= float32. ``x_T``: the starting state itself, ``(n, *shape)`` at the grid's first
     time (already scaled by its sigma) instead of ``sigma(t_0) * noise(seed, i)`` — for fair comparisons and
     inversion round trips; ``seed`` then drives only the step noise of stochastic solvers.
+    ``index_offset``: the returned rows are samples ``index_offset .. index_offset + n - 1`` of the
+    seed's sequence (their noise is ``(seed, index_offset + i)``) — how ``dpmlab.parallel`` shards.
     """
     if isinstance(model, str):
         model = _to_device(load(model), device)
@@ -94,6 +96,7 @@ def sample(
         raise ValueError("the model carries no .data_shape; pass shape=")
     _whole("n", n, 1)
     _whole("seed", seed, 0, 2**63 - 1)
+    _whole("index_offset", index_offset, 0)
     if nfe is not None:
         _whole("nfe", nfe, 1)
     if batch_size is not None:
@@ -131,7 +134,7 @@ def sample(
     sigma0 = float(sch.sigma(ts[:1]))
     outs = []
     for lo in range(0, n, bs):
-        idx = torch.arange(lo, min(n, lo + bs), dtype=torch.int64)
+        idx = torch.arange(lo, min(n, lo + bs), dtype=torch.int64) + index_offset
         if x_T is not None:
             x = x_T[lo : lo + len(idx)].to(device=device, dtype=dtype)
         else:
