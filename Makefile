@@ -18,10 +18,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(VENV)/bin/mypy
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
