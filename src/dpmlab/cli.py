@@ -346,8 +346,15 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         bar.n = min(info.nfe, bar.total)
         bar.refresh()
 
-    kw = dict(solver=solver, nfe=args.nfe, seed=args.seed, grid=grid, to_zero=args.to_zero or None,
-              batch_size=args.batch_size, cond=cond)
+    kw = dict(
+        solver=solver,
+        nfe=args.nfe,
+        seed=args.seed,
+        grid=grid,
+        to_zero=args.to_zero or None,
+        batch_size=args.batch_size,
+        cond=cond,
+    )
     try:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun / accelerate launch -m dpmlab sample ...
             from .parallel import sample_distributed
@@ -921,8 +928,13 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--out", default="samples.png", help="picture (.png)")
     ps.add_argument("--raw", default="", help="also write the raw samples here (.npz or .safetensors)")
     ps.add_argument("--threads", type=POSITIVE, default=1, help="torch threads (1 is fastest for small models)")
-    ps.add_argument("--processes", type=POSITIVE, default=1, help="sample in this many processes, sharded by "
-                    "sample index (the same samples as one process; give --batch-size for bit-identical networks)")
+    ps.add_argument(
+        "--processes",
+        type=POSITIVE,
+        default=1,
+        help="sample in this many processes, sharded by "
+        "sample index (the same samples as one process; give --batch-size for bit-identical networks)",
+    )
     ps.add_argument("-q", "--quiet", action="store_true")
     ps.add_argument(
         "--guidance",
