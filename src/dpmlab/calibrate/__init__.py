@@ -16,6 +16,7 @@ from typing import Any
 
 from . import dc as dc
 from . import ems as ems
+from . import grid as grid
 from . import s3 as s3
 
 __all__ = ["ARTIFACT_OPTIONS", "NEEDS_ARTIFACT", "artifact_options", "dc", "ems", "s3"]
@@ -25,8 +26,9 @@ ARTIFACT_OPTIONS = {"dpm_solver_v3": ("ems",), "dc_solver": ("ratios", "dc_order
 NEEDS_ARTIFACT = {"dpm_solver_v3": "ems", "dc_solver": "ratios"}  # without it they are their base solver
 
 
-def artifact_options(solver: str, path: str, *, model: str, nfe: int,
-                     options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def artifact_options(
+    solver: str, path: str, *, model: str, nfe: int, options: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """``options`` (the solver's other options) plus those the artifact at ``path`` holds for ``solver``,
     validated against the ``model`` name (and ``nfe``) it is used with. ``path == "none"``: no artifact, on
     purpose (the solver runs as its base). Options given twice (in ``options`` and by the artifact) raise."""
