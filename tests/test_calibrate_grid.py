@@ -151,3 +151,39 @@ def test_fit_grid_refuses_bad_input() -> None:
         cg.fit_grid(model, SCH, "ddpm", 4, x)
     with pytest.raises(ValueError, match="noise must have shape"):
         cg.fit_grid(model, SCH, "ddim", 4, x[0])
+
+
+def test_cli_fits_a_grid_and_samples_on_it_checked(tmp_path, capsys):
+    """``dpmlab calibrate grid`` writes the artifact; ``dpmlab sample --grid-artifact`` samples on it and refuses
+    another solver or NFE."""
+    from dpmlab.cli import main
+
+    art = tmp_path / "g.json"
+    assert (
+        main(
+            [
+                "calibrate",
+                "grid",
+                "--model",
+                "gmm16",
+                "--solver",
+                "ddim",
+                "--nfe",
+                "4",
+                "-n",
+                "16",
+                "--method",
+                "gits",
+                "--out",
+                str(art),
+            ]
+        )
+        == 0
+    )
+    base = ["sample", "--model", "gmm16", "--nfe", "4", "-n", "8", "--grid-artifact", str(art), "-q"]
+    assert main([*base, "--solver", "ddim", "--out", str(tmp_path / "a.png")]) == 0
+    capsys.readouterr()
+    assert main([*base, "--solver", "unipc", "--out", str(tmp_path / "b.png")]) == 2
+    assert "grid fitted for solver" in capsys.readouterr().err
+    assert main([*base[:4], "5", *base[5:], "--solver", "ddim", "--out", str(tmp_path / "c.png")]) == 2
+    assert "grid fitted for nfe=4, not nfe=5" in capsys.readouterr().err

@@ -192,7 +192,8 @@ def _labels(model: Any, label: str, n: int) -> dict[str, Tensor]:
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    check_outputs([(out, "--out", (".json",) if args.kind == "s3" else (".safetensors",))], args.overwrite)
+    suffixes = {"s3": (".json",), "grid": (".json", ".safetensors")}.get(args.kind, (".safetensors",))
+    check_outputs([(out, "--out", suffixes)], args.overwrite)
     model = load(args.model)
     schedule = model.schedule
     if args.kind == "ems":
@@ -241,6 +242,28 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             f"sample with: dpmlab sample --model {args.model} --solver dc_solver --artifact {out} "
             f"--nfe {args.nfe} --grid {args.grid}"
         )
+    elif args.kind == "grid":
+        from .calibrate.grid import calibration_noise, fit_grid
+
+        shape = tuple(model.data_shape or ())
+        n = args.n or 128
+        noise = calibration_noise(schedule, shape, n, seed=args.seed)
+        art = fit_grid(
+            model,
+            schedule,
+            get(args.solver),
+            args.nfe,
+            noise,
+            method=args.method,
+            model_name=args.model,
+            seeds={"seed": args.seed, "start": 0, "n": n},
+        )
+        art.save(out)
+        print(
+            f"wrote {out}: {args.method} grid for {args.solver} on {args.model} at NFE {args.nfe} (fitted on {n} "
+            f"noises, seed {args.seed}); sample with: dpmlab sample --model {args.model} --solver {args.solver} "
+            f"--nfe {args.nfe} --grid-artifact {out}"
+        )
     else:
         from .calibrate.s3 import fit_s3_plan
 
@@ -282,6 +305,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         raise ValueError(f"--options must be a JSON object, got {args.options!r}")
     from .calibrate import NEEDS_ARTIFACT, artifact_options
 
+    if args.grid_artifact and (args.grid != DEFAULT_GRID or args.to_zero):
+        raise ValueError("--grid-artifact gives the grid: --grid and --to-zero do not apply")
     need = NEEDS_ARTIFACT.get(args.solver)
     if need and not args.artifact and need not in options:
         raise ValueError(
@@ -297,6 +322,12 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if args.solver == "usf" and "plan" in options and options["plan"].ts is not None:
         grid = options["plan"].grid()  # a searched plan carries its own timesteps
     solver = get(args.solver, **options)
+    if args.grid_artifact:  # a learned grid (dpmlab calibrate grid), checked against model, solver and NFE
+        from .calibrate.grid import GridArtifact
+
+        art = GridArtifact.load(args.grid_artifact)
+        art.check(args.model, solver, args.nfe, getattr(model, "schedule", None))
+        grid = art.grid()
     from .models.t2i import TextToImage
 
     t2i = model if isinstance(model, TextToImage) else None
@@ -923,6 +954,7 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--seed", type=SEED, default=0)
     ps.add_argument("--grid", default=DEFAULT_GRID, choices=sorted(GRIDS))
     ps.add_argument("--to-zero", action="store_true", help="end the grid at sigma = 0")
+    ps.add_argument("--grid-artifact", default="", help="a learned grid (dpmlab calibrate grid) instead of --grid")
     ps.add_argument("--batch-size", type=POSITIVE, default=None)
     ps.add_argument("--label", default="", help="class-conditional models: a class name, or 'grid' (a class per row)")
     ps.add_argument("--out", default="samples.png", help="picture (.png)")
@@ -959,7 +991,7 @@ def build_parser() -> argparse.ArgumentParser:
     ps.set_defaults(func=_cmd_sample)
 
     pc = sub.add_parser("calibrate", help="fit a solver artifact: ems (DPM-Solver-v3), dc (DC-Solver), s3 (USF plan)")
-    pc.add_argument("kind", choices=["ems", "dc", "s3"])
+    pc.add_argument("kind", choices=["ems", "dc", "s3", "grid"])
     pc.add_argument("--model", default="gmm16", help=f"model name ({', '.join(available_models())})")
     pc.add_argument("--nfe", type=NFE, default=6, help="NFE budget the artifact is for (dc, s3)")
     pc.add_argument(
@@ -972,6 +1004,13 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--base", default="unipc", help="dc: the predictor-corrector solver to compensate")
     pc.add_argument("--grid", default=DEFAULT_GRID, choices=sorted(GRIDS), help="dc: the grid to fit on")
     pc.add_argument("--generations", type=POSITIVE, default=10, help="s3: evolutionary generations")
+    pc.add_argument("--solver", default="unipc", help="grid: the solver the grid is fitted for")
+    pc.add_argument(
+        "--method",
+        default="gits+e2e",
+        choices=("gits", "gits+e2e", "ld3"),
+        help="grid: GITS dynamic programming, + end-to-end refinement, + LD3-style soft teacher forcing",
+    )
     pc.add_argument("--seed", type=SEED, default=0)
     pc.add_argument("--out", required=True, help="artifact file (.safetensors for ems/dc, .json for s3)")
     pc.add_argument("--threads", type=POSITIVE, default=1)
