@@ -466,6 +466,24 @@ def _apply_overrides(base: dict[str, Any], flags: dict[str, Any], sets: Sequence
         _set_path(base, key.strip(), value)
 
 
+def _train_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The recipe fields the data and optimisation flags of ``train`` / ``finetune`` / ... set (None: not given)."""
+    return {
+        "data.name": args.data,
+        "data.path": args.data_path,
+        "data.size": args.image_size,
+        "data.channels": args.channels,
+        "train.steps": args.steps,
+        "train.batch_size": args.batch_size,
+        "train.lr": args.lr,
+        "train.warmup": args.warmup,
+        "train.ema_decay": args.ema_decay,
+        "train.seed": args.seed,
+        "train.checkpoint_every": args.checkpoint_every,
+        "name": args.name,
+    }
+
+
 def _train_method(args: argparse.Namespace) -> tuple[str, Path, Any]:
     """A method recipe (a ``method`` section, ``dpmlab.methods``) + flags + ``--set``: trained on the same
     trainer; sample the run with ``dpmlab.methods.load(<run folder>)``."""
@@ -479,21 +497,7 @@ def _train_method(args: argparse.Namespace) -> tuple[str, Path, Any]:
             "--set method.net=... / --set method.net_config.<field>=..."
         )
     base = load_method_recipe(args.recipe).to_dict()
-    flags = {
-        "data.name": args.data,
-        "data.path": args.data_path,
-        "data.size": args.image_size,
-        "data.channels": args.channels,
-        "train.steps": args.steps,
-        "train.batch_size": args.batch_size,
-        "train.lr": args.lr,
-        "train.warmup": args.warmup,
-        "train.ema_decay": args.ema_decay,
-        "train.seed": args.seed,
-        "train.checkpoint_every": args.checkpoint_every,
-        "name": args.name,
-        "data.conditional": False if args.unconditional else None,
-    }
+    flags = {**_train_flags(args), "data.conditional": False if args.unconditional else None}
     _apply_overrides(base, flags, args.set)
     recipe = MethodRecipe.from_dict(base)
     out = Path(args.out or f"runs/{recipe.name}")
@@ -508,21 +512,10 @@ def _train_recipe(args: argparse.Namespace) -> tuple[Any, Any]:
     base: dict[str, Any] = load_recipe(args.recipe).to_dict() if args.recipe else {"name": args.data or "run"}
     derive_net = "net_config" not in base.get("model", {})  # no recipe: size the network for the data
     flags = {
-        "data.name": args.data,
-        "data.path": args.data_path,
-        "data.size": args.image_size,
-        "data.channels": args.channels,
+        **_train_flags(args),
         "model.net": args.net,
         "model.objective": args.objective,
         "model.schedule": args.schedule,
-        "train.steps": args.steps,
-        "train.batch_size": args.batch_size,
-        "train.lr": args.lr,
-        "train.warmup": args.warmup,
-        "train.ema_decay": args.ema_decay,
-        "train.seed": args.seed,
-        "train.checkpoint_every": args.checkpoint_every,
-        "name": args.name,
     }
     if args.unconditional:
         flags["data.conditional"] = False

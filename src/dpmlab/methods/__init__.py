@@ -253,6 +253,29 @@ def save_method_model(
     return path
 
 
+def spec_denoiser(
+    path: Path,
+    spec: Mapping[str, Any],
+    tensors: Mapping[str, Tensor],
+    *,
+    edit: Callable[[nn.Module], nn.Module] | None = None,
+) -> Any:
+    """The frozen, eval-mode ``Denoiser`` of a method file whose network is a dpmlab ``ModelSpec`` (``spec``: its
+    dict), with ``.spec`` set; ``edit`` changes the built network before the weights load (LD-Pruner's pruning)."""
+    from ..models.hub import load_state
+    from ..models.nets import ModelSpec
+
+    ms = ModelSpec.from_dict(spec)
+    net = ms.build_net()
+    if edit is not None:
+        net = edit(net)
+    load_state(path, net, tensors)
+    net.eval().requires_grad_(False)
+    den = ms.denoiser(net)
+    den.spec = ms  # type: ignore[assignment]
+    return den
+
+
 def load(path: str | os.PathLike[str]) -> Any:
     """The trained model of a method run: a run folder (``model.safetensors``, else the checkpoint's EMA
     weights), a method model file or a method checkpoint."""

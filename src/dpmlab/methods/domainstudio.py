@@ -62,7 +62,7 @@ from ..models.hub import load_state
 from ..models.nets import ModelSpec, Objective
 from ..training.data import Dataset
 from ..training.losses import PredictionLoss, make_loss
-from . import Method, MethodRecipe, register_method, save_method_model
+from . import Method, MethodRecipe, register_method, save_method_model, spec_denoiser
 
 __all__ = [
     "DomainStudio",
@@ -344,13 +344,7 @@ class DomainStudioModel:
 
     @classmethod
     def from_file(cls, path: Path, info: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> DomainStudioModel:
-        spec = ModelSpec.from_dict(info["spec"])
-        net = spec.build_net()
-        load_state(path, net, tensors)
-        net.eval().requires_grad_(False)
-        den = spec.denoiser(net)
-        den.spec = spec  # type: ignore[assignment]
-        return cls(den, DomainStudio.from_dict(info["settings"]))
+        return cls(spec_denoiser(path, info["spec"], tensors), DomainStudio.from_dict(info["settings"]))
 
 
 # --- the text-to-image variant (DreamBooth-style, on a TextToImage latent model) ------------------------------

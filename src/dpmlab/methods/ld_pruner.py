@@ -59,7 +59,7 @@ from ..models.unet import UNet
 from ..solvers.base import get
 from ..training.data import Dataset
 from ..training.losses import make_loss
-from . import METHOD_FORMAT, Method, MethodRecipe, register_method
+from . import METHOD_FORMAT, Method, MethodRecipe, register_method, spec_denoiser
 
 __all__ = [
     "LDPruner",
@@ -480,12 +480,7 @@ class LDPrunedModel:
     def from_file(cls, path: Path, info: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> LDPrunedModel:
         if "unet_config" in info:
             return cls(_pruned_text_to_image(path, info, tensors), tuple(info["pruned"]), dict(info))
-        spec = ModelSpec.from_dict(info["spec"])
-        net = prune(spec.build_net(), info["pruned"])
-        load_state(path, net, tensors)
-        net.eval().requires_grad_(False)
-        den = spec.denoiser(net)
-        den.spec = spec  # type: ignore[assignment]
+        den = spec_denoiser(path, info["spec"], tensors, edit=lambda net: prune(net, info["pruned"]))
         return cls(den, tuple(info["pruned"]), dict(info))
 
 

@@ -51,13 +51,13 @@ from ..metrics.distances import PolynomialKernel, RBFKernel, mmd2_unbiased
 from ..metrics.features import load_mnist_classifier
 from ..models.denoiser import Denoiser
 from ..models.hub import load as load_model
-from ..models.hub import load_state, save_model
+from ..models.hub import save_model
 from ..models.nets import ModelSpec
 from ..solvers.base import Problem, Solver, get
 from ..solvers.differentiable import sample_with_grad
 from ..timesteps import make_grid
 from ..training.data import Dataset
-from . import Method, MethodRecipe, register_method
+from . import Method, MethodRecipe, register_method, spec_denoiser
 
 __all__ = ["MMDDDM", "MMDDDMObjective", "MMDDDMModel", "feature_map", "normalized", "tuned_grid"]
 
@@ -271,13 +271,7 @@ class MMDDDMModel:
 
     @classmethod
     def from_file(cls, path: Path, info: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> MMDDDMModel:
-        spec = ModelSpec.from_dict(info["spec"])
-        net = spec.build_net()
-        load_state(path, net, tensors)
-        net.eval().requires_grad_(False)
-        den = spec.denoiser(net)
-        den.spec = spec  # type: ignore[assignment]
-        return cls(den, MMDDDM.from_dict(info["settings"]))
+        return cls(spec_denoiser(path, info["spec"], tensors), MMDDDM.from_dict(info["settings"]))
 
 
 register_method(Method("mmd_ddm", MMDDDM, MMDDDMObjective, MMDDDMModel.from_file, kind="finetune"))
