@@ -90,8 +90,8 @@ def test_exact_eps_network_samples_x0_through_the_denoiser(form):
         x, x_hat = model.sample(z=z, solver=solver, nfe=nfe, to_zero=True, seed=3, return_x_hat=True)
         torch.testing.assert_close(x, x0, atol=2e-4, rtol=0)  # exact x0 predictions: every solver lands on x0
     assert float((x_hat - x0).abs().max()) > 0.5  # not vacuous: the (untrained) reconstruction is far from x0
-    # without to_zero the grid stops at t_min: the deterministic path stays on the ray alpha y + sigma eps_T
-    x = model.sample(z=z, solver="ddim", nfe=4, seed=3)
+    # with to_zero=False the grid stops at t_min: the deterministic path stays on the ray alpha y + sigma eps_T
+    x = model.sample(z=z, solver="ddim", nfe=4, seed=3, to_zero=False)
     sch = den.schedule
     y = x0 - x_hat if form is Form.FORM2 else x0
     start = dpmlab._utils.counter_normal(3, torch.arange(6), 0, (1, 8, 8))

@@ -130,8 +130,9 @@ def test_nfe_is_honest_and_steps_to_zero_are_finite(name, opts, steps):
 @pytest.mark.parametrize(("name", "opts"), [("dpm_solver", {"order": 3}), ("dpm_solver_fast", {})])
 def test_every_budget_is_reachable(name, opts):
     model = preset("gmm2d").denoiser(LinearVP())
-    for nfe in range(1, 13):
-        dpmlab.sample(model, 4, solver=name, nfe=nfe if name == "dpm_solver_fast" else 3 * nfe, **opts)
+    for nfe in range(1, 13):  # to t_min: multiples of 3; to sigma = 0 (the default): the last step is first order
+        dpmlab.sample(model, 4, solver=name, nfe=nfe if name == "dpm_solver_fast" else 3 * nfe, to_zero=False, **opts)
+        dpmlab.sample(model, 4, solver=name, nfe=nfe if name == "dpm_solver_fast" else 3 * nfe - 2, **opts)
     assert get("dpm_solver", order=3).nfe_for_steps(4, to_zero=True) == 10  # last step first order
 
 

@@ -26,11 +26,13 @@ def test_unknown_and_invalid_options():
 
 def test_nfe_budget_that_cannot_be_met():
     with pytest.raises(
-        ValueError, match="cannot use exactly nfe=10 on a grid ending at sigma=0; nearest possible budgets: 9, 11"
+        ValueError,
+        match="cannot use exactly nfe=10 on a grid ending at sigma=0; nearest possible budgets: 9, 11; "
+        r"a grid ending at t_min \(to_zero=False, --no-to-zero\) can",
     ):
-        dpmlab.sample("gmm16", 4, solver="heun", nfe=10, to_zero=True)
+        dpmlab.sample("gmm16", 4, solver="heun", nfe=10)  # the default grid ends at sigma = 0
     with pytest.raises(ValueError, match="cannot use exactly nfe=3.*nearest possible budgets: 2, 4"):
-        dpmlab.sample("gmm16", 4, solver="heun", nfe=3)
+        dpmlab.sample("gmm16", 4, solver="heun", nfe=3, to_zero=False)
     with pytest.raises(ValueError, match="nfe must be a whole number >= 1, got 0"):
         dpmlab.sample("gmm16", 4, solver="ddim", nfe=0)
 

@@ -32,7 +32,7 @@ LAYERS = {
     "__init__": 6,
     "__main__": 6,
 }
-SOLVER_SHARED = {"base", "_expint", "_ems", "__init__"}
+SOLVER_SHARED = {"base", "_expint", "_multistep", "_ems", "__init__"}  # shared math, the multistep engine
 
 
 def _module_of(path: Path) -> tuple[str, ...]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -405,3 +406,40 @@ def test_v3_steps_equal_dpm_solver_v3_and_released_schedules_run_with_a_fitted_e
     by_path = USF(plan, ems=str(tmp_path / "ems.safetensors"))
     assert torch.equal(S.sample(S.Problem(model, VPSDE), x, plan.grid(), by_path), out)
     assert json.loads(json.dumps(by_path.config()))["ems"] == str(tmp_path / "ems.safetensors")
+
+
+def test_s3_searches_the_released_decision_space_v3_linear_relaxation_and_every_afs():
+    """With the model's EMS and the dataset mean, S³ proposes what the authors' released schedules use:
+    v3 prediction steps, the linear relaxation with a (searched) coefficient, every AFS kind; without
+    them it never proposes v3 or "mean_x0" (they could not run). The searched plans run and are scored."""
+    import random
+
+    from dpmlab.calibrate.s3 import _Search
+
+    model = GMM.denoiser(VPSDE)
+    plan = initial_plans(VPSDE, 6, True, "gmm16")["unipc_bh1@uniform_lambda"]
+    mean = torch.zeros(16, dtype=torch.float64)
+
+    def seen(search):
+        preds, coefs, afs = set(), set(), set()
+        for _ in range(300):
+            p = search.mutate(plan)
+            afs.add(p.afs)
+            for st in p.steps:
+                preds.add(st.prediction)
+                if st.predictor.relaxation is Relaxation.LINEAR:
+                    coefs.add(round(st.predictor.coefficient, 6))
+        return preds, coefs, afs
+
+    preds, coefs, afs = seen(_Search(VPSDE, 6, True, random.Random(0), 1.0, v3=True, afs_mean=tuple(mean.tolist())))
+    assert Prediction.V3 in preds and len(coefs - {0.0}) > 5 and set(AFS) == afs
+    preds, _, afs = seen(_Search(VPSDE, 6, True, random.Random(0), 1.0))
+    assert Prediction.V3 not in preds and AFS.MEAN_X0 not in afs and AFS.EPS_X in afs
+    data = GMM.sample(64, generator=torch.Generator().manual_seed(5))
+    ems = fit_ems(model, VPSDE, data, n_points=64, grid_size=20, t_start=1.0, t_end=1e-4, model_name="gmm16")
+    res = fit_s3_plan(
+        model, VPSDE, 6, n_samples=16, population=8, generations=3, elite=2, ems=ems, afs_mean=mean, p_mutate=0.6
+    )
+    assert res.plan.nfe == 6 and math.isfinite(res.fitness) and res.fitness <= min(res.baselines.values())
+    with pytest.raises(ValueError, match="afs_mean has 3 values"):
+        fit_s3_plan(model, VPSDE, 6, n_samples=4, generations=1, afs_mean=torch.zeros(3))

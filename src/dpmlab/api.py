@@ -18,7 +18,7 @@ from .models.hub import load
 from .schedules import NoiseSchedule
 from .solvers.base import Problem, SeededNoise, Solver, StepInfo, get
 from .solvers.base import sample as run
-from .timesteps import DEFAULT_GRID, DISCRETE_GRIDS, GRIDS, check_grid, make_grid
+from .timesteps import DEFAULT_GRID, DISCRETE_GRIDS, GRIDS, check_grid, default_to_zero, make_grid
 from .typing import DenoiserFn
 
 __all__ = ["sample", "make_grid", "DISCRETE_GRIDS", "DEFAULT_GRID"]
@@ -76,8 +76,9 @@ def sample(
 
     ``model``: a ``DenoiserFn`` carrying ``.schedule`` (and ``.data_shape``), or a model name for
     ``dpmlab.load``. ``grid``: a name in ``dpmlab.timesteps.GRIDS`` or an explicit decreasing tensor
-    of times (then ``nfe`` may be ``None``). ``to_zero`` ends the grid at ``sigma = 0`` (default: only
-    the discrete spacings do). ``cond``: keyword arguments for the model, e.g. ``{"label": labels}`` or
+    of times (then ``nfe`` may be ``None``). ``to_zero`` ends the grid at ``sigma = 0`` (default: yes
+    where the schedule reaches it and no ``t_end`` is given; ``False`` stops at ``t_end`` / ``schedule.t_min``).
+    ``cond``: keyword arguments for the model, e.g. ``{"label": labels}`` or
     ``{"prompt": "a bold seven"}``; a tensor with one row per sample, or a list of ``n`` items (prompts),
     is split along with the batches. Returns ``(n, *shape)`` in
     ``dtype`` promoted to >= float32. ``x_T``: the starting state itself, ``(n, *shape)`` at the grid's first
@@ -112,7 +113,7 @@ def sample(
     if isinstance(grid, str):
         if grid not in GRIDS:
             raise ValueError(f"unknown grid {grid!r}; allowed: {', '.join(GRIDS)}")
-        zero = (grid in DISCRETE_GRIDS) if to_zero is None else bool(to_zero)
+        zero = default_to_zero(sch, t_end) if to_zero is None else bool(to_zero)
         if nfe is None:
             raise ValueError("nfe is required with a named grid")
         steps = slv.steps_for_nfe(nfe, zero)

@@ -67,7 +67,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
         cls = solver_class(name)
         default = get(name)
         special = cls.nfe_for_steps is not Solver.nfe_for_steps
-        per_step = f"{cls.evals_per_step}{'*' if special else ''}"
+        per_step = f"{default.nfe_for_steps(100, False) // 100}{'*' if special else ''}"
         rows.append((name, str(default.order), per_step, _stochastic(cls), cls.paper))
     if args.json:
         keys = ("name", "order", "nfe_per_step", "stochastic", "paper")
@@ -231,7 +231,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             args.nfe,
             n_datapoints=args.n or 10,
             grid=args.grid,
-            to_zero=False,
+            to_zero=schedule.t_zero is not None,  # as dpmlab sample's default grid
             seed=args.seed,
             model_name=args.model,
         )
@@ -276,7 +276,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             seed=args.seed,
             model_name=args.model,
             generations=args.generations,
-            to_zero=False,
+            to_zero=schedule.t_zero is not None,  # as dpmlab sample's default grid
             progress=True,
             select_n=n,
             report_n=n,
@@ -305,7 +305,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         raise ValueError(f"--options must be a JSON object, got {args.options!r}")
     from .calibrate import NEEDS_ARTIFACT, artifact_options
 
-    if args.grid_artifact and (args.grid != DEFAULT_GRID or args.to_zero):
+    if args.grid_artifact and (args.grid != DEFAULT_GRID or args.to_zero is not None):
         raise ValueError("--grid-artifact gives the grid: --grid and --to-zero do not apply")
     need = NEEDS_ARTIFACT.get(args.solver)
     if need and not args.artifact and need not in options:
@@ -382,7 +382,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         nfe=args.nfe,
         seed=args.seed,
         grid=grid,
-        to_zero=args.to_zero or None,
+        to_zero=args.to_zero,
         batch_size=args.batch_size,
         cond=cond,
     )
@@ -427,7 +427,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     title = (
         f"{args.model}{what}: {args.solver}"
         + (f" ({config})" if config else "")
-        + f", NFE={args.nfe}, n={args.n}, grid={args.grid}{', to zero' if args.to_zero else ''}, seed={args.seed}"
+        + f", NFE={args.nfe}, n={args.n}, grid={args.grid}"
+        + (", to t_min" if args.to_zero is False else "")
+        + f", seed={args.seed}"
         + (f", label={args.label}" if args.label else "")
         + (f", CFG w={args.guidance:g}" if args.guidance != 1.0 and t2i is None else "")
         + (f", classifier guidance {args.classifier_guidance:g}" if args.classifier_guidance else "")
@@ -946,7 +948,12 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("-n", type=POSITIVE, default=1000, help="number of samples")
     ps.add_argument("--seed", type=SEED, default=0)
     ps.add_argument("--grid", default=DEFAULT_GRID, choices=sorted(GRIDS))
-    ps.add_argument("--to-zero", action="store_true", help="end the grid at sigma = 0")
+    ps.add_argument(
+        "--to-zero",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="end the grid at sigma = 0 (default: yes where the schedule reaches it)",
+    )
     ps.add_argument("--grid-artifact", default="", help="a learned grid (dpmlab calibrate grid) instead of --grid")
     ps.add_argument("--batch-size", type=POSITIVE, default=None)
     ps.add_argument("--label", default="", help="class-conditional models: a class name, or 'grid' (a class per row)")

@@ -39,6 +39,7 @@ __all__ = [
     "make_grid",
     "DISCRETE_GRIDS",
     "DEFAULT_GRID",
+    "default_to_zero",
 ]
 
 
@@ -218,6 +219,12 @@ DISCRETE_GRIDS = ("linspace", "leading", "trailing")  # fixed by the training in
 # Measured best most often across solvers at NFE 4-20 on the analytic mixtures
 # (docs/benchmarks/solvers.md): quadratic in time beats uniform-lambda, uniform-time and Karras there.
 DEFAULT_GRID = "quadratic_time"
+
+
+def default_to_zero(schedule: NoiseSchedule, t_end: float | None = None) -> bool:
+    """The library's default end of a grid: ``sigma = 0`` (a last first-order step ``x = alpha x0``, as every
+    peer library ends) wherever the schedule reaches it and no ``t_end`` was asked for."""
+    return schedule.t_zero is not None and t_end is None
 
 
 def make_grid(

@@ -243,7 +243,7 @@ def _scheduler_class() -> type:
                 raise ValueError("clip_sample=True and thresholding=True are exclusive; choose one")
             self.schedule = schedule_from_config(self.config)
             self.solver = get(solver, **(solver_options or {}))
-            self.order = type(self.solver).evals_per_step
+            self.order = self.solver.nfe_for_steps(100, False) // 100  # evaluations per step (progress bars)
             self._threshold = (
                 DynamicThreshold(_identity, ratio=dynamic_thresholding_ratio, s_max=sample_max_value)
                 if thresholding

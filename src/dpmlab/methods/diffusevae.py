@@ -55,7 +55,7 @@ from ..models.unet import UNet, UNetConfig
 from ..schedules import DiscreteVP, get_schedule
 from ..solvers.base import Problem, SeededNoise, Solver, get
 from ..solvers.base import sample as run
-from ..timesteps import DEFAULT_GRID, DISCRETE_GRIDS, make_grid
+from ..timesteps import DEFAULT_GRID, default_to_zero, make_grid
 from ..training.data import Dataset
 from ..training.losses import PredictionLoss
 from ..typing import DenoiserFn
@@ -433,7 +433,7 @@ class DiffuseVAEModel:
         x_hat = self.decode(z)
         slv = get(solver) if isinstance(solver, str) else solver
         sch = self.denoiser.schedule
-        zero = (grid in DISCRETE_GRIDS) if to_zero is None else bool(to_zero)
+        zero = default_to_zero(sch) if to_zero is None else bool(to_zero)
         ts = make_grid(sch, grid, slv.steps_for_nfe(nfe, zero), to_zero=zero)
         x = float(sch.sigma(ts[:1])) * counter_normal(seed, ids, 0, tuple(x_hat.shape[1:]))
         den = Clipped(self.guided(guidance), self.settings.form) if clip else self.guided(guidance)

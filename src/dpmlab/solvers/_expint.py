@@ -1,6 +1,7 @@
 """Shared exponential-integrator math (the only copy): per-interval coefficients in float64, the phi
-functions, Taylor weights for derivative estimates in ``lam``, and the singlestep / multistep updates
-of DPM-Solver (noise form) and DPM-Solver++ (data form), written once for both forms.
+functions, Taylor weights for derivative estimates in ``lam``, and the singlestep updates of DPM-Solver
+(noise form) and DPM-Solver++ (data form), written once for both forms. Every multistep method runs on the
+one engine built on these coefficients, ``_multistep``.
 
 Exact solution of the PF-ODE from ``s`` to ``t`` (``h = lam_t - lam_s``), data form::
 
@@ -50,7 +51,6 @@ __all__ = [
     "expint_coeffs",
     "taylor_weights",
     "lincomb",
-    "multistep_update",
     "multistep_order",
     "LOWER_ORDER_FINAL_BELOW",
     "singlestep_node",
@@ -179,12 +179,18 @@ def expint_coeffs(c: Interval, n: int, form: Form, *, eta: float = 0.0) -> tuple
 
 def taylor_weights(r: Sequence[float]) -> list[list[float]]:
     """``W`` with ``D_j = sum_i W[j][i] m_i``: the scaled derivatives ``h^j p^(j)(lam)`` at ``lam`` of the
-    polynomial through ``(lam + r_i h, m_i)``; ``r[0]`` must be 0 (the expansion point)."""
+    polynomial through ``(lam + r_i h, m_i)``; ``r[0]`` must be 0 (the expansion point). Memoised: a sampling
+    loop asks for the same nodes once per batch."""
     if len(r) < 1 or r[0] != 0.0 or len(set(r)) != len(r):
         raise ValueError(f"nodes r must start at 0 and be distinct, got {list(r)}")
+    return [list(row) for row in _taylor_weights(tuple(float(v) for v in r))]
+
+
+@functools.lru_cache(maxsize=4096)
+def _taylor_weights(r: tuple[float, ...]) -> tuple[tuple[float, ...], ...]:
     n = len(r)
     vander = torch.tensor([[ri**j / math.factorial(j) for j in range(n)] for ri in r], dtype=torch.float64)
-    return torch.linalg.inv(vander).tolist()  # m_i = sum_j V[i][j] D_j
+    return tuple(tuple(row) for row in torch.linalg.inv(vander).tolist())  # m_i = sum_j V[i][j] D_j
 
 
 def lincomb(coeffs: Sequence[float], xs: Sequence[Tensor]) -> Tensor:
@@ -194,42 +200,6 @@ def lincomb(coeffs: Sequence[float], xs: Sequence[Tensor]) -> Tensor:
         if w != 0.0:
             out = w * x if out is None else out + w * x
     return out if out is not None else torch.zeros_like(xs[0])
-
-
-def multistep_update(
-    c: Interval,
-    x: Tensor,
-    ms: Sequence[Tensor],
-    lams: Sequence[float],
-    form: Form,
-    *,
-    solver_type: str = "midpoint",
-    third_order_term: str = "taylor",
-    eta: float = 0.0,
-) -> Tensor:
-    """Multistep step of order ``len(ms)`` (1..3) over ``c`` from outputs ``ms[j]`` at ``lams[j]``, newest
-    first (``lams[0] == c.lam``). Order 2 (DPM-Solver++ Alg. 2): ``D1 = (m0 - m1) / r0``, ``r0 = h0 / h``,
-    weight ``b_0 / 2`` ("midpoint") or ``b_1`` ("heun"). Order 3: ``D1 = D1_0 + r0/(r0+r1)(D1_0 - D1_1)``,
-    ``D2 = (D1_0 - D1_1)/(r0+r1)`` (= ``h^2 m''/2``), weights ``b_1`` and ``2 b_2`` ("taylor", third order)
-    or ``b_2`` ("reference": the authors' / diffusers' / k-diffusion's weight, formally second order)."""
-    k = len(ms)
-    if not 1 <= k <= 3 or len(lams) != k:
-        raise ValueError(f"multistep order must be 1..3 with one lambda per output, got {k} outputs")
-    a, b = expint_coeffs(c, k, form, eta=eta)
-    if k == 1:
-        return a * x + b[0] * ms[0]
-    h = c.h
-    r0 = (lams[0] - lams[1]) / h  # previous step over this step
-    d1_0 = (ms[0] - ms[1]) / r0
-    if k == 2:
-        w1 = 0.5 * b[0] if solver_type == "midpoint" else b[1]
-        return a * x + b[0] * ms[0] + w1 * d1_0
-    r1 = (lams[1] - lams[2]) / h
-    d1_1 = (ms[1] - ms[2]) / r1
-    d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)  # h m'
-    d2 = (d1_0 - d1_1) / (r0 + r1)  # h^2 m'' / 2
-    w2 = 2.0 * b[2] if third_order_term == "taylor" else b[2]
-    return a * x + b[0] * ms[0] + b[1] * d1 + w2 * d2
 
 
 def multistep_order(order: int, available: int, i: int, steps: int, lower_order_final: bool, to_zero: bool) -> int:

@@ -172,8 +172,9 @@ class Solver(ABC, Generic[S]):
 
     @property
     def order(self) -> int:
-        """Convergence order of the deterministic solver (read-only). Subclasses override it with a
-        class constant (``order = 2``), a dataclass field (``order: int = 3``) or a property."""
+        """Convergence order of the deterministic solver. Defined one way per kind of solver: a dataclass
+        field where the paper makes it the option (``order: int = 3``: DPM-Solver-k, DEIS, DPM-Solver-v3),
+        else a read-only property computed from the options (DDIM: 1, UniPC: p + 1, a wrapper: its base's)."""
         return 1
 
     def is_stochastic(self) -> bool:
@@ -217,9 +218,11 @@ class Solver(ABC, Generic[S]):
         feasible = sorted(set(counts.values()))
         near = [c for c in feasible if c < nfe][-1:] + [c for c in feasible if c > nfe][:1]
         where = " on a grid ending at sigma=0" if to_zero else ""
+        other = to_zero and any(self.nfe_for_steps(n, False) == nfe for n in range(1, nfe + 1))
         raise ValueError(
             f"solver {self.name!r} cannot use exactly nfe={nfe}{where}; "
             f"nearest possible budgets: {', '.join(map(str, near)) or 'none'}"
+            + ("; a grid ending at t_min (to_zero=False, --no-to-zero) can" if other else "")
         )
 
     def config(self) -> dict[str, Any]:

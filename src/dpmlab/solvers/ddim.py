@@ -17,11 +17,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from ._expint import interval
+from ._multistep import Taylor, update
 from .base import Problem, Solver, register
+
+FIRST_ORDER = Taylor()
 
 
 @register("ddim")
@@ -29,7 +31,10 @@ from .base import Problem, Solver, register
 class DDIM(Solver[None]):
     eta: float = 0.0  # 0: deterministic DDIM; 1: ancestral (DDPM posterior variance)
 
-    order = 1
+    @property
+    def order(self) -> int:
+        return 1
+
     paper = "Song et al. 2021, DDIM (arXiv 2010.02502)"
 
     def __post_init__(self) -> None:
@@ -43,8 +48,8 @@ class DDIM(Solver[None]):
         c = interval(problem.schedule, ts, i)
         x0 = problem.denoise(x, c.t)  # data prediction at (x, t)
         if self.eta == 0 or c.sigma_next == 0:
-            # deterministic: exponential-integrator form of eq. (12)
-            return torch.add(x * c.sigma_ratio, x0, alpha=-c.alpha_next * math.expm1(-c.h)), None
+            # deterministic: the engine's first-order update, the exponential-integrator form of eq. (12)
+            return update(c, x, (c.lam,), (x0,), FIRST_ORDER, "data"), None
         eps = (x - c.alpha * x0) / c.sigma  # noise prediction
         s = self.eta * c.sigma_next * math.sqrt(-math.expm1(-2.0 * c.h))  # eq. (16)
         if s > c.sigma_next:

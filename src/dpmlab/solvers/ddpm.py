@@ -48,7 +48,10 @@ def posterior(problem: Problem, x: Tensor, ts: Tensor, i: int) -> tuple[Tensor, 
 class DDPM(Solver[None]):
     variance: Literal["fixed_small", "fixed_large"] = "fixed_small"  # posterior (beta~) or prior (beta)
 
-    order = 1
+    @property
+    def order(self) -> int:
+        return 1
+
     stochastic = True
     paper = "Ho et al. 2020, DDPM (arXiv 2006.11239)"
 

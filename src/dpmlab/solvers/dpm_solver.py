@@ -40,14 +40,13 @@ from ._expint import (
     SOLVER_TYPES,
     THIRD_ORDER_TERMS,
     interval,
-    multistep_order,
-    multistep_update,
     output_fn,
     singlestep_final,
     singlestep_node,
     singlestep_update,
     span,
 )
+from ._multistep import Buffer, advance, dpm_solver_rule
 from .base import Problem, Solver, ends_at_zero, register
 
 PAPER = "Lu et al. 2022, DPM-Solver (arXiv 2206.00927)"
@@ -65,13 +64,6 @@ def _check(order: int, allowed: tuple[int, ...], solver_type: str) -> None:
         raise ValueError(f"unknown solver_type {solver_type!r}; allowed: {', '.join(SOLVER_TYPES)}")
 
 
-class _OrderEvals:
-    """``evals_per_step`` of a singlestep solver: its ``order`` (on the class: the default order's)."""
-
-    def __get__(self, obj: object, owner: type) -> int:
-        return int((obj if obj is not None else owner).order)  # type: ignore[attr-defined]
-
-
 @register("dpm_solver")
 @dataclass(frozen=True)
 class DPMSolver(Solver[None]):
@@ -80,7 +72,6 @@ class DPMSolver(Solver[None]):
     r2: float | None = None  # second node ratio (order 3); default 2/3
     solver_type: str = "midpoint"  # "midpoint" (paper's "dpmsolver") | "heun" ("taylor")
 
-    evals_per_step = _OrderEvals()  # type: ignore[assignment]
     paper = PAPER
     # The registry's steps (12..96) are pre-asymptotic for "midpoint" order 3 (errors fall 16x from 12 to
     # 24 steps: slope 3.33; 3.02 from 24 steps on, tests/test_dpm_solver.py); "heun" is also third order.
@@ -168,7 +159,7 @@ class DPMSolverFast(Solver[tuple[Any, ...]]):
 
 @register("dpm_solver_multistep")
 @dataclass(frozen=True)
-class DPMSolverMultistep(Solver[tuple[Any, ...]]):
+class DPMSolverMultistep(Solver[Buffer]):
     order: int = 2  # 2 or 3 (warm-up with lower orders)
     lower_order_final: bool = True  # orders 1, 2 at the last steps of grids with < 15 steps
     solver_type: str = "midpoint"  # "midpoint" | "heun" (second-order coefficient)
@@ -182,15 +173,20 @@ class DPMSolverMultistep(Solver[tuple[Any, ...]]):
         if self.third_order_term not in THIRD_ORDER_TERMS:
             raise ValueError(f"unknown third_order_term {self.third_order_term!r}; allowed: {THIRD_ORDER_TERMS}")
 
-    def init(self, problem: Problem, x: Tensor, ts: Tensor) -> tuple[Any, ...]:
-        return ()  # history of (lam, eps), newest first
+    def init(self, problem: Problem, x: Tensor, ts: Tensor) -> Buffer:
+        return Buffer()  # the engine's buffer of outputs (read as eps)
 
-    def step(self, problem: Problem, x: Tensor, ts: Tensor, i: int, state: tuple[Any, ...]) -> tuple[Tensor, Any]:
+    def step(self, problem: Problem, x: Tensor, ts: Tensor, i: int, state: Buffer) -> tuple[Tensor, Buffer]:
         c = interval(problem.schedule, ts, i)
-        hist = ((c.lam, _eps(problem, x, c.t)), *state)[: self.order]  # eps at (x, t), then the history
-        k = multistep_order(self.order, len(hist), i, len(ts) - 1, self.lower_order_final, c.sigma_next == 0)
-        lams, ms = zip(*hist[:k])  # the k newest outputs
-        x_next = multistep_update(
-            c, x, ms, lams, "noise", solver_type=self.solver_type, third_order_term=self.third_order_term
+        rule = dpm_solver_rule(
+            self.order,
+            len(state.lams) + 1,
+            i,
+            len(ts) - 1,
+            lower_order_final=self.lower_order_final,
+            to_zero=c.sigma_next == 0,
+            form="noise",
+            solver_type=self.solver_type,
+            third_order_term=self.third_order_term,
         )
-        return x_next, hist
+        return advance(problem, x, c, i, state, rule)

@@ -10,7 +10,7 @@ coefficients ``a = sigma_t/sigma_s``, ``b_k = alpha_t h phi_{k+1}(-h)`` live in 
 * ``dpm_solver_pp`` (Algorithm 2, multistep, 1 evaluation per step): order 1 (= DDIM), 2M with
   ``r = h_{i-1}/h_i``, ``D = (1 + 1/(2r)) x0_{i-1} - 1/(2r) x0_{i-2}``, ``x_i = (sigma_i/sigma_{i-1}) x -
   alpha_i (e^{-h_i} - 1) D`` ("midpoint", the paper and diffusers default; "heun" uses ``b_1``), and 3M
-  (authors' code) with Taylor weights ``b_1 D1 + 2 b_2 D2`` (see ``_expint.multistep_update``).
+  (authors' code) with Taylor weights ``b_1 D1 + 2 b_2 D2`` (the multistep steps run on ``_multistep``'s engine).
 * ``sde_dpm_solver_pp`` (diffusers ``sde-dpmsolver++``, k-diffusion ``dpmpp_2m_sde`` / ``dpmpp_3m_sde``):
   with ``H = (1 + eta) h`` the step is ``x_t = (sigma_t/sigma_s) e^{-eta h} x + alpha_t (1 - e^{-H}) x0
   [+ higher terms as above with b_k(H)] + sigma_t sqrt(1 - e^{-2 eta h}) z``, ``z = problem.randn(i, x)``;
@@ -40,14 +40,8 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
-from ._expint import (
-    SOLVER_TYPES,
-    THIRD_ORDER_TERMS,
-    interval,
-    multistep_order,
-    multistep_update,
-    singlestep_update,
-)
+from ._expint import SOLVER_TYPES, THIRD_ORDER_TERMS, interval, singlestep_update
+from ._multistep import Buffer, advance, dpm_solver_rule
 from .base import Problem, Solver, register
 
 PAPER = "Lu et al. 2022, DPM-Solver++ (arXiv 2211.01095)"
@@ -68,7 +62,10 @@ class DPMSolverPP2S(Solver[None]):
     r1: float = 0.5  # intermediate node at lam + r1 h
     solver_type: str = "midpoint"  # "midpoint" (Algorithm 1) | "heun" (Taylor coefficient b_1)
 
-    order = 2
+    @property
+    def order(self) -> int:
+        return 2
+
     evals_per_step = 2
     paper = PAPER
 
@@ -90,30 +87,27 @@ class DPMSolverPP2S(Solver[None]):
 
 
 def _multistep(
-    solver: DPMSolverPP | SDEDPMSolverPP,
-    eta: float,
-    problem: Problem,
-    x: Tensor,
-    ts: Tensor,
-    i: int,
-    state: tuple[Any, ...],
-) -> tuple[Tensor, tuple[Any, ...]]:
-    """One multistep step (ODE for ``eta = 0``) with the history ``state`` of ``(lam, x0)``, newest first."""
+    solver: DPMSolverPP | SDEDPMSolverPP, eta: float, problem: Problem, x: Tensor, ts: Tensor, i: int, state: Buffer
+) -> tuple[Tensor, Buffer]:
+    """One multistep step (ODE for ``eta = 0``) on the engine, with its buffer of x0 outputs."""
     c = interval(problem.schedule, ts, i)
-    hist = ((c.lam, problem.denoise(x, c.t)), *state)[: solver.order]  # x0 at (x, t), then the history
-    k = multistep_order(solver.order, len(hist), i, len(ts) - 1, solver.lower_order_final, c.sigma_next == 0)
-    lams, ms = zip(*hist[:k])
-    x_next = multistep_update(
-        c, x, ms, lams, "data", solver_type=solver.solver_type, third_order_term=solver.third_order_term, eta=eta
+    rule = dpm_solver_rule(
+        solver.order,
+        len(state.lams) + 1,
+        i,
+        len(ts) - 1,
+        lower_order_final=solver.lower_order_final,
+        to_zero=c.sigma_next == 0,
+        form="data",
+        solver_type=solver.solver_type,
+        third_order_term=solver.third_order_term,
     )
-    if eta > 0 and c.sigma_next > 0:  # SDE noise sigma_t sqrt(1 - e^{-2 eta h}) z
-        x_next = x_next + c.sigma_next * math.sqrt(-math.expm1(-2.0 * eta * c.h)) * problem.randn(i, x)
-    return x_next, hist
+    return advance(problem, x, c, i, state, rule, eta=eta)
 
 
 @register("dpm_solver_pp")
 @dataclass(frozen=True)
-class DPMSolverPP(Solver[tuple[Any, ...]]):
+class DPMSolverPP(Solver[Buffer]):
     order: int = 2  # 1, 2 (2M) or 3 (3M); warm-up with lower orders
     lower_order_final: bool = True  # orders 1, 2 at the last steps of grids with < 15 steps
     solver_type: str = "midpoint"  # "midpoint" | "heun" (second-order coefficient)
@@ -125,16 +119,16 @@ class DPMSolverPP(Solver[tuple[Any, ...]]):
     def __post_init__(self) -> None:
         _check(self.order, self.solver_type, self.third_order_term)
 
-    def init(self, problem: Problem, x: Tensor, ts: Tensor) -> tuple[Any, ...]:
-        return ()  # history of (lam, x0), newest first
+    def init(self, problem: Problem, x: Tensor, ts: Tensor) -> Buffer:
+        return Buffer()  # the engine's buffer of outputs
 
-    def step(self, problem: Problem, x: Tensor, ts: Tensor, i: int, state: tuple[Any, ...]) -> tuple[Tensor, Any]:
+    def step(self, problem: Problem, x: Tensor, ts: Tensor, i: int, state: Buffer) -> tuple[Tensor, Buffer]:
         return _multistep(self, 0.0, problem, x, ts, i, state)
 
 
 @register("sde_dpm_solver_pp")
 @dataclass(frozen=True)
-class SDEDPMSolverPP(Solver[tuple[Any, ...]]):
+class SDEDPMSolverPP(Solver[Buffer]):
     order: int = 2  # 1, 2 (2M SDE) or 3 (3M SDE); warm-up with lower orders
     eta: float = 1.0  # noise: 1 = the reverse SDE, 0 = the ODE solver dpm_solver_pp
     lower_order_final: bool = True  # orders 1, 2 at the last steps of grids with < 15 steps
@@ -153,10 +147,10 @@ class SDEDPMSolverPP(Solver[tuple[Any, ...]]):
     def is_stochastic(self) -> bool:
         return self.eta > 0
 
-    def init(self, problem: Problem, x: Tensor, ts: Tensor) -> tuple[Any, ...]:
-        return ()
+    def init(self, problem: Problem, x: Tensor, ts: Tensor) -> Buffer:
+        return Buffer()
 
-    def step(self, problem: Problem, x: Tensor, ts: Tensor, i: int, state: tuple[Any, ...]) -> tuple[Tensor, Any]:
+    def step(self, problem: Problem, x: Tensor, ts: Tensor, i: int, state: Buffer) -> tuple[Tensor, Buffer]:
         if self.eta > 0 and not float(ts[i + 1]) < float(ts[i]):
             raise ValueError("SDE-DPM-Solver++ with eta > 0 samples on a decreasing grid only")
         return _multistep(self, self.eta, problem, x, ts, i, state)

@@ -28,7 +28,10 @@ from .base import Problem, Solver, register
 @register("euler")
 @dataclass(frozen=True)
 class Euler(Solver[None]):
-    order = 1
+    @property
+    def order(self) -> int:
+        return 1
+
     paper = "Karras et al. 2022, EDM Algorithm 1 (arXiv 2206.00364)"
 
     def step(self, problem: Problem, x: Tensor, ts: Tensor, i: int, state: None) -> tuple[Tensor, None]:
@@ -49,7 +52,10 @@ class Heun(Solver[None]):
     S_tmax: float = math.inf
     S_noise: float = 1.0  # noise inflation
 
-    order = 2
+    @property
+    def order(self) -> int:
+        return 2
+
     evals_per_step = 2
     paper = "Karras et al. 2022, EDM Algorithm 2 (arXiv 2206.00364)"
 

@@ -57,7 +57,10 @@ class _Pseudo(Solver[tuple[Tensor, ...]]):
     n_warmup: ClassVar[int]
     stages: ClassVar[int]
     max_ab: ClassVar[int]
-    order = 2
+
+    @property
+    def order(self) -> int:
+        return 2
 
     def init(self, problem: Problem, x: Tensor, ts: Tensor) -> tuple[Tensor, ...]:
         return ()

@@ -14,6 +14,12 @@ with ``R[i, k] = r_k^i``, ``b_i = i! hh phi_{i+1}(hh) / B(h)`` and ``B(h) = hh``
 costs no evaluation, the buffer keeps ``m`` at the *predicted* ``x~_t`` and the corrected ``x^c_t``
 is what continues. UniP-p has order p, UniPC-p order p + 1.
 
+Computed on the one multistep engine (``_multistep``): solving ``R a = b`` is polynomial interpolation, so
+UniP-p is the engine's Taylor expansion of order p from the p - 1 previous outputs and UniC-p the order-p+1
+expansion with the new point; ``B(h)`` cancels except in UniPC's hard-coded ``a = 1/2`` (UniP-2, UniC-1),
+which are the engine's relaxations "unipc-bh1" / "unipc-bh2". tests/test_multistep_engine.py checks the
+engine against the closed form above.
+
 ``unipc`` runs the paper's schedule: warm-up orders 1..p-1, ``lower_order_final`` (order
 ``min(p, N - i)`` on step i, always as in the authors' code, not gated on N), no corrector on the
 final step. ``unic`` wraps any deterministic solver whose step starts by evaluating the model at
@@ -35,33 +41,24 @@ thing for eps-networks).
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from ._expint import Interval, interval, phi
+from ._expint import interval
+from ._multistep import Buffer, advance, unic_expansion, unipc_rule, update
 from .base import FirstEvaluation, Problem, Solver, get, register
 
 VARIANTS = ("bh1", "bh2")
 PREDICTIONS = ("data", "noise")
 
 
-# --- small linear algebra ------------------------------------------------------------------------
-def _solve(rows: list[list[float]], rhs: list[float]) -> list[float]:
-    """Solve the small Vandermonde system ``R a = b`` in float64."""
-    a = torch.linalg.solve(torch.tensor(rows, dtype=torch.float64), torch.tensor(rhs, dtype=torch.float64))
-    return a.tolist()
-
-
-# --- the UniPC update -----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class History:
-    """Model outputs (x0 or eps, oldest first) at ``lams``; ``m_next``: the corrector's evaluation
-    at the current point, to be reused as the next step's ``m_0``; ``base``: a wrapped solver's state."""
+    """UniC's state: model outputs (x0 or eps, oldest first) at ``lams``; ``m_next``: the corrector's
+    evaluation at the current point, to be reused as the next step's ``m_0``; ``base``: the base's state."""
 
     lams: tuple[float, ...] = ()
     ms: tuple[Tensor, ...] = ()
@@ -74,43 +71,6 @@ def _as_m(prediction: str, x: Tensor, x0: Tensor, alpha: float, sigma: float) ->
     return x0 if prediction == "data" else (x - alpha * x0) / sigma
 
 
-def _uni(
-    x: Tensor,
-    c: Interval,
-    lams: tuple[float, ...],
-    ms: tuple[Tensor, ...],
-    p: int,
-    variant: str,
-    prediction: str,
-    m_t: Tensor | None = None,
-) -> Tensor:
-    """UniP-p (``m_t`` None) or UniC-p (``m_t`` = model output at the predicted point) from ``x`` at t."""
-    m0, data = ms[-1], prediction == "data"
-    if c.sigma_next == 0:  # step to sigma = 0: first order in data form, x = alpha_t x0
-        x0 = m0 if data else (x - c.sigma * m0) / c.alpha
-        return c.alpha_next * x0
-    h = c.h
-    hh = -h if data else h
-    if data:  # x^(1): the first-order (DDIM) part
-        x1 = c.sigma_ratio * x - (c.alpha_next * math.expm1(hh)) * m0
-    else:
-        x1 = c.alpha_ratio * x - (c.sigma_next * math.expm1(hh)) * m0
-    rks = [(lams[-1 - k] - lams[-1]) / h for k in range(1, p)]  # r_k < 0 for past points
-    D = [(ms[-1 - k] - m0) / rk for k, rk in zip(range(1, p), rks)]  # D_k
-    if m_t is not None:
-        rks, D = rks + [1.0], D + [m_t - m0]  # corrector: the new point at r = 1
-    if not D:
-        return x1
-    B_h = hh if variant == "bh1" else math.expm1(hh)  # B(h)
-    if len(D) == 1:
-        a = [0.5]  # authors' simplified UniP-2 / UniC-1 coefficient
-    else:
-        b = [math.factorial(i) * hh * phi(hh, i + 1) / B_h for i in range(1, len(D) + 1)]  # b_i
-        a = _solve([[rk**i for rk in rks] for i in range(len(D))], b)  # R a = b, R[i, k] = r_k^i
-    res = sum(ak * Dk for ak, Dk in zip(a, D))
-    return x1 - ((c.alpha_next if data else c.sigma_next) * B_h) * res
-
-
 def _check(variant: str, prediction: str) -> None:
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
@@ -120,7 +80,7 @@ def _check(variant: str, prediction: str) -> None:
 
 @register("unipc")
 @dataclass(frozen=True)
-class UniPC(Solver[History]):
+class UniPC(Solver[Buffer]):
     predictor_order: int = 2  # p of UniP-p (the paper's "UniPC-p"); the corrector raises it to p + 1
     variant: str = "bh1"  # B(h): "bh1" (h) or "bh2" (e^h - 1); the authors recommend bh1 without guidance
     prediction: str = "data"  # "data" (x0; the authors' default) or "noise" (eps)
@@ -140,34 +100,36 @@ class UniPC(Solver[History]):
     def order(self) -> int:
         return self.predictor_order + (1 if self.use_corrector else 0)
 
-    def init(self, problem: Problem, x: Tensor, ts: Tensor) -> History:
-        return History()
+    def init(self, problem: Problem, x: Tensor, ts: Tensor) -> Buffer:
+        return Buffer()  # the engine's buffer of outputs
 
     def nfe_for_steps(self, steps: int, to_zero: bool) -> int:
         return steps + (1 if self.use_corrector and self.final_corrector and not to_zero else 0)
 
-    def pending_output(self, state: History) -> Tensor | None:
-        return state.m_next  # the corrector's evaluation at (x~_t, t), reused by the next step
+    def pending_output(self, state: Buffer) -> Tensor | None:
+        """The corrector's evaluation at ``(x~_t, t)`` the next step reuses, in this solver's form."""
+        return state.output(-1, self.prediction) if state.pending else None
 
-    def with_pending_output(self, state: History, output: Tensor) -> History:
-        if state.m_next is None:
+    def with_pending_output(self, state: Buffer, output: Tensor) -> Buffer:
+        if not state.pending:
             raise ValueError("UniPC: this state holds no pending corrector evaluation to replace")
-        return dataclasses.replace(state, m_next=output)
+        return state.with_newest(output, self.prediction)
 
-    def step(self, problem: Problem, x: Tensor, ts: Tensor, i: int, state: History) -> tuple[Tensor, History]:
-        c, n = interval(problem.schedule, ts, i), len(ts) - 1
-        m0 = state.m_next  # the corrector's evaluation at (x~_t, t), when there was one
-        if m0 is None:
-            m0 = _as_m(self.prediction, x, problem.denoise(x, c.t), c.alpha, c.sigma)
-        lams = (state.lams + (c.lam,))[-self.predictor_order :]  # buffer of the last p outputs
-        ms = (state.ms + (m0,))[-self.predictor_order :]
-        p = min(self.predictor_order, len(ms), n - i if self.lower_order_final else n)  # warm-up, final
-        x_pred = _uni(x, c, lams, ms, p, self.variant, self.prediction)  # UniP-p
-        if not self.use_corrector or c.sigma_next == 0 or (i == n - 1 and not self.final_corrector):
-            return x_pred, History(lams, ms)
-        m_t = _as_m(self.prediction, x_pred, problem.denoise(x_pred, c.t_next), c.alpha_next, c.sigma_next)
-        x_c = _uni(x, c, lams, ms, p, self.variant, self.prediction, m_t)  # UniC-p
-        return x_c, History(lams, ms, m_t)
+    def step(self, problem: Problem, x: Tensor, ts: Tensor, i: int, state: Buffer) -> tuple[Tensor, Buffer]:
+        c = interval(problem.schedule, ts, i)
+        rule = unipc_rule(
+            self.predictor_order,
+            len(state.lams) + (0 if state.pending else 1),  # outputs up to and including the one at t_i
+            i,
+            len(ts) - 1,
+            variant=self.variant,
+            form=self.prediction,
+            lower_order_final=self.lower_order_final,
+            corrector=self.use_corrector,
+            final_corrector=self.final_corrector,
+            to_zero=c.sigma_next == 0,
+        )
+        return advance(problem, x, c, i, state, rule)
 
 
 # --- UniC after any solver ----------------------------------------------------------------------
@@ -233,5 +195,6 @@ class UniC(Solver[History]):
         if c.sigma_next == 0 or (i == n - 1 and not self.final_corrector):
             return x_pred, History(lams, ms, None, base_state)
         m_t = _as_m(self.prediction, x_pred, problem.denoise(x_pred, c.t_next), c.alpha_next, c.sigma_next)
-        x_c = _uni(x, c, lams, ms, min(self.p, len(ms)), self.variant, self.prediction, m_t)  # UniC-p
+        tay = unic_expansion(min(self.p, len(ms)), self.variant)
+        x_c = update(c, x, lams, ms, tay, self.prediction, new=m_t)  # UniC-p on the engine
         return x_c, History(lams, ms, m_t, base_state)

@@ -55,35 +55,38 @@ from torch import Tensor
 
 from .._utils import atomic_write
 from ._ems import EMS, _Coeffs
-from ._expint import Interval, expint_coeffs, interval, lincomb, multistep_order, phi, taylor_weights
+from ._expint import Interval, interval, lincomb, taylor_weights
+from ._multistep import (
+    MAX_ORDER,
+    Buffer,
+    Corrector,
+    Prediction,
+    Relaxation,
+    Step,
+    Taylor,
+    advance,
+    check_int,
+    dpm_solver_rule,
+    relaxation_factor,
+    unipc_rule,
+)
 from .base import Problem, Solver, ends_at_zero, register
 
-__all__ = ["Prediction", "Relaxation", "Corrector", "AFS", "Family", "Taylor", "Step", "Plan", "Preset", "USF"]
+__all__ = [
+    "Prediction",
+    "Relaxation",
+    "Corrector",
+    "AFS",
+    "Family",
+    "Taylor",
+    "Step",
+    "Plan",
+    "Preset",
+    "USF",
+    "relaxation_factor",
+]
 
-MAX_ORDER = 4  # Taylor orders 1..4 and at most 4 points per derivative estimate (USF's range)
 PLAN_FORMAT, PLAN_VERSION = "dpmlab.usf_plan", 1
-
-
-class Prediction(StrEnum):
-    DATA = "data"  # x0 (DPM-Solver++, UniPC default)
-    NOISE = "noise"  # eps (DPM-Solver)
-    V3 = "v3"  # DPM-Solver-v3's g of f = (sigma eps - l x) / alpha; needs USF(ems=...) (the EMS l, s, b)
-
-
-class Relaxation(StrEnum):
-    NONE = "none"
-    DPM_SOLVER_2 = "dpmsolver-2"
-    UNIPC_BH1 = "unipc-bh1"
-    UNIPC_BH2 = "unipc-bh2"
-    HALF_EXP = "0.5exp"
-    NEG_HALF_EXP = "-0.5exp"
-    LINEAR = "linear"  # 1 + coefficient * h (h = lam_t - lam_s > 0 in every form; USF's searched relaxation)
-
-
-class Corrector(StrEnum):
-    NONE = "none"
-    PSEUDO = "pseudo"  # reuse the evaluation at the predicted point (UniC)
-    IMPLICIT = "implicit"  # re-evaluate at the corrected point (next step: one more NFE)
 
 
 class AFS(StrEnum):
@@ -97,84 +100,6 @@ class Family(StrEnum):
     DDIM = "ddim"
     DPM_SOLVER_PP = "dpm_solver_pp"
     UNIPC = "unipc"
-
-
-def relaxation_factor(rel: Relaxation, hh: float) -> float:
-    """``c_1`` of the first-derivative term at ``hh`` (-h for data, +h for noise prediction)."""
-    if rel is Relaxation.NONE:
-        return 1.0
-    if rel is Relaxation.LINEAR:
-        raise ValueError("the linear relaxation needs its coefficient: use Taylor.factor")
-    if rel in (Relaxation.DPM_SOLVER_2, Relaxation.UNIPC_BH2):
-        return phi(hh, 1) / (2.0 * phi(hh, 2))
-    if rel is Relaxation.UNIPC_BH1:
-        return 1.0 / (2.0 * phi(hh, 2))
-    return 1.0 + 0.5 * math.expm1(hh) if rel is Relaxation.HALF_EXP else 1.0 - 0.5 * math.expm1(hh)
-
-
-def _int(name: str, v: Any, lo: int, hi: int) -> int:
-    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-        raise ValueError(f"{name} must be an int in {lo}..{hi}, got {v!r}")
-    return v
-
-
-@dataclass(frozen=True)
-class Taylor:
-    """One expansion: Taylor ``order`` k, estimate sizes ``points[j-1] = E_j`` for derivatives 1..k-1."""
-
-    order: int = 1  # k: terms up to the (k-1)-th derivative
-    points: tuple[int, ...] = ()  # E_j >= j buffered outputs per derivative estimate
-    relaxation: Relaxation = Relaxation.NONE  # c_1 (order >= 2 only)
-    coefficient: float = 0.0  # c of the linear relaxation (0 for every other relaxation)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "relaxation", Relaxation(self.relaxation))
-        if not isinstance(self.coefficient, int | float) or not math.isfinite(self.coefficient):
-            raise ValueError(f"relaxation coefficient must be a finite number, got {self.coefficient!r}")
-        if self.coefficient != 0 and self.relaxation is not Relaxation.LINEAR:
-            raise ValueError(f"a relaxation coefficient ({self.coefficient}) needs relaxation 'linear'")
-        object.__setattr__(self, "points", tuple(self.points))
-        _int("Taylor order", self.order, 1, MAX_ORDER)
-        if len(self.points) != self.order - 1:
-            raise ValueError(f"order {self.order} needs {self.order - 1} derivative estimates, got {self.points}")
-        for j, e in enumerate(self.points, 1):
-            _int(f"points for derivative {j}", e, j, MAX_ORDER)
-        if self.relaxation is not Relaxation.NONE and self.order < 2:
-            raise ValueError(f"relaxation {self.relaxation.value!r} needs a first-derivative term (order >= 2)")
-
-    @classmethod
-    def full(cls, order: int, relaxation: Relaxation = Relaxation.NONE) -> Taylor:
-        """Every derivative from the same ``order - 1`` points (polynomial interpolation)."""
-        return cls(order, (order - 1,) * (order - 1), relaxation)
-
-    @property
-    def need(self) -> int:
-        return max(self.points, default=0)
-
-    def factor(self, h: float, form: str) -> float:
-        """``c_1`` at step size ``h > 0`` for the prediction ``form`` (data: ``hh = -h``, noise: ``+h``)."""
-        if self.relaxation is Relaxation.LINEAR:
-            return 1.0 + self.coefficient * h
-        return relaxation_factor(self.relaxation, -h if form == "data" else h)
-
-
-@dataclass(frozen=True)
-class Step:
-    prediction: Prediction = Prediction.DATA  # what the step integrates
-    predictor: Taylor = field(default_factory=Taylor)
-    corrector: Corrector = Corrector.NONE
-    correction: Taylor | None = None  # the corrector's expansion (order >= 2), iff corrector != NONE
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "prediction", Prediction(self.prediction))
-        object.__setattr__(self, "corrector", Corrector(self.corrector))
-        for name in ("predictor", "correction"):
-            if isinstance(getattr(self, name), Mapping):
-                object.__setattr__(self, name, Taylor(**getattr(self, name)))
-        if (self.corrector is Corrector.NONE) != (self.correction is None):
-            raise ValueError(f"corrector {self.corrector.value!r} and correction {self.correction} disagree")
-        if self.correction is not None and self.correction.order < 2:
-            raise ValueError("a corrector's expansion needs order >= 2 (order 1 ignores the new evaluation)")
 
 
 @dataclass(frozen=True)
@@ -363,7 +288,7 @@ def _convert_authors(
             raise ValueError(f"step {i}: unknown prediction type {pt!r}")
         if d["start_points"][i] != -1:
             raise ValueError(f"step {i}: start point {d['start_points'][i]} (singlestep) is not supported, only -1")
-        k = _int(f"step {i} order", d["orders"][i], 1, MAX_ORDER)
+        k = check_int(f"step {i} order", d["orders"][i], 1, MAX_ORDER)
         predictor = _authors_taylor(f"step {i} predictor", k, d["derivative_types"][i], False)
         c = d["corrector_types"][i] or {"type": "no_corrector"}
         if not isinstance(c, Mapping):
@@ -373,7 +298,7 @@ def _convert_authors(
             continue
         if c.get("type") not in ("pseudo", "implicit") or c.get("start_point") != -2:
             raise ValueError(f"step {i}: corrector {c} unsupported (type pseudo/implicit, start point -2)")
-        kc = _int(f"step {i} corrector order", c.get("taylor_order"), 2, MAX_ORDER)
+        kc = check_int(f"step {i} corrector order", c.get("taylor_order"), 2, MAX_ORDER)
         corr = _authors_taylor(f"step {i} corrector", kc, c.get("derivative_type"), True)
         steps.append(Step(pred, predictor, Corrector(c["type"]), corr))
     afs_name = d.get("afs", "no_afs")
@@ -402,7 +327,17 @@ class Preset:
     def __post_init__(self) -> None:
         for name, kind in (("family", Family), ("prediction", Prediction), ("relaxation", Relaxation)):
             object.__setattr__(self, name, kind(getattr(self, name)))
-        _int("preset order", self.order, 1, 1 if self.family is Family.DDIM else 3)
+        check_int("preset order", self.order, 1, 1 if self.family is Family.DDIM else 3)
+        allowed = {
+            Family.DDIM: (Relaxation.NONE,),
+            Family.DPM_SOLVER_PP: (Relaxation.DPM_SOLVER_2, Relaxation.NONE),
+            Family.UNIPC: (Relaxation.UNIPC_BH1, Relaxation.UNIPC_BH2),
+        }[self.family]
+        if self.relaxation not in allowed:
+            raise ValueError(
+                f"a {self.family.value} preset takes relaxation {', '.join(r.value for r in allowed)}, "
+                f"got {self.relaxation.value!r}"
+            )
 
     @classmethod
     def ddim(cls) -> Preset:
@@ -419,22 +354,42 @@ class Preset:
         return cls(Family.UNIPC, p, Prediction(prediction), rel, **kw)
 
     def expand(self, steps: int, to_zero: bool) -> Plan:
+        """The plan of this preset on a grid of ``steps`` steps: the engine's rule of the family, step by step."""
         out = []
         for i in range(steps):
-            last = i == steps - 1
-            zero = to_zero and last  # a step to sigma = 0 is first order, uncorrected
+            zero = to_zero and i == steps - 1  # a step to sigma = 0 is first order, uncorrected
             if self.family is Family.DDIM:
-                k = 1
+                out.append(Step(self.prediction, Taylor()))
             elif self.family is Family.DPM_SOLVER_PP:
-                k = multistep_order(self.order, min(i + 1, self.order), i, steps, self.lower_order_final, zero)
+                solver_type = "midpoint" if self.relaxation is Relaxation.DPM_SOLVER_2 else "heun"
+                out.append(
+                    dpm_solver_rule(
+                        self.order,
+                        i + 1,
+                        i,
+                        steps,
+                        lower_order_final=self.lower_order_final,
+                        to_zero=zero,
+                        form=self.prediction.value,
+                        solver_type=solver_type,
+                    )
+                )
             else:
-                k = 1 if zero else min(self.order, i + 1, steps - i if self.lower_order_final else steps)
-            pred = Taylor.full(k, self.relaxation if k == 2 else Relaxation.NONE)
-            if self.family is Family.UNIPC and not zero and (not last or self.final_corrector):
-                corr = Taylor(k + 1, (k,) * k, self.relaxation if k == 1 else Relaxation.NONE)
-                out.append(Step(self.prediction, pred, Corrector.PSEUDO, corr))
-            else:
-                out.append(Step(self.prediction, pred))
+                variant = {Relaxation.UNIPC_BH1: "bh1", Relaxation.UNIPC_BH2: "bh2"}[self.relaxation]
+                out.append(
+                    unipc_rule(
+                        self.order,
+                        i + 1,
+                        i,
+                        steps,
+                        variant=variant,
+                        form=self.prediction.value,
+                        lower_order_final=self.lower_order_final,
+                        corrector=True,
+                        final_corrector=self.final_corrector,
+                        to_zero=zero,
+                    )
+                )
         return Plan(tuple(out))
 
 
@@ -443,50 +398,7 @@ class Preset:
 class USFState:
     plan: Plan  # the plan for this grid
     co: Any = None  # the EMS coefficients (dpm_solver_v3._Coeffs) when the plan has v3 steps
-    lams: tuple[float, ...] = ()  # buffered outputs, newest last (at most MAX_ORDER + 1)
-    x0s: tuple[Tensor, ...] = ()
-    epss: tuple[Tensor, ...] = ()
-    pending: bool = False  # the newest output is at the current time (a pseudo corrector's evaluation)
-    at: tuple[Tensor, float, float] | None = None  # (x, alpha, sigma) of the newest output
-    xas: tuple[tuple[Tensor, float], ...] = ()  # (x, alpha) where each output was evaluated (v3's f)
-
-    def push(self, lam: float, x: Tensor, x0: Tensor, alpha: float, sigma: float, pending: bool) -> USFState:
-        k, eps = MAX_ORDER + 1, (x - alpha * x0) / sigma
-        return USFState(
-            self.plan,
-            self.co,
-            (*self.lams, lam)[-k:],
-            (*self.x0s, x0)[-k:],
-            (*self.epss, eps)[-k:],
-            pending,
-            (x, alpha, sigma),
-            (*self.xas, (x, alpha))[-k:],
-        )
-
-
-def _update(
-    c: Interval,
-    x: Tensor,
-    lams: tuple[float, ...],
-    ms: tuple[Tensor, ...],
-    tay: Taylor,
-    form: str,
-    new: Tensor | None = None,
-) -> Tensor:
-    """One exponential-integrator update from the newest output ``ms[-1]`` (module docstring)."""
-    a, b = expint_coeffs(c, tay.order, form)  # type: ignore[arg-type]
-    m_s = ms[-1]
-    out = a * x + b[0] * m_s
-    h = c.h
-    pts = ([(1.0, new)] if new is not None else []) + [
-        ((lams[-1 - q] - lams[-1]) / h, ms[-1 - q]) for q in range(1, len(ms))
-    ]
-    for j in range(1, tay.order):
-        r, mq = zip(*pts[: tay.points[j - 1]])
-        d_j = lincomb(taylor_weights([0.0, *r])[j], [m_s, *mq])  # D_j = h^j m^(j)(lam_s), interpolation
-        c_j = tay.factor(h, form) if j == 1 else 1.0
-        out = out + (b[j] * c_j) * d_j
-    return out
+    buf: Buffer = field(default_factory=Buffer)  # the engine's buffer of outputs
 
 
 def _afs_x0(plan: Plan, x: Tensor, alpha: float, sigma: float) -> Tensor | None:
@@ -511,21 +423,21 @@ def _f(co: Any, lam: float, x: Tensor, alpha: float, x0: Tensor) -> Tensor:
 
 def _update_v3(c: Interval, x: Tensor, state: USFState, tay: Taylor, new: Tensor | None = None) -> Tensor:
     """A v3 step (DPM-Solver-v3 eq. 14) with USF's derivative estimates of ``g`` and relaxation (+h)."""
-    co, h = state.co, c.h
-    others = [state.lams[-1 - q] for q in range(1, len(state.lams))]
+    co, h, buf = state.co, c.h, state.buf
+    others = [buf.lams[-1 - q] for q in range(1, len(buf.lams))]
     d_l, e, e_b, d_s, beta = co.integrals(c.lam, c.lam_next, [c.lam_next, *others], tay.order - 1)
     to = lambda v: v.to(x)  # noqa: E731
-    fs = [_f(co, lam, xq, aq, x0) for lam, (xq, aq), x0 in zip(state.lams, state.xas, state.x0s)]
+    fs = [_f(co, lam, xq, aq, x0) for lam, xq, aq, x0 in zip(buf.lams, buf.xs, buf.alphas, buf.x0s)]
     g_s = fs[-1]
     g_old = [torch.exp(-to(d_s[q])) * fs[-1 - q] - to(beta[q]) for q in range(1, len(fs))]
     pts = ([(1.0, torch.exp(-to(d_s[0])) * new - to(beta[0]))] if new is not None else []) + [
         ((others[q - 1] - c.lam) / h, g) for q, g in enumerate(g_old, 1)
     ]
     acc = to(e_b) + to(e[0]) * g_s
-    for j in range(1, tay.order):
+    for j, c_j in enumerate(tay.factors(h, "v3"), 1):
         r, gq = zip(*pts[: tay.points[j - 1]])
         d_j = lincomb(taylor_weights([0.0, *r])[j], [g_s, *gq]) / h**j  # g^(j)(lam_s)
-        acc = acc + to(e[j]) * (tay.factor(h, "v3") if j == 1 else 1.0) * d_j
+        acc = acc + to(e[j]) * c_j * d_j
     return c.alpha_next * torch.exp(-to(d_l)) * (x / c.alpha - acc)
 
 
@@ -612,36 +524,30 @@ class USF(Solver[USFState]):
 
     def pending_output(self, state: USFState) -> Tensor | None:
         """The pseudo corrector's evaluation the next step reuses, as x0 (USF's steps mix forms)."""
-        return state.x0s[-1] if state.pending else None
+        return state.buf.x0s[-1] if state.buf.pending else None
 
     def with_pending_output(self, state: USFState, output: Tensor) -> USFState:
-        if not state.pending or state.at is None:
+        if not state.buf.pending:
             raise ValueError("USF: this state holds no pending corrector evaluation to replace")
-        x, alpha, sigma = state.at
-        return dataclasses.replace(
-            state, x0s=(*state.x0s[:-1], output), epss=(*state.epss[:-1], (x - alpha * output) / sigma)
-        )
+        return dataclasses.replace(state, buf=state.buf.with_newest(output, "data"))
 
     def step(self, problem: Problem, x: Tensor, ts: Tensor, i: int, state: USFState) -> tuple[Tensor, USFState]:
         st, c = state.plan.steps[i], interval(problem.schedule, ts, i)
-        form = st.prediction.value
-        if not state.pending:  # the output at (x, t_i): AFS or one evaluation
-            x0 = _afs_x0(state.plan, x, c.alpha, c.sigma) if i == 0 else None
-            x0 = problem.denoise(x, c.t) if x0 is None else x0
-            state = state.push(c.lam, x, x0, c.alpha, c.sigma, False)
-        ms = state.x0s if form == "data" else state.epss
-        if form == "v3":
-            x_pred = _update_v3(c, x, state, st.predictor)
-        else:
-            x_pred = _update(c, x, state.lams, ms, st.predictor, form)  # predictor
+        first = _afs_x0(state.plan, x, c.alpha, c.sigma) if i == 0 else None  # the analytical first step
+        if st.prediction is not Prediction.V3:  # data / noise: the engine's step
+            x_next, buf = advance(problem, x, c, i, state.buf, st, first=first)
+            return x_next, dataclasses.replace(state, buf=buf)
+        buf = state.buf  # DPM-Solver-v3 prediction: the engine's buffer, v3's integrals
+        if not buf.pending:
+            x0 = problem.denoise(x, c.t) if first is None else first
+            buf = buf.push(c.lam, x, x0, c.alpha, c.sigma, False)
+        state = dataclasses.replace(state, buf=buf)
+        x_pred = _update_v3(c, x, state, st.predictor)
         if st.correction is None:
-            return x_pred, dataclasses.replace(state, pending=False)
+            return x_pred, dataclasses.replace(state, buf=buf.settled())
         x0_t = problem.denoise(x_pred, c.t_next)  # the evaluation at the predicted point
-        if form == "v3":
-            x_c = _update_v3(c, x, state, st.correction, new=_f(state.co, c.lam_next, x_pred, c.alpha_next, x0_t))
-        else:
-            m_t = x0_t if form == "data" else (x_pred - c.alpha_next * x0_t) / c.sigma_next
-            x_c = _update(c, x, state.lams, ms, st.correction, form, new=m_t)  # corrector
+        x_c = _update_v3(c, x, state, st.correction, new=_f(state.co, c.lam_next, x_pred, c.alpha_next, x0_t))
         if st.corrector is Corrector.PSEUDO:
-            return x_c, state.push(c.lam_next, x_pred, x0_t, c.alpha_next, c.sigma_next, True)
-        return x_c, dataclasses.replace(state, pending=False)
+            pushed = buf.push(c.lam_next, x_pred, x0_t, c.alpha_next, c.sigma_next, True)
+            return x_c, dataclasses.replace(state, buf=pushed)
+        return x_c, dataclasses.replace(state, buf=buf.settled())
