@@ -283,7 +283,7 @@ def test_coefficients_into_sigma_zero():
     sch = LinearVP()
     c = interval(sch, uniform_time(sch, 4, t_end=0.0), 3)
     assert math.isinf(c.h)
-    assert expint_coeffs(c, 1, "data") == (0.0, [c.alpha_next])
+    assert expint_coeffs(c, 1, "data") == (0.0, (c.alpha_next,))
     with pytest.raises(ValueError, match="order 1"):
         expint_coeffs(c, 2, "data")
     with pytest.raises(ValueError, match="data form"):

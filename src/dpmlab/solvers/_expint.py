@@ -154,8 +154,14 @@ def phi_data(h: float, k: int) -> float:
     return phi(-h, k)
 
 
-def expint_coeffs(c: Interval, n: int, form: Form, *, eta: float = 0.0) -> tuple[float, list[float]]:
-    """``(a, [b_0, ..., b_{n-1}])`` of ``x_next = a x + sum_k b_k D_k`` over ``c`` (module docstring)."""
+def expint_coeffs(c: Interval, n: int, form: Form, *, eta: float = 0.0) -> tuple[float, tuple[float, ...]]:
+    """``(a, (b_0, ..., b_{n-1}))`` of ``x_next = a x + sum_k b_k D_k`` over ``c`` (module docstring).
+    Memoised (intervals are immutable; a sampling loop asks for each step's once per batch)."""
+    return _expint_coeffs(c, n, form, float(eta))
+
+
+@functools.lru_cache(maxsize=8192)
+def _expint_coeffs(c: Interval, n: int, form: Form, eta: float) -> tuple[float, tuple[float, ...]]:
     if form not in FORMS:
         raise ValueError(f"unknown form {form!r}; allowed: {', '.join(FORMS)}")
     if eta != 0.0 and form != "data":
@@ -167,14 +173,14 @@ def expint_coeffs(c: Interval, n: int, form: Form, *, eta: float = 0.0) -> tuple
         if n != 1:
             raise ValueError(f"an order-{n} exponential-integrator step to sigma = 0 is undefined; use order 1")
         if form == "data":
-            return 0.0, [c.alpha_next]  # x_next = alpha_next x0
-        return c.alpha_ratio, [-c.alpha_next * c.sigma / c.alpha]  # x_next = alpha_next (x - sigma eps) / alpha
+            return 0.0, (c.alpha_next,)  # x_next = alpha_next x0
+        return c.alpha_ratio, (-c.alpha_next * c.sigma / c.alpha,)  # x_next = alpha_next (x - sigma eps) / alpha
     if form == "noise":
         b = [-c.sigma_next * math.expm1(h)] + [-c.sigma_next * h * phi(h, k + 1) for k in range(1, n)]
-        return c.alpha_ratio, b
+        return c.alpha_ratio, tuple(b)
     hh = (1.0 + eta) * h  # H = (1 + eta) h
     b = [-c.alpha_next * math.expm1(-hh)] + [c.alpha_next * hh * phi(-hh, k + 1) for k in range(1, n)]
-    return c.sigma_ratio * math.exp(-eta * h), b
+    return c.sigma_ratio * math.exp(-eta * h), tuple(b)
 
 
 def taylor_weights(r: Sequence[float]) -> list[list[float]]:

@@ -37,12 +37,14 @@ A step to ``sigma = 0`` is first order (``x = alpha_t x0``); ``_expint.expint_co
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ._expint import Interval, expint_coeffs, lincomb, multistep_order, phi, taylor_weights
@@ -90,6 +92,7 @@ class Corrector(StrEnum):
     IMPLICIT = "implicit"  # re-evaluate at the corrected point (next step: one more NFE)
 
 
+@functools.lru_cache(maxsize=4096)
 def relaxation_factor(rel: Relaxation, hh: float) -> float:
     """``c_1`` of the first-derivative term at ``hh`` (-h for data, +h for noise prediction); USF's
     formulas rewritten with phi functions against cancellation."""
@@ -243,7 +246,7 @@ def update(
     corrector's output at ``(x~_t, t)``; ``eta``: the SDE coefficients (data form, noise added by the caller)."""
     a, b = expint_coeffs(c, tay.order, form, eta=eta)  # type: ignore[arg-type]
     m_s = ms[-1]
-    out = a * x + b[0] * m_s
+    out = torch.add(x * a, m_s, alpha=b[0]) if a != 0.0 else m_s * b[0]  # fused: this is the hot path
     if tay.order == 1:
         return out
     h = c.h
@@ -255,7 +258,7 @@ def update(
             raise ValueError(f"derivative {j} needs {tay.points[j - 1]} outputs, the buffer holds {len(pts)}")
         r, mq = zip(*pts[: tay.points[j - 1]])
         d_j = lincomb(taylor_weights([0.0, *r])[j], [m_s, *mq])  # D_j = h^j m^(j)(lam_s), interpolation
-        out = out + (b[j] * c_j) * d_j
+        out = out.add_(d_j, alpha=b[j] * c_j)  # out is this function's own tensor
     return out
 
 
@@ -295,6 +298,7 @@ def advance(
 
 
 # --- the methods' tables ----------------------------------------------------------------------------
+@functools.lru_cache(maxsize=4096)  # a sampling loop asks for the same step once per batch
 def dpm_solver_rule(
     order: int,
     available: int,
@@ -315,6 +319,7 @@ def dpm_solver_rule(
     return Step(Prediction(form), Taylor.full(k, rel, weights))
 
 
+@functools.lru_cache(maxsize=4096)
 def unipc_rule(
     p: int,
     available: int,
