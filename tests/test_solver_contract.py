@@ -82,6 +82,29 @@ def test_measured_convergence_order(name):
     assert abs(order - solver.order) <= 0.3, f"{name}: measured order {order:.2f} (errors {errs})"
 
 
+# Time-Shift and DualFast correct a *model* error: on an exact model their correction does not vanish with
+# the step (measured default orders 0.04 and -0.61), so they are measured with a model error in
+# test_time_shift.py / test_dualfast.py, not here.
+MODEL_ERROR_CORRECTORS = {"time_shift", "dualfast"}
+DEFAULT_DIFFERS = [
+    n
+    for n in DETERMINISTIC
+    if n not in MODEL_ERROR_CORRECTORS
+    and not get(n).is_stochastic()
+    and get(n, **solver_class(n).order_test_options) != get(n)
+]
+
+
+@pytest.mark.parametrize("name", DEFAULT_DIFFERS)
+def test_measured_convergence_order_in_the_default_configuration(name):
+    """What a user gets: the default options reach at least the declared order (band -0.3, the registry
+    contract's) and at most +0.8 above it (pre-asymptotic super-convergence on 12-96 steps: measured
+    DPM-Solver-v3 3.72, DPM-Solver-fast 3.48, DPM-Solver-3 3.33; lower_order_final defaults lose <= 0.3)."""
+    solver = get(name)
+    order, errs = measured_order(solver)
+    assert solver.order - 0.3 <= order <= solver.order + 0.8, f"{name}: default order {order:.2f} (errors {errs})"
+
+
 # time_shift evaluates at a data-dependent shifted time by design (its docs), not at (x_i, t_i)
 @pytest.mark.parametrize("name", [n for n in NAMES if not get(n).is_stochastic() and n != "time_shift"])
 def test_a_step_without_a_pending_output_first_evaluates_at_its_start(name):
