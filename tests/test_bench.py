@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -66,9 +67,9 @@ def test_bench_quality_column_and_diverged_rows():
     assert res.fd_table() is not None and res.rows[0].fd >= 0
     from dpmlab.bench.harness import _quality
 
-    assert _quality(mean_gap, torch.full((2, 3), float("nan")), torch.zeros(2, 3)) != _quality(
-        mean_gap, torch.zeros(2, 3), torch.zeros(2, 3)
-    )
+    assert math.isnan(_quality(mean_gap, torch.full((2, 3), float("nan")), torch.zeros(2, 3)))  # a diverged row
+    assert _quality(mean_gap, torch.ones(2, 3), torch.zeros(2, 3)) == 1.0
+    assert math.isnan(_quality(None, torch.ones(2, 3), torch.zeros(2, 3)))
     assert run_bench(model, sch, (16,), [Entry("ddim", get("ddim"))], [5], n=8, peers=False).fd_table() is None
 
 
@@ -145,3 +146,15 @@ def test_median_per_sample_error_is_robust_to_a_few_outliers():
     out[0] += 3.0  # one sample in the wrong mode
     rms, med = _errors(out, ref)
     assert abs(med - 0.01) < 1e-12 and rms > 0.9
+
+
+def test_overhead_is_per_step_and_per_repeat(monkeypatch):
+    """``_overhead_ms`` = elapsed / repeats / steps: a fake clock that advances 3 s over the timed repeats of a
+    5-step grid must give 3 s / 3 repeats / 5 steps = 200 ms."""
+    from dpmlab.bench import harness
+
+    sch = DiscreteVP.from_preset("linear")
+    clock = iter([0.0, 3.0])
+    monkeypatch.setattr(harness.time, "perf_counter", lambda: next(clock))
+    ms = harness._overhead_ms(get("ddim"), sch, make_grid(sch, "uniform_time", 5), (4,))
+    assert ms == pytest.approx(3.0 / 3 / 5 * 1e3)
