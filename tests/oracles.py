@@ -131,10 +131,10 @@ class ImageModel:
         return self.model(x.reshape(x.shape[0], -1), t, **cond).reshape(x.shape)
 
 
-def check_image_sampling(solver: Solver, schedule: NoiseSchedule) -> None:
+def check_image_sampling(solver: Solver, schedule: NoiseSchedule, f32_tol: float = 1e-4) -> None:
     """Sampling (16, 1, 4, 4) images with ``ImageModel`` keeps shape and dtype (float32 and float64),
     stays finite, matches sampling the flattened (16, 16) batch with the ``gmm16`` denoiser, and
-    float32 agrees with float64."""
+    float32 agrees with float64 to ``f32_tol``."""
     x64 = torch.randn(16, 1, 4, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     ts = uniform_lambda(schedule, 8, t_end=0.0)
     flat_model = preset("gmm16").denoiser(schedule)
@@ -146,4 +146,4 @@ def check_image_sampling(solver: Solver, schedule: NoiseSchedule) -> None:
         assert torch.isfinite(img).all()
         assert float((img.reshape(16, 16) - flat).abs().max()) < 1e-5
         outs[dtype] = img
-    assert float((outs[torch.float32] - outs[torch.float64]).abs().max()) < 1e-4
+    assert float((outs[torch.float32] - outs[torch.float64]).abs().max()) < f32_tol

@@ -113,7 +113,11 @@ def test_model_called_exactly_declared_times(name: str, opts: dict, to_zero: boo
     "name, opts", [("unipc", dict(predictor_order=3)), ("unipc", dict(prediction="noise")), ("unic", dict())]
 )
 def test_dtypes_and_shapes(name: str, opts: dict) -> None:
-    check_image_sampling(S.get(name, **opts), SCH)
+    # noise form: eps = (x - alpha x0) / sigma near sigma = 0 costs float32 ~1e-4 against float64 (measured:
+    # the engine 1.0e-4 here, 1.5e-4 on the discrete schedule; the closed form it replaced 1.2e-4 there);
+    # data form 2e-6
+    tol = 2e-4 if opts.get("prediction") == "noise" else 1e-4
+    check_image_sampling(S.get(name, **opts), SCH, f32_tol=tol)
 
 
 def test_options_are_validated() -> None:
