@@ -7,8 +7,9 @@ Sample ``i``'s starting noise (and any step noise) depends only on ``(seed, i)``
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -20,6 +21,9 @@ from .solvers.base import Problem, SeededNoise, Solver, StepInfo, get
 from .solvers.base import sample as run
 from .timesteps import DEFAULT_GRID, DISCRETE_GRIDS, GRIDS, check_grid, default_to_zero, make_grid
 from .typing import DenoiserFn
+
+if TYPE_CHECKING:
+    from .calibrate.recipe import Recipe
 
 __all__ = ["sample", "make_grid", "DISCRETE_GRIDS", "DEFAULT_GRID"]
 
@@ -56,6 +60,7 @@ def sample(
     *,
     solver: str | Solver[Any] = "ddim",
     nfe: int | None = 10,
+    recipe: str | os.PathLike[str] | Recipe | None = None,
     seed: int = 0,
     grid: str | Tensor = DEFAULT_GRID,
     schedule: NoiseSchedule | None = None,
@@ -86,7 +91,11 @@ def sample(
     inversion round trips; ``seed`` then drives only the step noise of stochastic solvers.
     ``index_offset``: the returned rows are samples ``index_offset .. index_offset + n - 1`` of the
     seed's sequence (their noise is ``(seed, index_offset + i)``) — how ``dpmlab.parallel`` shards.
+    ``solver="auto"``: the solver and grid of the model's sampling recipe at this ``nfe`` (and guidance scale,
+    for a ``classifier_free`` model): ``recipe=`` (a path or ``dpmlab.calibrate.recipe.Recipe``), else the one
+    shipped in the card of a model given by name (``dpmlab.calibrate.recipe``).
     """
+    name = model if isinstance(model, str) else str(getattr(model, "name", "") or "")
     if isinstance(model, str):
         model = _to_device(load(model), device)
     sch = schedule if schedule is not None else getattr(model, "schedule", None)
@@ -106,6 +115,25 @@ def sample(
         raise ValueError(f"dtype must be a floating torch dtype (float16, bfloat16, float32, float64), got {dtype!r}")
     if to_zero is not None and not isinstance(to_zero, bool):
         raise ValueError(f"to_zero must be True, False or None, got {to_zero!r}")
+    if isinstance(solver, str) and solver == "auto":
+        if solver_options:
+            raise ValueError(
+                f"solver='auto' takes its solver from the recipe; options {sorted(solver_options)} do not apply"
+            )
+        if not (isinstance(grid, str) and grid == DEFAULT_GRID) or any(
+            v is not None for v in (t_start, t_end, to_zero)
+        ):
+            raise ValueError(
+                "solver='auto' takes its grid from the recipe; grid, t_start, t_end and to_zero do not apply"
+            )
+        if nfe is None:
+            raise ValueError("solver='auto' needs nfe (the recipe holds one solver and grid per NFE)")
+        from .calibrate.recipe import resolve_recipe
+
+        entry = resolve_recipe(model, nfe, recipe=recipe, name=name, schedule=sch)
+        solver, grid = entry.solver(), entry.grid()
+    elif recipe is not None:
+        raise ValueError("recipe= is only used with solver='auto'")
     slv = get(solver, **solver_options) if isinstance(solver, str) else solver
     if solver_options and not isinstance(solver, str):
         raise ValueError("solver options are only accepted with a solver name; configure the instance instead")

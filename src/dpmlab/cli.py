@@ -192,10 +192,16 @@ def _labels(model: Any, label: str, n: int) -> dict[str, Tensor]:
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    suffixes = {"s3": (".json",), "grid": (".json", ".safetensors")}.get(args.kind, (".safetensors",))
-    check_outputs([(out, "--out", suffixes)], args.overwrite)
+    suffixes = {"s3": (".json",), "grid": (".json", ".safetensors"), "recipe": (".json",)}
+    check_outputs([(out, "--out", suffixes.get(args.kind, (".safetensors",)))], args.overwrite)
+    if args.kind != "recipe":
+        if len(args.nfe) != 1:
+            raise ValueError(f"--nfe takes one budget for calibrate {args.kind}, got {','.join(map(str, args.nfe))}")
+        args.nfe = args.nfe[0]
     model = load(args.model)
     schedule = model.schedule
+    if args.kind == "recipe":
+        return _calibrate_recipe(args, model, out)
     if args.kind == "ems":
         from .calibrate.ems import fit_ems
         from .models.analytic import AnalyticDenoiser
@@ -290,6 +296,38 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate_recipe(args: argparse.Namespace, model: Any, out: Path) -> int:
+    """``dpmlab calibrate recipe``: the solver and grid per NFE, chosen on held-out noise (``--solver auto``)."""
+    from .calibrate.recipe import fit_recipe
+
+    select_seed = args.seed + 1 if args.select_seed is None else args.select_seed
+    if select_seed == args.seed:
+        raise ValueError(f"--select-seed must differ from --seed (selection on held-out noise); both are {args.seed}")
+    solvers = [get(s.strip()) for s in args.solvers.split(",")] if args.solvers else None  # bad names: now
+    rec = fit_recipe(
+        model,
+        args.nfe,
+        fit_seed=args.seed,
+        select_seed=select_seed,
+        n_fit=args.n_fit,
+        n_select=args.n or 64,
+        candidates=solvers,
+        learned=args.learned_top > 0,
+        learned_top=max(args.learned_top, 1),
+        progress=True,
+        model_name=args.model,
+        provenance={"command": "dpmlab " + " ".join(sys.argv[1:]) if sys.argv else ""},
+    )
+    rec.save(out)
+    for e in rec.entries:
+        print(f"NFE {e.nfe}: {e.label}  RMS {e.rms:.4g}, median {e.median:.4g} (select noise)")
+    print(
+        f"wrote {out} ({rec.provenance['cpu_seconds']} CPU s); sample with: dpmlab sample --model {args.model} "
+        f"--solver auto --recipe {out} --nfe {args.nfe[0]}"
+    )
+    return 0
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -307,6 +345,23 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     if args.grid_artifact and (args.grid != DEFAULT_GRID or args.to_zero is not None):
         raise ValueError("--grid-artifact gives the grid: --grid and --to-zero do not apply")
+    auto = args.solver == "auto"
+    if auto:  # solver and grid come from the model's sampling recipe (dpmlab calibrate recipe)
+        flags = {
+            "--options": args.options,
+            "--artifact": args.artifact,
+            "--grid-artifact": args.grid_artifact,
+            "--grid": args.grid != DEFAULT_GRID,
+            "--to-zero": args.to_zero is not None,
+            "--classifier-guidance": args.classifier_guidance,
+        }
+        given = [f for f, v in flags.items() if v]
+        if given:
+            raise ValueError(
+                f"{', '.join(given)} cannot be used with --solver auto (the recipe gives the solver and grid)"
+            )
+    elif args.recipe:
+        raise ValueError("--recipe is only used with --solver auto")
     need = NEEDS_ARTIFACT.get(args.solver)
     if need and not args.artifact and need not in options:
         raise ValueError(
@@ -321,11 +376,12 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     grid: Any = args.grid
     if args.solver == "usf" and "plan" in options and options["plan"].ts is not None:
         grid = options["plan"].grid()  # a searched plan carries its own timesteps
-    solver = get(args.solver, **options)
+    solver = get(args.solver, **options) if not auto else None
     if args.grid_artifact:  # a learned grid (dpmlab calibrate grid), checked against model, solver and NFE
         from .calibrate.grid import GridArtifact
 
         art = GridArtifact.load(args.grid_artifact)
+        assert solver is not None  # --grid-artifact is refused with --solver auto
         art.check(args.model, solver, args.nfe, getattr(model, "schedule", None))
         grid = art.grid()
     from .models.t2i import TextToImage
@@ -369,9 +425,15 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
         model = classifier_free(model, Unconditional(model), args.guidance)
 
+    if auto:
+        from .calibrate.recipe import resolve_recipe
+
+        entry = resolve_recipe(model, args.nfe, recipe=args.recipe or None, name=args.model, schedule=model.schedule)
+        solver, grid = entry.solver(), entry.grid()
+    assert solver is not None
     from tqdm import tqdm
 
-    bar = tqdm(total=args.nfe, unit="nfe", desc=f"{args.solver} on {args.model}", disable=args.quiet, leave=False)
+    bar = tqdm(total=args.nfe, unit="nfe", desc=f"{solver.name} on {args.model}", disable=args.quiet, leave=False)
 
     def progress(info: StepInfo) -> None:
         bar.n = min(info.nfe, bar.total)
@@ -409,7 +471,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         "solver": json.dumps(solver.config()),
         "nfe": str(args.nfe),
         "seed": str(args.seed),
-        "grid": args.grid,
+        "grid": entry.grid_name if auto else args.grid,
+        "recipe": (args.recipe or "shipped") if auto else "",
         "label": args.label,
         "guidance": str(args.guidance),
         "classifier_guidance": str(args.classifier_guidance),
@@ -425,9 +488,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         what += f", w={args.guidance:g}" + (f", negative {args.negative_prompt!r}" if args.negative_prompt else "")
     config = ", ".join(f"{k}={v}" for k, v in solver.config().items() if k != "name")
     title = (
-        f"{args.model}{what}: {args.solver}"
+        f"{args.model}{what}: {'auto -> ' if auto else ''}{solver.name}"
         + (f" ({config})" if config else "")
-        + f", NFE={args.nfe}, n={args.n}, grid={args.grid}"
+        + f", NFE={args.nfe}, n={args.n}, grid={entry.grid_name if auto else args.grid}"
         + (", to t_min" if args.to_zero is False else "")
         + f", seed={args.seed}"
         + (f", label={args.label}" if args.label else "")
@@ -879,6 +942,16 @@ def _int_in(lo: int, hi: int | None = None, what: str = "") -> Any:
 
 SEED = _int_in(0, 2**63 - 1, "seeds lie in")
 NFE = _int_in(1, 10_000, "NFE budgets lie in")  # MAX_NFE: a sanity limit
+
+
+def _nfe_list(text: str) -> list[int]:
+    """An argparse type: comma-separated NFE budgets, each as ``NFE``, no duplicates."""
+    out = [NFE(part.strip()) for part in text.split(",")]
+    if len(set(out)) != len(out):
+        raise argparse.ArgumentTypeError(f"{text!r} repeats a budget")
+    return out
+
+
 POSITIVE = _int_in(1)
 
 
@@ -942,7 +1015,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     ps = sub.add_parser("sample", help="draw samples and write a picture and the raw samples")
     ps.add_argument("--model", default="gmm2d", help=f"model name ({', '.join(available_models())})")
-    ps.add_argument("--solver", default="ddim", help="solver name (see `dpmlab list`)")
+    ps.add_argument(
+        "--solver",
+        default="ddim",
+        help="solver name (see `dpmlab list`); auto: the model's recipe",
+    )
+    ps.add_argument(
+        "--recipe",
+        default="",
+        help="--solver auto: a recipe file (dpmlab calibrate recipe); default: the one in the model's card",
+    )
     ps.add_argument("--options", default="", help="solver options as JSON, e.g. '{\"eta\": 1.0}'")
     ps.add_argument("--nfe", type=NFE, default=10, help="network evaluations per sample (exact)")
     ps.add_argument("-n", type=POSITIVE, default=1000, help="number of samples")
@@ -991,14 +1073,20 @@ def build_parser() -> argparse.ArgumentParser:
     ps.set_defaults(func=_cmd_sample)
 
     pc = sub.add_parser("calibrate", help="fit a solver artifact: ems (DPM-Solver-v3), dc (DC-Solver), s3 (USF plan)")
-    pc.add_argument("kind", choices=["ems", "dc", "s3", "grid"])
+    pc.add_argument("kind", choices=["ems", "dc", "s3", "grid", "recipe"])
     pc.add_argument("--model", default="gmm16", help=f"model name ({', '.join(available_models())})")
-    pc.add_argument("--nfe", type=NFE, default=6, help="NFE budget the artifact is for (dc, s3)")
+    pc.add_argument(
+        "--nfe",
+        type=_nfe_list,
+        default=[6],
+        help="NFE budget the artifact is for (dc, s3, grid); recipe: comma-separated budgets, e.g. 5,6,8,10",
+    )
     pc.add_argument(
         "-n",
         type=_int_in(0),
         default=0,
-        help="points (ems: 1024), ground-truth trajectories (dc: 10), search samples (s3: 256)",
+        help="points (ems: 1024), ground-truth trajectories (dc: 10), search samples (s3: 256), "
+        "held-out selection samples (recipe: 64)",
     )
     pc.add_argument("--grid-size", type=POSITIVE, default=200, help="ems: lambda knots - 1")
     pc.add_argument("--base", default="unipc", help="dc: the predictor-corrector solver to compensate")
@@ -1011,8 +1099,16 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("gits", "gits+e2e", "ld3"),
         help="grid: GITS dynamic programming, + end-to-end refinement, + LD3-style soft teacher forcing",
     )
-    pc.add_argument("--seed", type=SEED, default=0)
-    pc.add_argument("--out", required=True, help="artifact file (.safetensors for ems/dc, .json for s3)")
+    pc.add_argument("--seed", type=SEED, default=0, help="recipe: the noise learned grids are fitted on")
+    pc.add_argument(
+        "--select-seed", type=SEED, default=None, help="recipe: the held-out noise the choice is made on (seed + 1)"
+    )
+    pc.add_argument("--n-fit", type=POSITIVE, default=32, help="recipe: noises learned grids are fitted on")
+    pc.add_argument(
+        "--learned-top", type=_int_in(0), default=2, help="recipe: solvers per NFE given a learned grid (0: none)"
+    )
+    pc.add_argument("--solvers", default="", help="recipe: comma-separated candidate solvers (default: a set)")
+    pc.add_argument("--out", required=True, help="artifact file (.safetensors for ems/dc, .json for s3/recipe)")
     pc.add_argument("--threads", type=POSITIVE, default=1)
     pc.add_argument("--overwrite", action="store_true", help="replace existing output files")
     pc.set_defaults(func=_cmd_calibrate)

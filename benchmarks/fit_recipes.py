@@ -1,0 +1,184 @@
+"""Fit the sampling recipe (``solver="auto"``) of a model and, for a shipped model, put it in its card.
+
+    python benchmarks/fit_recipes.py --model mnist --nfe 4,5,6,8,10 --n-fit 32 --n-select 64 \
+        --ref-tol 1e-5 --learned-top 1 --fine-steps 16 --sweeps 1 --golden-iters 8 --out runs/recipes/mnist.json
+    python benchmarks/fit_recipes.py --model mnist --out runs/recipes/mnist.json --write-card   # into the card
+    python benchmarks/fit_recipes.py --model mnist --out runs/recipes/mnist.json --check-seed 2  # a third seed
+
+Learned grids are fitted on ``--n-fit`` noises of ``--fit-seed``; every candidate is scored on ``--n-select``
+noises of ``--select-seed`` (``dpmlab.calibrate.recipe.fit_recipe``). The command, the seeds and the CPU time
+go into the recipe's provenance. ``--write-card`` adds the recipe to ``src/dpmlab/assets/<model>.json`` under
+``"sampling_recipes"`` (the only key it touches; written atomically). Prints the per-NFE tables of
+``docs/recipes.md``; ``--check-seed`` scores the choice and the best default-grid candidate on a third seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+import dpmlab
+from dpmlab._utils import atomic_write
+from dpmlab.calibrate.recipe import CARD_KEY, DEFAULT_SOLVERS, Recipe, candidate_label, fit_recipe
+from dpmlab.solvers import get
+
+
+def table(rec: Recipe) -> str:
+    """Markdown, errors on the select noise: per NFE the choice, the best candidate on a fixed grid, the best on
+    the library's default grid (quadratic_time), and the choice's RMS as a fraction of the latter."""
+    lines = [
+        "| NFE | chosen (solver @ grid) | RMS / median | best on a fixed grid | RMS / median "
+        "| best on quadratic_time | RMS / median | chosen / default RMS |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def best(scores: dict[str, tuple[float, float]], keep: str) -> tuple[str, str, float]:
+        cands = {k: v for k, v in scores.items() if keep in k}
+        if not cands:
+            return "—", "—", float("nan")
+        k = min(cands, key=lambda c: cands[c][0])
+        return k, f"{cands[k][0]:.4f} / {cands[k][1]:.4f}", cands[k][0]
+
+    for e in sorted(rec.entries, key=lambda e: (e.guidance or 0.0, e.nfe)):
+        fixed = {k: v for k, v in e.scores.items() if not k.endswith("@ gits+e2e")}
+        bf, bf_s, _ = best(fixed, "@")
+        bd, bd_s, bd_rms = best(e.scores, "@ quadratic_time")
+        g = "" if e.guidance is None else f" (w={e.guidance:g})"
+        lines.append(
+            f"| {e.nfe}{g} | {e.label} | {e.rms:.4f} / {e.median:.4f} | {bf} | {bf_s} | {bd} | {bd_s} "
+            f"| {e.rms / bd_rms:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def check(rec: Recipe, seed: int, n: int, ref_tol: float) -> str:
+    """Markdown: the choice vs the best candidate on quadratic_time (both chosen on the select noise), scored on
+    ``n`` noises of a third ``seed`` (refused if it is the fit or select seed)."""
+    from dpmlab.calibrate.grid import calibration_noise, grid_errors
+    from dpmlab.models.reference import reference_solution
+    from dpmlab.timesteps import make_grid
+
+    if seed in (rec.seeds["fit"]["seed"], rec.seeds["select"]["seed"]):
+        raise SystemExit(f"--check-seed {seed} is the fit or select seed; use a third")
+    model = dpmlab.load(rec.model)
+    sch, shape = model.schedule, tuple(model.data_shape)
+    x = calibration_noise(sch, shape, n, seed=seed)
+    ref = reference_solution(model, sch, x, sch.t_max, 0.0, rtol=ref_tol, atol=ref_tol).x
+    dim = x[0].numel()
+
+    def score(slv: object, ts: torch.Tensor) -> tuple[float, float]:
+        err = grid_errors(model, sch, slv, ts, x, ref)  # type: ignore[arg-type]
+        return float(err.pow(2).mean().div(dim).sqrt()), float(err.median() / dim**0.5)
+
+    lines = [
+        f"| NFE | chosen | RMS / median (seed {seed}) | best on quadratic_time (chosen on the select noise) "
+        f"| RMS / median (seed {seed}) | ratio |",
+        "|---|---|---|---|---|---|",
+    ]
+    for e in sorted(rec.entries, key=lambda e: (e.guidance or 0.0, e.nfe)):
+        a = score(e.solver(), e.grid())
+        on_default = {k: v for k, v in e.scores.items() if k.endswith("@ quadratic_time")}
+        k = min(on_default, key=lambda c: on_default[c][0])
+        cfg = next(c for c in DEFAULT_SOLVERS if candidate_label(c) == k.split(" @ ")[0])
+        slv = get(**cfg)
+        b = score(slv, make_grid(sch, "quadratic_time", slv.steps_for_nfe(e.nfe, True), to_zero=True))
+        lines.append(
+            f"| {e.nfe} | {e.label} | {a[0]:.4f} / {a[1]:.4f} | {k} | {b[0]:.4f} / {b[1]:.4f} | {a[0] / b[0]:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="mnist")
+    ap.add_argument("--nfe", default="4,5,6,8,10")
+    ap.add_argument("--n-fit", type=int, default=32)
+    ap.add_argument("--n-select", type=int, default=64)
+    ap.add_argument("--fit-seed", type=int, default=0)
+    ap.add_argument("--select-seed", type=int, default=1)
+    ap.add_argument("--ref-tol", type=float, default=1e-5)
+    ap.add_argument("--learned-top", type=int, default=2)
+    ap.add_argument("--no-learned", action="store_true")
+    ap.add_argument("--fine-steps", type=int, default=16)
+    ap.add_argument("--sweeps", type=int, default=1)
+    ap.add_argument("--golden-iters", type=int, default=8)
+    ap.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (labels i % 10)")
+    ap.add_argument("--out", required=True, help="the recipe (.json)")
+    ap.add_argument("--write-card", action="store_true", help="also put it in src/dpmlab/assets/<model>.json")
+    ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--check-seed", type=int, default=None, help="score the recipe in --out on this third seed")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    card = Path(dpmlab.__file__).parent / "assets" / f"{args.model}.json"
+    if args.write_card and not card.is_file():
+        sys.exit(f"{args.model} has no model card at {card}")
+    if args.check_seed is not None:
+        print(check(Recipe.load(out, model=args.model), args.check_seed, args.n_select, args.ref_tol))
+        return
+    if out.exists() and not args.overwrite:
+        if not args.write_card:
+            sys.exit(f"{out} exists; pass --overwrite (or --write-card to put it in the card without refitting)")
+        write_card(Recipe.load(out, model=args.model), card)
+        return
+    nfes = [int(k) for k in args.nfe.split(",")]
+    cond, note = None, "none (unconditional: the null class)" if args.model == "mnist" else "none"
+    if args.guidance is not None:
+        cond = {"label": torch.arange(max(args.n_fit, args.n_select)) % 10}
+        note = "label = sample index % 10, classifier-free guidance"
+    rec = fit_recipe(
+        args.model,
+        nfes,
+        fit_seed=args.fit_seed,
+        select_seed=args.select_seed,
+        n_fit=args.n_fit,
+        n_select=args.n_select,
+        learned=not args.no_learned,
+        learned_top=args.learned_top,
+        progress=lambda msg: print(msg, flush=True),
+        cond=cond,
+        cond_note=note,
+        guidance=args.guidance,
+        ref_tol=args.ref_tol,
+        grid_options={"fine_steps": args.fine_steps, "sweeps": args.sweeps, "golden_iters": args.golden_iters},
+        provenance={
+            "command": "python " + shlex.join(["benchmarks/fit_recipes.py", *sys.argv[1:]]),
+            "machine": "one CPU thread, shared",
+            "dpmlab": dpmlab.__version__,
+        },
+    )
+    if out.exists() and args.guidance is not None:  # add the guided entries to an existing recipe
+        old = Recipe.load(out, model=args.model)
+        rec = Recipe(
+            model=rec.model,
+            schedule=rec.schedule,
+            entries=tuple(e for e in old.entries if e.guidance != rec.entries[0].guidance) + rec.entries,
+            seeds=rec.seeds,
+            criterion=rec.criterion,
+            cond=f"{old.cond}; guided entries: {rec.cond}",
+            provenance={**old.provenance, "guided": rec.provenance},
+        )
+    rec.save(out)
+    print(f"wrote {out} (CPU {rec.provenance['cpu_seconds']} s)")
+    if args.write_card:
+        write_card(rec, card)
+    else:
+        print(table(rec))
+
+
+def write_card(rec: Recipe, card: Path) -> None:
+    d = json.loads(card.read_text())
+    d[CARD_KEY] = rec.to_dict()
+    with atomic_write(card) as tmp:
+        tmp.write_text(json.dumps(d, indent=2) + "\n")
+    print(f"wrote {card} [{CARD_KEY!r}]")
+    print(table(rec))
+
+
+if __name__ == "__main__":
+    main()

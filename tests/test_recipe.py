@@ -1,0 +1,170 @@
+"""Sampling recipes (dpmlab.calibrate.recipe) and solver="auto": choice on held-out noise, learned grids fitted
+on the other noise, artifact round trip and validation, auto == the recorded solver and grid bit for bit, the
+shipped MNIST recipe, and the command line."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import dpmlab
+from dpmlab.calibrate import recipe as cr
+from dpmlab.calibrate.grid import calibration_noise
+from dpmlab.cli import main
+from dpmlab.models.reference import reference_solution
+from dpmlab.timesteps import make_grid
+
+MODEL = dpmlab.load("gmm16")
+SCH = MODEL.schedule
+CANDS = ["ddim", "dpm_solver_pp", "unipc", "deis"]
+GRIDS = ["quadratic_time", "uniform_time"]
+TINY_GRID = {"fine_steps": 8, "sweeps": 1, "golden_iters": 3}
+
+
+def _fit(fit_seed: int, select_seed: int, **kw: object) -> cr.Recipe:
+    args = dict(n_fit=8, n_select=8, learned=False, candidates=CANDS, grids=GRIDS, model_name="gmm16")
+    args.update(kw)
+    return cr.fit_recipe(MODEL, [6], fit_seed=fit_seed, select_seed=select_seed, **args)  # type: ignore[arg-type]
+
+
+def _held_out_scores(seed: int, n: int, nfe: int) -> dict[str, float]:
+    """RMS error of every candidate on noise ``seed``, computed independently of the recipe module."""
+    x = calibration_noise(SCH, (16,), n, seed=seed)
+    ref = reference_solution(MODEL, SCH, x, SCH.t_max, 0.0, rtol=1e-10, atol=1e-10).x
+    out = {}
+    for name in CANDS:
+        slv = dpmlab.solvers.get(name)
+        for g in GRIDS:
+            ts = make_grid(SCH, g, slv.steps_for_nfe(nfe, True), to_zero=True)
+            y = dpmlab.sample(MODEL, n, solver=slv, grid=ts, nfe=nfe, x_T=x, dtype=torch.float64)
+            out[f"{name} @ {g}"] = float((y - ref).pow(2).mean().sqrt())
+    return out
+
+
+def test_choice_is_the_lowest_error_on_the_select_noise_not_the_fit_noise() -> None:
+    # on these two 8-sample sets the winners differ: swapping the seeds must swap the choice
+    s2, s3 = _held_out_scores(2, 8, 6), _held_out_scores(3, 8, 6)
+    win2, win3 = min(s2, key=s2.__getitem__), min(s3, key=s3.__getitem__)
+    assert win2 != win3
+    for fit, sel, win, scores in ((2, 3, win3, s3), (3, 2, win2, s2)):
+        e = _fit(fit, sel).entry(6)
+        assert e.label == win
+        assert e.rms == pytest.approx(scores[win], rel=1e-6)
+        assert set(e.scores) == set(scores)
+        assert all(e.scores[k][0] == pytest.approx(v, rel=1e-6) for k, v in scores.items())
+
+
+def test_learned_grids_are_fitted_on_the_fit_noise_and_scored_on_the_select_noise(monkeypatch) -> None:
+    seen = []
+    real = cr.fit_grid
+
+    def spy(*args: object, **kw: object) -> object:
+        seen.append(args[4])  # the calibration noise
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cr, "fit_grid", spy)
+    rec = _fit(5, 7, learned=True, learned_top=1, grid_options=TINY_GRID, candidates=["dpm_solver_pp", "ddim"])
+    assert len(seen) == 1
+    assert torch.equal(seen[0], calibration_noise(SCH, (16,), 8, seed=5))
+    e = rec.entry(6)
+    learned = [k for k in e.scores if k.endswith("@ gits+e2e")]
+    assert learned == ["dpm_solver_pp @ gits+e2e"]  # the better solver on the fixed grids gets the learned grid
+    assert rec.seeds == {"fit": {"seed": 5, "start": 0, "n": 8}, "select": {"seed": 7, "start": 0, "n": 8}}
+    assert e.ts[0] == SCH.t_max and e.ts[-1] == 0.0  # ends at sigma = 0
+    with pytest.raises(ValueError, match="fit_seed and select_seed must differ"):
+        _fit(4, 4)
+
+
+def test_round_trip_and_validation(tmp_path) -> None:
+    rec = _fit(0, 1)
+    path = rec.save(tmp_path / "r.json")
+    back = cr.Recipe.load(path, model="gmm16", schedule=SCH)
+    assert back == rec
+    assert back.solver(6).config() == dpmlab.solvers.get(**rec.entry(6).solver_config).config()
+    assert torch.equal(back.grid(6), torch.tensor(rec.entry(6).ts, dtype=torch.float64))
+    with pytest.raises(ValueError, match="fitted for model 'gmm16', not 'gmm64'"):
+        cr.Recipe.load(path, model="gmm64")
+    with pytest.raises(ValueError, match="recipe fitted on schedule"):
+        cr.Recipe.load(path, schedule=dpmlab.load("mnist").schedule)
+    with pytest.raises(ValueError, match=r"no entry for nfe=5 \(no guidance\); it has nfe 6"):
+        rec.entry(5)
+    with pytest.raises(ValueError, match="no entry with guidance 3; it has guidance: none"):
+        rec.entry(6, guidance=3.0)
+    d = json.loads(path.read_text())
+    d["entries"][0]["ts"] = d["entries"][0]["ts"][:-2] + [0.0]  # one step fewer: no longer 6 evaluations
+    (tmp_path / "bad.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="costs .* evaluations, not 6"):
+        cr.Recipe.load(tmp_path / "bad.json", schedule=SCH)
+    (tmp_path / "grid.json").write_text(json.dumps({"format": "dpmlab.grid", "version": 1}))
+    with pytest.raises(ValueError, match="is not a 'dpmlab.recipe' version 1 artifact"):
+        cr.Recipe.load(tmp_path / "grid.json")
+    with pytest.raises(ValueError, match="recipe path must end in .json"):
+        rec.save(tmp_path / "r.safetensors")
+
+
+def test_auto_samples_with_the_recorded_solver_and_grid_bit_for_bit(tmp_path) -> None:
+    rec = _fit(2, 3)
+    e = rec.entry(6)
+    auto = dpmlab.sample("gmm16", 16, solver="auto", nfe=6, recipe=rec, seed=4)
+    same = dpmlab.sample("gmm16", 16, solver=e.solver(), nfe=6, grid=e.grid(), seed=4)
+    assert torch.equal(auto, same)
+    assert e.label != "ddim @ quadratic_time"  # so the default would differ
+    assert not torch.equal(auto, dpmlab.sample("gmm16", 16, nfe=6, seed=4))
+    path = rec.save(tmp_path / "r.json")
+    assert torch.equal(auto, dpmlab.sample("gmm16", 16, solver="auto", nfe=6, recipe=path, seed=4))
+    with pytest.raises(ValueError, match="solver='auto' takes its grid from the recipe"):
+        dpmlab.sample("gmm16", 4, solver="auto", nfe=6, recipe=rec, grid="karras")
+    with pytest.raises(ValueError, match=r"options \['eta'\] do not apply"):
+        dpmlab.sample("gmm16", 4, solver="auto", nfe=6, recipe=rec, eta=1.0)
+    with pytest.raises(ValueError, match="recipe= is only used with solver='auto'"):
+        dpmlab.sample("gmm16", 4, solver="ddim", nfe=6, recipe=rec)
+    with pytest.raises(ValueError, match="model 'gmm16' ships none"):
+        dpmlab.sample("gmm16", 4, solver="auto", nfe=6)
+    with pytest.raises(ValueError, match="recipe fitted for model 'gmm16', not 'gmm64'"):
+        dpmlab.sample("gmm64", 4, solver="auto", nfe=6, recipe=rec)
+
+
+SHIPPED_NFES = (4, 5, 6, 8, 10)
+
+
+def test_shipped_mnist_recipe_covers_the_advertised_nfes() -> None:
+    rec = cr.shipped_recipe("mnist")
+    assert rec is not None and rec.model == "mnist"
+    model = dpmlab.load("mnist")
+    rec.check("mnist", model.schedule)  # schedule id and every entry's exact NFE
+    assert set(SHIPPED_NFES) <= set(rec.nfes())
+    assert rec.seeds["fit"]["seed"] != rec.seeds["select"]["seed"]
+    for nfe in SHIPPED_NFES:
+        e = rec.entry(nfe)
+        assert e.ts[-1] == 0.0 and math.isfinite(e.rms) and e.rms == min(v[0] for v in e.scores.values())
+    assert cr.shipped_recipe("gmm16") is None
+    with pytest.raises(ValueError, match=r"no entry for nfe=7 \(no guidance\); it has nfe 4, 5, 6, 8, 10"):
+        dpmlab.sample("mnist", 1, solver="auto", nfe=7)
+    e = rec.entry(4)
+    x = dpmlab.sample(model, 1, solver="auto", nfe=4, recipe=rec)
+    assert torch.equal(x, dpmlab.sample(model, 1, solver=e.solver(), nfe=4, grid=e.grid()))
+
+
+def test_cli_calibrate_recipe_then_sample_auto(tmp_path, capsys) -> None:
+    out = tmp_path / "r.json"
+    argv = ["calibrate", "recipe", "--model", "gmm16", "--nfe", "4,6", "-n", "8", "--n-fit", "4"]
+    argv += ["--learned-top", "0", "--solvers", "ddim,ipndm", "--out", str(out)]
+    assert main(argv) == 0
+    rec = cr.Recipe.load(out, model="gmm16")
+    assert rec.nfes() == (4, 6) and rec.seeds["select"]["seed"] == 1
+    assert main(argv) == 2  # exists, no --overwrite
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    png = tmp_path / "s.png"
+    base = ["sample", "--model", "gmm16", "--solver", "auto", "--recipe", str(out), "-n", "4", "-q"]
+    assert main([*base, "--nfe", "6", "--out", str(png)]) == 0 and png.is_file()
+    assert main([*base, "--nfe", "5", "--out", str(tmp_path / "t.png")]) == 2
+    assert "it has nfe 4, 6" in capsys.readouterr().err
+    assert main([*base, "--nfe", "6", "--grid", "karras", "--out", str(tmp_path / "u.png")]) == 2
+    assert "--grid cannot be used with --solver auto" in capsys.readouterr().err
+    assert (
+        main(["calibrate", "recipe", "--model", "gmm16", "--select-seed", "0", "--out", str(tmp_path / "v.json")]) == 2
+    )
+    assert "--select-seed must differ from --seed" in capsys.readouterr().err
