@@ -168,3 +168,24 @@ def test_cli_calibrate_recipe_then_sample_auto(tmp_path, capsys) -> None:
         main(["calibrate", "recipe", "--model", "gmm16", "--select-seed", "0", "--out", str(tmp_path / "v.json")]) == 2
     )
     assert "--select-seed must differ from --seed" in capsys.readouterr().err
+
+
+def test_the_default_grid_of_a_model_comes_from_its_card() -> None:
+    """The card's recipe names the fixed grid measured best (lowest geometric-mean selection error of its best
+    solver over the NFEs); ``dpmlab.sample`` without ``grid`` uses it; models without a card recipe keep
+    ``DEFAULT_GRID``."""
+    from dpmlab.api import DEFAULT_GRID, default_grid
+
+    rec = cr.shipped_recipe("mnist")
+    assert rec is not None
+    best = {}
+    for g in cr.FIXED_GRIDS:
+        per_nfe = [min(v[0] for k, v in e.scores.items() if k.endswith(f" @ {g}")) for e in rec.entries]
+        best[g] = sum(math.log(v) for v in per_nfe)
+    assert default_grid("mnist") == rec.default_grid() == min(best, key=best.__getitem__) != DEFAULT_GRID
+    assert default_grid("gmm16") == default_grid() == DEFAULT_GRID
+    cond = {"label": torch.tensor([3, 7])}
+    a = dpmlab.sample("mnist", 2, solver="ddim", nfe=4, cond=cond)
+    b = dpmlab.sample("mnist", 2, solver="ddim", nfe=4, cond=cond, grid=default_grid("mnist"))
+    c = dpmlab.sample("mnist", 2, solver="ddim", nfe=4, cond=cond, grid=DEFAULT_GRID)
+    assert torch.equal(a, b) and not torch.equal(a, c)

@@ -25,7 +25,19 @@ from .typing import DenoiserFn
 if TYPE_CHECKING:
     from .calibrate.recipe import Recipe
 
-__all__ = ["sample", "make_grid", "DISCRETE_GRIDS", "DEFAULT_GRID"]
+__all__ = ["sample", "make_grid", "default_grid", "DISCRETE_GRIDS", "DEFAULT_GRID"]
+
+
+def default_grid(model: str = "") -> str:
+    """The grid ``sample`` uses when none is given: the one the card of the shipped model ``model`` names (the
+    fixed grid its sampling recipe measured best, ``Recipe.default_grid``), else ``DEFAULT_GRID``."""
+    if model:
+        from .calibrate.recipe import model_default_grid
+
+        g = model_default_grid(model)
+        if g is not None:
+            return g
+    return DEFAULT_GRID
 
 
 def _per_sample(v: Any, n: int) -> bool:
@@ -62,7 +74,7 @@ def sample(
     nfe: int | None = 10,
     recipe: str | os.PathLike[str] | Recipe | None = None,
     seed: int = 0,
-    grid: str | Tensor = DEFAULT_GRID,
+    grid: str | Tensor | None = None,
     schedule: NoiseSchedule | None = None,
     shape: tuple[int, ...] | None = None,
     t_start: float | None = None,
@@ -81,8 +93,10 @@ def sample(
 
     ``model``: a ``DenoiserFn`` carrying ``.schedule`` (and ``.data_shape``), or a model name for
     ``dpmlab.load``. ``grid``: a name in ``dpmlab.timesteps.GRIDS`` or an explicit decreasing tensor
-    of times (then ``nfe`` may be ``None``). ``to_zero`` ends the grid at ``sigma = 0`` (default: yes
-    where the schedule reaches it and no ``t_end`` is given; ``False`` stops at ``t_end`` / ``schedule.t_min``).
+    of times (then ``nfe`` may be ``None``); ``None``: the model's default (``default_grid``: the grid its
+    card's sampling recipe measured best, else ``DEFAULT_GRID``). ``to_zero`` ends the grid at
+    ``sigma = 0`` (default: yes where the schedule reaches it and no ``t_end`` is given; ``False`` stops at
+    ``t_end`` / ``schedule.t_min``).
     ``cond``: keyword arguments for the model, e.g. ``{"label": labels}`` or
     ``{"prompt": "a bold seven"}``; a tensor with one row per sample, or a list of ``n`` items (prompts),
     is split along with the batches. Returns ``(n, *shape)`` in
@@ -120,9 +134,7 @@ def sample(
             raise ValueError(
                 f"solver='auto' takes its solver from the recipe; options {sorted(solver_options)} do not apply"
             )
-        if not (isinstance(grid, str) and grid == DEFAULT_GRID) or any(
-            v is not None for v in (t_start, t_end, to_zero)
-        ):
+        if grid is not None or any(v is not None for v in (t_start, t_end, to_zero)):
             raise ValueError(
                 "solver='auto' takes its grid from the recipe; grid, t_start, t_end and to_zero do not apply"
             )
@@ -134,6 +146,8 @@ def sample(
         solver, grid = entry.solver(), entry.grid()
     elif recipe is not None:
         raise ValueError("recipe= is only used with solver='auto'")
+    if grid is None:
+        grid = default_grid(name)
     slv = get(solver, **solver_options) if isinstance(solver, str) else solver
     if solver_options and not isinstance(solver, str):
         raise ValueError("solver options are only accepted with a solver name; configure the instance instead")

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ._utils import atomic_write
 from ._version import __version__
-from .api import DEFAULT_GRID, sample
+from .api import DEFAULT_GRID, default_grid, sample
 from .models.hub import available_models, load
 from .solvers.base import Solver, StepInfo, available, get, solver_class
 from .solvers.base import sample as sample_solver
@@ -229,24 +229,24 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     elif args.kind == "dc":
         from .calibrate.dc import fit_dc_ratios
 
-        base = get(args.base)
+        base, grid_name = get(args.base), args.grid or default_grid(args.model)  # as dpmlab sample's default
         ratios = fit_dc_ratios(
             model,
             schedule,
             base,
             args.nfe,
             n_datapoints=args.n or 10,
-            grid=args.grid,
-            to_zero=schedule.t_zero is not None,  # as dpmlab sample's default grid
+            grid=grid_name,
+            to_zero=schedule.t_zero is not None,
             seed=args.seed,
             model_name=args.model,
         )
         ratios.save(out)
         rho = ", ".join(f"{r:.3f}" for r in ratios.ratios)
-        print(f"wrote {out}: DC ratios for {args.base} at NFE {args.nfe} on grid {args.grid}: {rho}")
+        print(f"wrote {out}: DC ratios for {args.base} at NFE {args.nfe} on grid {grid_name}: {rho}")
         print(
             f"sample with: dpmlab sample --model {args.model} --solver dc_solver --artifact {out} "
-            f"--nfe {args.nfe} --grid {args.grid}"
+            f"--nfe {args.nfe} --grid {grid_name}"
         )
     elif args.kind == "grid":
         from .calibrate.grid import calibration_noise, fit_grid
@@ -343,7 +343,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         raise ValueError(f"--options must be a JSON object, got {args.options!r}")
     from .calibrate import NEEDS_ARTIFACT, artifact_options
 
-    if args.grid_artifact and (args.grid != DEFAULT_GRID or args.to_zero is not None):
+    if args.grid_artifact and (args.grid is not None or args.to_zero is not None):
         raise ValueError("--grid-artifact gives the grid: --grid and --to-zero do not apply")
     auto = args.solver == "auto"
     if auto:  # solver and grid come from the model's sampling recipe (dpmlab calibrate recipe)
@@ -351,7 +351,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
             "--options": args.options,
             "--artifact": args.artifact,
             "--grid-artifact": args.grid_artifact,
-            "--grid": args.grid != DEFAULT_GRID,
+            "--grid": args.grid is not None,
             "--to-zero": args.to_zero is not None,
             "--classifier-guidance": args.classifier_guidance,
         }
@@ -373,7 +373,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     class_names = getattr(getattr(model, "spec", None), "class_names", ())
     if args.artifact:
         options = artifact_options(args.solver, args.artifact, model=args.model, nfe=args.nfe, options=options)
-    grid: Any = args.grid
+    grid_name = args.grid or default_grid(args.model)  # the model card's default grid, else DEFAULT_GRID
+    grid: Any = grid_name
     if args.solver == "usf" and "plan" in options and options["plan"].ts is not None:
         grid = options["plan"].grid()  # a searched plan carries its own timesteps
     solver = get(args.solver, **options) if not auto else None
@@ -471,7 +472,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         "solver": json.dumps(solver.config()),
         "nfe": str(args.nfe),
         "seed": str(args.seed),
-        "grid": entry.grid_name if auto else args.grid,
+        "grid": entry.grid_name if auto else grid_name,
         "recipe": (args.recipe or "shipped") if auto else "",
         "label": args.label,
         "guidance": str(args.guidance),
@@ -490,7 +491,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     title = (
         f"{args.model}{what}: {'auto -> ' if auto else ''}{solver.name}"
         + (f" ({config})" if config else "")
-        + f", NFE={args.nfe}, n={args.n}, grid={entry.grid_name if auto else args.grid}"
+        + f", NFE={args.nfe}, n={args.n}, grid={entry.grid_name if auto else grid_name}"
         + (", to t_min" if args.to_zero is False else "")
         + f", seed={args.seed}"
         + (f", label={args.label}" if args.label else "")
@@ -1029,7 +1030,9 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--nfe", type=NFE, default=10, help="network evaluations per sample (exact)")
     ps.add_argument("-n", type=POSITIVE, default=1000, help="number of samples")
     ps.add_argument("--seed", type=SEED, default=0)
-    ps.add_argument("--grid", default=DEFAULT_GRID, choices=sorted(GRIDS))
+    ps.add_argument(
+        "--grid", default=None, choices=sorted(GRIDS), help=f"default: the model card's, else {DEFAULT_GRID}"
+    )
     ps.add_argument(
         "--to-zero",
         action=argparse.BooleanOptionalAction,
@@ -1090,7 +1093,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pc.add_argument("--grid-size", type=POSITIVE, default=200, help="ems: lambda knots - 1")
     pc.add_argument("--base", default="unipc", help="dc: the predictor-corrector solver to compensate")
-    pc.add_argument("--grid", default=DEFAULT_GRID, choices=sorted(GRIDS), help="dc: the grid to fit on")
+    pc.add_argument(
+        "--grid", default=None, choices=sorted(GRIDS), help="dc: the grid to fit on (default: as dpmlab sample's)"
+    )
     pc.add_argument("--generations", type=POSITIVE, default=10, help="s3: evolutionary generations")
     pc.add_argument("--solver", default="unipc", help="grid: the solver the grid is fitted for")
     pc.add_argument(

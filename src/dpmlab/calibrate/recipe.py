@@ -56,6 +56,7 @@ __all__ = [
     "RecipeEntry",
     "candidate_label",
     "fit_recipe",
+    "model_default_grid",
     "resolve_recipe",
     "shipped_recipe",
 ]
@@ -191,6 +192,23 @@ class Recipe:
             f"the recipe for {self.model!r} has no entry for nfe={nfe} ({what}); it has nfe {', '.join(map(str, have))}"
         )
 
+    def default_grid(self) -> str | None:
+        """The model's default fixed grid: the continuous grid (``FIXED_GRIDS``: usable with any ``t_start`` /
+        ``t_end``) whose best training-free solver has the lowest geometric-mean selection error over the
+        recipe's unguided NFEs (None: no such grid scored at all of them). What ``dpmlab.sample`` uses for this
+        model when no grid is given (``model_default_grid``)."""
+        best: dict[str, dict[int, float]] = {}
+        entries = [e for e in self.entries if e.guidance is None] or list(self.entries)
+        for e in entries:
+            for label, (rms, _) in e.scores.items():
+                g = label.rsplit(" @ ", 1)[-1]
+                if g in FIXED_GRIDS and math.isfinite(rms) and rms > 0:
+                    best.setdefault(g, {})[e.nfe] = min(best.get(g, {}).get(e.nfe, math.inf), rms)
+        full = {g: d for g, d in best.items() if len(d) == len(entries)}
+        if not full:
+            return None
+        return min((g for g in FIXED_GRIDS if g in full), key=lambda g: sum(math.log(v) for v in full[g].values()))
+
     def solver(self, nfe: int, guidance: float | None = None) -> Solver[Any]:
         return self.entry(nfe, guidance).solver()
 
@@ -274,6 +292,12 @@ def shipped_recipe(model_name: str) -> Recipe | None:
     if d is None:
         return None
     return Recipe.from_dict(d, where=f"{card} [{CARD_KEY!r}]")
+
+
+def model_default_grid(model_name: str) -> str | None:
+    """The default grid the card of a shipped model names (``Recipe.default_grid`` of its recipe), or None."""
+    rec = shipped_recipe(model_name)
+    return rec.default_grid() if rec is not None else None
 
 
 def resolve_recipe(
