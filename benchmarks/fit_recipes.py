@@ -24,7 +24,7 @@ import torch
 
 import dpmlab
 from dpmlab._utils import atomic_write
-from dpmlab.calibrate.recipe import CARD_KEY, DEFAULT_SOLVERS, Recipe, candidate_label, fit_recipe
+from dpmlab.calibrate.recipe import CARD_KEY, DEFAULT_SOLVERS, Recipe, candidate_label, fit_recipe, model_card
 from dpmlab.solvers import get
 
 
@@ -108,6 +108,7 @@ def main() -> None:
     ap.add_argument("--sweeps", type=int, default=1)
     ap.add_argument("--golden-iters", type=int, default=8)
     ap.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (labels i % 10)")
+    ap.add_argument("--prompts", default="", help="text to image, with --guidance: comma-separated prompts")
     ap.add_argument("--out", required=True, help="the recipe (.json)")
     ap.add_argument("--write-card", action="store_true", help="also put it in src/dpmlab/assets/<model>.json")
     ap.add_argument("--overwrite", action="store_true")
@@ -115,9 +116,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
-    card = Path(dpmlab.__file__).parent / "assets" / f"{args.model}.json"
-    if args.write_card and not card.is_file():
-        sys.exit(f"{args.model} has no model card at {card}")
+    found = model_card(args.model)
+    if args.write_card and found is None:
+        sys.exit(f"{args.model} has no model card in dpmlab/assets")
+    card = found or Path()
     if args.check_seed is not None:
         print(check(Recipe.load(out, model=args.model), args.check_seed, args.n_select, args.ref_tol))
         return
@@ -128,7 +130,11 @@ def main() -> None:
         return
     nfes = [int(k) for k in args.nfe.split(",")]
     cond, note = None, "none (unconditional: the null class)" if args.model == "mnist" else "none"
-    if args.guidance is not None:
+    if args.guidance is not None and args.prompts:  # text to image: prompt i % len(prompts) for sample i
+        prompts = [p.strip() for p in args.prompts.split(",")]
+        cond = {"prompt": [prompts[i % len(prompts)] for i in range(max(args.n_fit, args.n_select))]}
+        note = f"prompt = {prompts} [sample index % {len(prompts)}], classifier-free guidance"
+    elif args.guidance is not None:
         cond = {"label": torch.arange(max(args.n_fit, args.n_select)) % 10}
         note = "label = sample index % 10, classifier-free guidance"
     rec = fit_recipe(

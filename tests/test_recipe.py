@@ -189,3 +189,9 @@ def test_the_default_grid_of_a_model_comes_from_its_card() -> None:
     b = dpmlab.sample("mnist", 2, solver="ddim", nfe=4, cond=cond, grid=default_grid("mnist"))
     c = dpmlab.sample("mnist", 2, solver="ddim", nfe=4, cond=cond, grid=DEFAULT_GRID)
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_model_cards_of_weight_files_and_diffusers_folders() -> None:
+    assert cr.model_card("mnist").name == "mnist.json"
+    assert cr.model_card("mnist_t2i").name == "model_card.json"  # a diffusers-format folder's card
+    assert cr.model_card("gmm16") is None and cr.model_card("../mnist") is None

@@ -281,12 +281,22 @@ class Recipe:
         return rec
 
 
-def shipped_recipe(model_name: str) -> Recipe | None:
-    """The recipe in the card of a shipped model (``assets/<name>.json``, key ``"sampling_recipes"``), or None."""
+def model_card(model_name: str) -> Path | None:
+    """The card of a shipped model: ``assets/<name>.json`` (weights files) or ``assets/<name>/model_card.json``
+    (diffusers-format folders such as ``mnist_t2i``); None if there is none."""
     if not isinstance(model_name, str) or not model_name.isidentifier():
         return None
-    card = Path(str(resources.files("dpmlab") / "assets")) / f"{model_name}.json"
-    if not card.is_file():
+    assets = Path(str(resources.files("dpmlab") / "assets"))
+    for card in (assets / f"{model_name}.json", assets / model_name / "model_card.json"):
+        if card.is_file():
+            return card
+    return None
+
+
+def shipped_recipe(model_name: str) -> Recipe | None:
+    """The recipe in the card of a shipped model (``model_card``, key ``"sampling_recipes"``), or None."""
+    card = model_card(model_name)
+    if card is None:
         return None
     d = json.loads(card.read_text()).get(CARD_KEY)
     if d is None:
