@@ -108,6 +108,7 @@ def main() -> None:
     ap.add_argument("--sweeps", type=int, default=1)
     ap.add_argument("--golden-iters", type=int, default=8)
     ap.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (labels i % 10)")
+    ap.add_argument("--dc", action="store_true", help="also try DC-Solver ratios on each winner (unconditional)")
     ap.add_argument("--prompts", default="", help="text to image, with --guidance: comma-separated prompts")
     ap.add_argument("--out", required=True, help="the recipe (.json)")
     ap.add_argument("--write-card", action="store_true", help="also put it in src/dpmlab/assets/<model>.json")
@@ -150,6 +151,7 @@ def main() -> None:
         cond=cond,
         cond_note=note,
         guidance=args.guidance,
+        calibrated=("dc",) if args.dc else (),
         ref_tol=args.ref_tol,
         grid_options={"fine_steps": args.fine_steps, "sweeps": args.sweeps, "golden_iters": args.golden_iters},
         provenance={

@@ -195,3 +195,20 @@ def test_model_cards_of_weight_files_and_diffusers_folders() -> None:
     assert cr.model_card("mnist").name == "mnist.json"
     assert cr.model_card("mnist_t2i").name == "model_card.json"  # a diffusers-format folder's card
     assert cr.model_card("gmm16") is None and cr.model_card("../mnist") is None
+
+
+def test_dc_ratios_are_tried_on_the_winner_and_kept_only_when_better_on_the_select_noise(tmp_path) -> None:
+    """``calibrated=("dc",)``: DC-Solver ratios fitted on the fit noise for each NFE's winner, scored on the
+    select noise beside it; the entry is the lower of the two, and a DC entry samples as its config says."""
+    rec = _fit(0, 1, candidates=["unipc"], grids=["uniform_time"], calibrated=("dc",), n_fit=10, n_select=32)
+    e = rec.entry(6)
+    dc_lab, plain = "dc_solver[unipc] @ uniform_time", "unipc @ uniform_time"
+    assert set(e.scores) == {dc_lab, plain}
+    assert e.rms == min(v[0] for v in e.scores.values())
+    assert (e.solver_config["name"] == "dc_solver") == (e.scores[dc_lab][0] < e.scores[plain][0])
+    assert e.scores[dc_lab] != e.scores[plain]  # the ratios changed the sampler
+    path = rec.save(tmp_path / "r.json")
+    again = cr.Recipe.load(path, model="gmm16").entry(6)
+    assert again.solver() == e.solver() and again.solver_config == e.solver_config
+    with pytest.raises(ValueError, match="unknown calibrated artifact"):
+        _fit(0, 1, calibrated=("ems",))

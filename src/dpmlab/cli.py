@@ -314,6 +314,7 @@ def _calibrate_recipe(args: argparse.Namespace, model: Any, out: Path) -> int:
         candidates=solvers,
         learned=args.learned_top > 0,
         learned_top=max(args.learned_top, 1),
+        calibrated=("dc",) if args.dc else (),
         progress=True,
         model_name=args.model,
         provenance={"command": "dpmlab " + " ".join(sys.argv[1:]) if sys.argv else ""},
@@ -1113,6 +1114,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--learned-top", type=_int_in(0), default=2, help="recipe: solvers per NFE given a learned grid (0: none)"
     )
     pc.add_argument("--solvers", default="", help="recipe: comma-separated candidate solvers (default: a set)")
+    pc.add_argument("--dc", action="store_true", help="recipe: also try DC-Solver ratios on each NFE's winner")
     pc.add_argument("--out", required=True, help="artifact file (.safetensors for ems/dc, .json for s3/recipe)")
     pc.add_argument("--threads", type=POSITIVE, default=1)
     pc.add_argument("--overwrite", action="store_true", help="replace existing output files")

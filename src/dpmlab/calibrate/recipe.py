@@ -66,6 +66,7 @@ RECIPE_VERSION = 1
 CARD_KEY = "sampling_recipes"  # where a shipped model's card holds its recipe
 LEARNED = "gits+e2e"
 CRITERIA = ("rms", "median")
+CALIBRATED = ("dc",)  # calibrated artifacts fit_recipe can add on top of a winner
 
 # the training-free candidates (configs for dpmlab.solvers.get)
 DEFAULT_SOLVERS: tuple[dict[str, Any], ...] = (
@@ -385,6 +386,7 @@ def fit_recipe(
     ref_tol: float | None = None,
     grid_options: Mapping[str, Any] | None = None,
     provenance: Mapping[str, Any] | None = None,
+    calibrated: Sequence[str] = (),
 ) -> Recipe:
     """Choose, per NFE in ``nfes``, the solver and grid with the lowest ``criterion`` error on held-out noise.
 
@@ -398,7 +400,11 @@ def fit_recipe(
     a classifier-free guidance scale (the entries are keyed by it). ``ref_tol``: the reference solver's
     rtol = atol (default 1e-9 for an analytic model, 1e-5 for a network: its error is then far below the errors
     compared).
-    ``progress``: a callback taking a message per candidate, or ``True`` for a tqdm bar."""
+    ``progress``: a callback taking a message per candidate, or ``True`` for a tqdm bar.
+    ``calibrated``: calibrated artifacts tried on top of each NFE's winner, kept only if they lower its error on
+    the select noise: ``"dc"`` — DC-Solver ratios (``calibrate.dc.fit_dc_ratios``) for the winning solver on
+    its grid, fitted on ``n_fit`` noises of ``fit_seed`` (unconditional models only: the DC fit takes no
+    ``cond``)."""
     from ..models.hub import load
 
     t_cpu, t_wall = time.process_time(), time.perf_counter()
@@ -425,6 +431,11 @@ def fit_recipe(
         raise ValueError(f"nfes has duplicates: {list(nfes)!r}")
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
+    bad = sorted(set(calibrated) - set(CALIBRATED))
+    if bad or isinstance(calibrated, str):
+        raise ValueError(f"unknown calibrated artifact(s) {bad or calibrated!r}; allowed: {', '.join(CALIBRATED)}")
+    if "dc" in calibrated and cond:
+        raise ValueError("calibrated=('dc',) needs an unconditional model: the DC-Solver fit takes no cond")
     cfgs = [_config(c) for c in (DEFAULT_SOLVERS if candidates is None else candidates)]
     if not cfgs:
         raise ValueError("candidates is empty; give at least one solver")
@@ -477,6 +488,7 @@ def fit_recipe(
 
     meets = {nfe: [c for c in cfgs if _meets(get(**c), nfe, to_zero)] for nfe in nfes}
     total = sum(len(grid_names) * len(m) + (min(learned_top, len(m)) if learned else 0) for m in meets.values())
+    total += len(nfes) * len(calibrated)
     tick, bar = _progress(progress, total)
     entries = []
     crit = 0 if criterion == "rms" else 1
@@ -530,6 +542,19 @@ def fit_recipe(
                 raise ValueError(f"every candidate diverged at nfe={nfe}")
             win = min(finite, key=lambda k: scores[k][crit])
             c, g, ts = choices[win]
+            if "dc" in calibrated:  # DC-Solver ratios for the winner on its grid, fitted on set A, kept if better on B
+                from .dc import fit_dc_ratios
+
+                ratios = fit_dc_ratios(
+                    model, sch, get(**c), nfe, n_fit, ts=ts, shape=shp, seed=fit_seed, ref_tol=ref_tol
+                )
+                dc_cfg: dict[str, Any] = {"name": "dc_solver", "base": dict(c), "ratios": list(ratios.ratios)}
+                lab = f"dc_solver[{candidate_label(c)}] @ {g}"
+                scores[lab] = score(get(**dc_cfg), ts)
+                choices[lab] = (dc_cfg, g, ts)
+                tick(f"NFE {nfe}: {lab}")
+                if math.isfinite(scores[lab][crit]) and scores[lab][crit] < scores[win][crit]:
+                    win, (c, g, ts) = lab, choices[lab]
             entries.append(
                 RecipeEntry(
                     nfe=nfe,
@@ -551,6 +576,7 @@ def fit_recipe(
         "wall_seconds": round(time.perf_counter() - t_wall, 1),
         "torch_threads": torch.get_num_threads(),
         "learned": {"method": LEARNED, "top": learned_top, **dict(grid_options or {})} if learned else None,
+        "calibrated": list(calibrated),
         **dict(provenance or {}),
     }
     return Recipe(
