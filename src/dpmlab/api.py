@@ -105,6 +105,8 @@ def sample(
     inversion round trips; ``seed`` then drives only the step noise of stochastic solvers.
     ``index_offset``: the returned rows are samples ``index_offset .. index_offset + n - 1`` of the
     seed's sequence (their noise is ``(seed, index_offset + i)``) — how ``dpmlab.parallel`` shards.
+    Runs under ``torch.no_grad()`` (guidance that differentiates enables gradients itself); to differentiate
+    through a sampler use ``dpmlab.solvers.differentiable``.
     ``solver="auto"``: the solver and grid of the model's sampling recipe at this ``nfe`` (and guidance scale,
     for a ``classifier_free`` model): ``recipe=`` (a path or ``dpmlab.calibrate.recipe.Recipe``), else the one
     shipped in the card of a model given by name (``dpmlab.calibrate.recipe``).
@@ -176,19 +178,20 @@ def sample(
     bs = batch_size or n
     sigma0 = float(sch.sigma(ts[:1]))
     outs = []
-    for lo in range(0, n, bs):
-        idx = torch.arange(lo, min(n, lo + bs), dtype=torch.int64) + index_offset
-        if x_T is not None:
-            x = x_T[lo : lo + len(idx)].to(device=device, dtype=dtype)
-        else:
-            x = sigma0 * counter_normal(seed, idx, 0, shp, dtype=dtype, device=device)
-        # per-sample conditioning (a tensor with one row per sample, e.g. labels, or a list of n prompts)
-        # follows the batch
-        bcond = {k: v[lo : lo + len(idx)] if _per_sample(v, n) else v for k, v in (cond or {}).items()}
-        problem = Problem(model, sch, noise=SeededNoise(seed, idx), cond=bcond)
-        out = run(problem, x, ts, slv, callback=callback)
-        expected = slv.nfe(ts, sch)
-        if problem.nfe != expected:  # honesty check: a solver's declared cost must be its real cost
-            raise RuntimeError(f"solver {slv.name!r} used {problem.nfe} evaluations, declared {expected}")
-        outs.append(out)
+    with torch.no_grad():  # sampling needs no graph (guidance that differentiates enables its own)
+        for lo in range(0, n, bs):
+            idx = torch.arange(lo, min(n, lo + bs), dtype=torch.int64) + index_offset
+            if x_T is not None:
+                x = x_T[lo : lo + len(idx)].to(device=device, dtype=dtype)
+            else:
+                x = sigma0 * counter_normal(seed, idx, 0, shp, dtype=dtype, device=device)
+            # per-sample conditioning (a tensor with one row per sample, e.g. labels, or a list of n prompts)
+            # follows the batch
+            bcond = {k: v[lo : lo + len(idx)] if _per_sample(v, n) else v for k, v in (cond or {}).items()}
+            problem = Problem(model, sch, noise=SeededNoise(seed, idx), cond=bcond)
+            out = run(problem, x, ts, slv, callback=callback)
+            expected = slv.nfe(ts, sch)
+            if problem.nfe != expected:  # honesty check: a solver's declared cost must be its real cost
+                raise RuntimeError(f"solver {slv.name!r} used {problem.nfe} evaluations, declared {expected}")
+            outs.append(out)
     return torch.cat(outs)
