@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ..schedules import schedule_from_config
 from .denoiser import Denoiser
-from .guidance import classifier_free, with_cond
+from .guidance import ClassifierFree, with_cond
 
 __all__ = ["TextToImage", "load_text_to_image", "COMPONENTS"]
 
@@ -118,8 +118,10 @@ class TextToImage(Denoiser):
         return torch.stack([self._cache[p] for p in prompts])
 
     def guided(self, scale: float, negative_prompt: str = "") -> Any:
-        """Classifier-free guidance at ``scale`` (1 = none) against ``negative_prompt``."""
-        return classifier_free(self, with_cond(self, prompt=negative_prompt), scale)
+        """Classifier-free guidance at ``scale`` (1 = none) against ``negative_prompt``; both branches in one UNet
+        call of twice the batch, as diffusers' pipelines (two calls cost 1.3-1.5x on CPU,
+        docs/benchmarks/walltime.md)."""
+        return _BatchedCFG(self, with_cond(self, prompt=negative_prompt), scale, negative_prompt)
 
     # --- pixels <-> latents ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -184,3 +186,25 @@ def load_text_to_image(
     except ValueError as e:
         raise ValueError(f"{root}/scheduler: {e}") from None
     return TextToImage(unet, vae, text, tok, schedule, pred, name=name or root.name)
+
+
+class _BatchedCFG(ClassifierFree):
+    """``ClassifierFree`` of a ``TextToImage`` and its negative prompt, evaluated in one call on ``[x; x]`` with
+    ``[negative; prompts]`` (the same arithmetic as two calls, up to the UNet's batch rounding). Conditioning
+    other than ``prompt`` goes through the two-call path."""
+
+    def __init__(self, model: TextToImage, uncond: Any, scale: float, negative_prompt: str) -> None:
+        super().__init__(model, uncond, scale)
+        self.t2i, self.negative_prompt = model, negative_prompt
+
+    def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
+        if self.scale == 1.0 or set(cond) - {"prompt"}:
+            return super().__call__(x, t, **cond)
+        n = x.shape[0]
+        prompt = cond.get("prompt")
+        prompts = [prompt or ""] * n if prompt is None or isinstance(prompt, str) else list(prompt)
+        if len(prompts) != n:
+            raise ValueError(f"got {len(prompts)} prompts for a batch of {n}")
+        tt = torch.cat([t, t]) if t.ndim > 0 else t
+        x0_u, x0_c = self.t2i(torch.cat([x, x]), tt, prompt=[self.negative_prompt] * n + prompts).chunk(2)
+        return x0_u + self.scale * (x0_c - x0_u)
