@@ -136,6 +136,30 @@ def test_fit_grid_generalises_to_held_out_noise() -> None:
             assert fitted < float(fixed.mean()), (solver, g)
 
 
+def test_a_shared_teacher_gives_the_same_grid_and_is_checked() -> None:
+    """``teacher_states`` computed once and passed to several fits gives each the grid of a fit that integrates
+    its own teacher; a teacher of other noise, fine grid, tolerance or conditioning is refused."""
+    model = preset("gmm16").denoiser(SCH)
+    x = cg.calibration_noise(SCH, (16,), 8, seed=0)
+    teacher = cg.teacher_states(model, SCH, x, 8, ref_tol=1e-8)
+    assert len(teacher.states) == len(teacher.fine) == 9 and torch.equal(teacher.states[0], x)
+    ref = reference_solution(model, SCH, x, SCH.t_max, SCH.t_zero, rtol=1e-8, atol=1e-8).x
+    assert torch.allclose(teacher.states[-1], ref, atol=1e-5)
+    for solver, nfe in (("ddim", 4), ("unipc", 5)):
+        kw = {"method": "gits+e2e", "fine_steps": 8, "ref_tol": 1e-8, "sweeps": 1, "golden_iters": 3}
+        own = cg.fit_grid(model, SCH, solver, nfe, x, **kw)  # type: ignore[arg-type]
+        shared = cg.fit_grid(model, SCH, solver, nfe, x, teacher=teacher, **kw)  # type: ignore[arg-type]
+        assert own.ts == shared.ts and own.fit_error == shared.fit_error
+    with pytest.raises(ValueError, match="other calibration noise"):
+        cg.fit_grid(model, SCH, "ddim", 4, x + 1e-3, fine_steps=8, ref_tol=1e-8, teacher=teacher)
+    with pytest.raises(ValueError, match="9-point fine grid; fine_steps=9, to_zero=True gives 10 points"):
+        cg.fit_grid(model, SCH, "ddim", 4, x, fine_steps=9, ref_tol=1e-8, teacher=teacher)
+    with pytest.raises(ValueError, match="ref_tol=1e-08, not ref_tol=1e-09"):
+        cg.fit_grid(model, SCH, "ddim", 4, x, fine_steps=8, ref_tol=1e-9, teacher=teacher)
+    with pytest.raises(ValueError, match="computed with cond"):
+        cg.fit_grid(model, SCH, "ddim", 4, x, fine_steps=8, ref_tol=1e-8, teacher=teacher, cond={"label": 1})
+
+
 def test_fit_grid_refuses_bad_input() -> None:
     model = preset("gmm16").denoiser(SCH)
     x = cg.calibration_noise(SCH, (16,), 4, seed=0)

@@ -78,6 +78,27 @@ def test_learned_grids_are_fitted_on_the_fit_noise_and_scored_on_the_select_nois
         _fit(4, 4)
 
 
+def test_the_teacher_of_the_fit_noise_is_integrated_once_for_every_learned_grid(monkeypatch) -> None:
+    teachers, fits = [], []
+    real_teacher, real_fit = cr.teacher_states, cr.fit_grid
+
+    def spy_teacher(*args: object, **kw: object) -> object:
+        teachers.append(real_teacher(*args, **kw))  # type: ignore[arg-type]
+        return teachers[-1]
+
+    def spy_fit(*args: object, **kw: object) -> object:
+        fits.append(kw["teacher"])
+        return real_fit(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cr, "teacher_states", spy_teacher)
+    monkeypatch.setattr(cr, "fit_grid", spy_fit)
+    args = dict(n_fit=8, n_select=8, candidates=["dpm_solver_pp", "ddim"], grids=GRIDS, model_name="gmm16")
+    cr.fit_recipe(MODEL, [5, 6], fit_seed=0, select_seed=1, learned_top=2, grid_options=TINY_GRID, **args)  # type: ignore[arg-type]
+    assert len(teachers) == 1 and len(fits) == 4 and all(t is teachers[0] for t in fits)
+    assert torch.equal(teachers[0].states[0], calibration_noise(SCH, (16,), 8, seed=0))
+    assert len(teachers[0].fine) == TINY_GRID["fine_steps"] + 1
+
+
 def test_round_trip_and_validation(tmp_path) -> None:
     rec = _fit(0, 1)
     path = rec.save(tmp_path / "r.json")

@@ -67,6 +67,7 @@ __all__ = [
     "GRID_VERSION",
     "METHODS",
     "GridArtifact",
+    "Teacher",
     "calibration_noise",
     "cost_matrix",
     "dp_path",
@@ -74,6 +75,7 @@ __all__ = [
     "grid_errors",
     "fine_grid",
     "schedule_id",
+    "teacher_states",
 ]
 
 GRID_FORMAT = "dpmlab.grid"
@@ -237,6 +239,83 @@ def fine_grid(schedule: NoiseSchedule, fine_steps: int, *, to_zero: bool = True)
     if isinstance(fine_steps, bool) or not isinstance(fine_steps, int) or fine_steps < 2:
         raise ValueError(f"fine_steps must be an int >= 2, got {fine_steps!r}")
     return make_grid(schedule, "uniform_lambda", fine_steps, to_zero=to_zero)
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """The exact ODE states ``states[m] = x*(fine[m])`` of a set of calibration noises on GITS's fine grid
+    (``states[0]`` is the noise, ``states[-1]`` the reference end point), computed once by ``teacher_states``
+    and shared by every ``fit_grid`` on that noise (each solver and NFE of a recipe)."""
+
+    fine: Tensor
+    states: tuple[Tensor, ...]
+    ref_tol: float
+    cond: Mapping[str, Any] = field(default_factory=dict)
+
+    def check(
+        self,
+        schedule: NoiseSchedule,
+        noise: Tensor,
+        fine_steps: int,
+        to_zero: bool,
+        ref_tol: float,
+        cond: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Raise a one-line ``ValueError`` unless this teacher was computed for exactly these inputs."""
+        fine = fine_grid(schedule, fine_steps, to_zero=to_zero)
+        if self.fine.shape != fine.shape or not torch.equal(self.fine, fine):
+            raise ValueError(
+                f"teacher was computed on a {len(self.fine)}-point fine grid; fine_steps={fine_steps}, "
+                f"to_zero={to_zero} gives {len(fine)} points (or other times)"
+            )
+        x = f64(noise)
+        if self.states[0].shape != x.shape or not torch.equal(self.states[0], x):
+            raise ValueError("teacher was computed for other calibration noise than the noise given")
+        if self.ref_tol != ref_tol:
+            raise ValueError(f"teacher was computed with ref_tol={self.ref_tol:g}, not ref_tol={ref_tol:g}")
+        cond = dict(cond or {})
+
+        def same(a: Any, b: Any) -> bool:
+            if isinstance(a, Tensor) or isinstance(b, Tensor):
+                return isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and torch.equal(a, b)
+            return bool(a == b)
+
+        if sorted(cond) != sorted(self.cond) or not all(same(cond[k], self.cond[k]) for k in cond):
+            raise ValueError(
+                f"teacher was computed with cond {sorted(self.cond)} (or other values) than the fit's {sorted(cond)}"
+            )
+
+
+def teacher_states(
+    model: DenoiserFn,
+    schedule: NoiseSchedule,
+    noise: Tensor,
+    fine_steps: int = 40,
+    *,
+    to_zero: bool = True,
+    ref_tol: float = 1e-9,
+    cond: Mapping[str, Any] | None = None,
+) -> Teacher:
+    """The teacher of ``fit_grid``: the exact ODE (float64 Dormand-Prince, ``rtol = atol = ref_tol``) from
+    ``noise`` at ``t_max``, integrated fine-grid point to fine-grid point. Pass it to ``fit_grid(teacher=)`` to
+    fit several solvers and NFEs on the same noise without integrating again (its ``cond`` must be the
+    fit's)."""
+    fine = fine_grid(schedule, fine_steps, to_zero=to_zero)
+    states = [f64(noise)]
+    for k in range(1, len(fine)):
+        states.append(
+            reference_solution(
+                model,
+                schedule,
+                states[-1],
+                float(fine[k - 1]),
+                float(fine[k]),
+                rtol=ref_tol,
+                atol=ref_tol,
+                cond=dict(cond or {}),
+            ).x
+        )
+    return Teacher(fine=fine, states=tuple(states), ref_tol=ref_tol, cond=dict(cond or {}))
 
 
 def _errors(out: Tensor, ref: Tensor) -> Tensor:
@@ -404,11 +483,13 @@ def fit_grid(
     radius: float = 0.05,
     rounds: int = 2,
     inner_iters: int = 20,
+    teacher: Teacher | None = None,
 ) -> GridArtifact:
     """Fit the grid of ``solver`` at exactly ``nfe`` evaluations for ``model`` on the calibration start
     states ``noise`` (at ``t_max``; see ``calibration_noise``, whose ``(seed, start, n)`` go in ``seeds``).
     ``method``: ``"gits"``, ``"gits+e2e"`` or ``"ld3"`` (module docstring; ``radius``, ``rounds``,
-    ``inner_iters`` are LD3's)."""
+    ``inner_iters`` are LD3's). ``teacher``: the fine-grid ODE states of ``noise`` from ``teacher_states``
+    (computed here when not given; refused unless computed for this noise, fine grid and ``ref_tol``)."""
     if method not in METHODS:
         raise ValueError(f"unknown grid method {method!r}; allowed: {', '.join(METHODS)}")
     if noise.ndim < 2 or noise.shape[0] < 1:
@@ -423,13 +504,16 @@ def fit_grid(
     if steps > fine_steps:
         raise ValueError(f"fine_steps={fine_steps} is fewer than the {steps} steps to place; raise fine_steps")
     t_start = time.perf_counter()
-    fine = fine_grid(schedule, fine_steps, to_zero=to_zero)
-    teacher = _teacher(model, schedule, f64(noise), fine, ref_tol, cond or {})
-    cost = cost_matrix(model, schedule, slv, fine, teacher, cond=cond)
+    if teacher is None:
+        teacher = teacher_states(model, schedule, noise, fine_steps, to_zero=to_zero, ref_tol=ref_tol, cond=cond)
+    else:
+        teacher.check(schedule, noise, fine_steps, to_zero, ref_tol, cond)
+    fine, states = teacher.fine, teacher.states
+    cost = cost_matrix(model, schedule, slv, fine, states, cond=cond)
     ts = fine[dp_path(cost, steps)]
 
     def loss(grid: Tensor) -> float:
-        return float(grid_errors(model, schedule, slv, grid, teacher[0], teacher[-1], cond=cond).mean())
+        return float(grid_errors(model, schedule, slv, grid, states[0], states[-1], cond=cond).mean())
 
     init = "gits"
     if method != "gits":  # the refinement is local: start from the best of the DP grid and the named grids
@@ -441,13 +525,13 @@ def fit_grid(
     elif method == "ld3":
         if not radius > 0:
             raise ValueError(f"radius must be > 0, got {radius!r}")
-        x_start = teacher[0]
+        x_start = states[0]
         rad = radius * float(schedule.sigma(f64(schedule.t_max))) * math.sqrt(x_start[0].numel())
         for _ in range(rounds):
-            x_start = _slack(model, schedule, slv, ts, teacher[0], teacher[-1], rad, inner_iters, cond or {})
+            x_start = _slack(model, schedule, slv, ts, states[0], states[-1], rad, inner_iters, cond or {})
 
             def soft(grid: Tensor, xs: Tensor = x_start) -> float:
-                return float(grid_errors(model, schedule, slv, grid, xs, teacher[-1], cond=cond).mean())
+                return float(grid_errors(model, schedule, slv, grid, xs, states[-1], cond=cond).mean())
 
             ts, _ = _refine(soft, schedule, ts, sweeps, golden_iters)
         err = loss(ts)
@@ -468,20 +552,6 @@ def fit_grid(
         fit_seconds=time.perf_counter() - t_start,
         fit_error=err,
     )
-
-
-def _teacher(
-    model: DenoiserFn, schedule: NoiseSchedule, x: Tensor, fine: Tensor, tol: float, cond: Mapping[str, Any]
-) -> list[Tensor]:
-    """The exact ODE states at every fine-grid time, integrated grid point to grid point (float64)."""
-    out = [x]
-    for k in range(1, len(fine)):
-        out.append(
-            reference_solution(
-                model, schedule, out[-1], float(fine[k - 1]), float(fine[k]), rtol=tol, atol=tol, cond=dict(cond)
-            ).x
-        )
-    return out
 
 
 def brute_force_path(cost: Tensor, steps: int) -> list[int]:

@@ -45,7 +45,7 @@ from ..schedules import DiscreteVP, NoiseSchedule
 from ..solvers.base import Solver, get
 from ..timesteps import check_grid, make_grid
 from ..typing import DenoiserFn
-from .grid import calibration_noise, fit_grid, grid_errors, schedule_id
+from .grid import Teacher, calibration_noise, fit_grid, grid_errors, schedule_id, teacher_states
 
 __all__ = [
     "DEFAULT_SOLVERS",
@@ -482,6 +482,7 @@ def fit_recipe(
     dim = math.prod(shp)
     fit_seeds = {"seed": fit_seed, "start": 0, "n": n_fit}
     x_fit = calibration_noise(sch, shp, n_fit, seed=fit_seed) if learned else None
+    teacher: Teacher | None = None  # set A's fine-grid ODE states: integrated once, shared by every learned grid
 
     def score(slv: Solver[Any], ts: Tensor) -> tuple[float, float]:
         return _errors(grid_errors(model, sch, slv, ts, x_sel, ref, cond=cond_sel), dim)
@@ -514,6 +515,11 @@ def fit_recipe(
             if learned:
                 assert x_fit is not None
                 top = sorted(best_per_solver, key=lambda s: best_per_solver[s])[:learned_top]
+                if teacher is None:
+                    fine_steps = int(dict(grid_options or {}).get("fine_steps", 40))
+                    teacher = teacher_states(
+                        model, sch, x_fit, fine_steps, to_zero=to_zero, ref_tol=ref_tol, cond=cond_fit
+                    )
                 for c in cfgs:
                     if candidate_label(c) not in top:
                         continue
@@ -529,6 +535,7 @@ def fit_recipe(
                         model_name=model_name,
                         seeds=fit_seeds,
                         ref_tol=ref_tol,
+                        teacher=teacher,
                         **dict(grid_options or {}),
                     )
                     art.check_held_out(select_seed, 0, n_select)  # never select on the fitting noise
