@@ -95,6 +95,10 @@ def get_recipe(name: str, model: Any, nfes: Sequence[int], args: argparse.Namesp
     from dpmlab.calibrate import recipe as rc
 
     if args.recipe:
+        deadline = time.time() + 60 * args.wait_recipe
+        while not Path(args.recipe).exists() and time.time() < deadline:
+            log(f"waiting for {args.recipe} (until {time.strftime('%H:%M', time.localtime(deadline))})")
+            time.sleep(60)
         r = rc.Recipe.load(args.recipe, model=name, schedule=model.schedule)
         return r, {"source": f"loaded from {args.recipe}", "cond": r.cond, "provenance": r.provenance}
     if name == "mnist" and not args.fit_mnist:
@@ -355,7 +359,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--fit-mnist", action="store_true", help="fit a recipe for MNIST even if one ships")
     ap.add_argument("--null-class", action="store_true", help="MNIST: sample the null class (unconditional)")
     ap.add_argument("--recipe", default="", help="a recipe JSON to use (one model only) instead of shipped / fitted")
-    ap.add_argument("--wait-recipe", type=float, default=0.0, help="minutes to wait for a shipped MNIST recipe")
+    ap.add_argument(
+        "--wait-recipe",
+        type=float,
+        default=0.0,
+        help="minutes to wait for a shipped MNIST recipe (or for --recipe's file)",
+    )
     ap.add_argument("--fit-seed", type=int, default=0)
     ap.add_argument("--select-seed", type=int, default=1)
     ap.add_argument("--report-seed", type=int, default=2)

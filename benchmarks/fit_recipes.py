@@ -108,7 +108,11 @@ def main() -> None:
     ap.add_argument("--sweeps", type=int, default=1)
     ap.add_argument("--golden-iters", type=int, default=8)
     ap.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (labels i % 10)")
-    ap.add_argument("--dc", action="store_true", help="also try DC-Solver ratios on each winner (unconditional)")
+    ap.add_argument("--labels", action="store_true", help="MNIST without guidance: labels i % 10 (not the null class)")
+    ap.add_argument(
+        "--merge", action="store_true", help="keep the entries of other guidance scales of the recipe in --out"
+    )
+    ap.add_argument("--dc", action="store_true", help="also try DC-Solver ratios on each winner")
     ap.add_argument("--prompts", default="", help="text to image, with --guidance: comma-separated prompts")
     ap.add_argument("--out", required=True, help="the recipe (.json)")
     ap.add_argument("--write-card", action="store_true", help="also put it in src/dpmlab/assets/<model>.json")
@@ -138,6 +142,9 @@ def main() -> None:
     elif args.guidance is not None:
         cond = {"label": torch.arange(max(args.n_fit, args.n_select)) % 10}
         note = "label = sample index % 10, classifier-free guidance"
+    elif args.labels:
+        cond = {"label": torch.arange(max(args.n_fit, args.n_select)) % 10}
+        note = "label = sample index % 10, no guidance"
     rec = fit_recipe(
         args.model,
         nfes,
@@ -160,16 +167,25 @@ def main() -> None:
             "dpmlab": dpmlab.__version__,
         },
     )
-    if out.exists() and args.guidance is not None:  # add the guided entries to an existing recipe
+    if out.exists() and (args.guidance is not None or args.merge):  # keep the other scales' entries in --out
         old = Recipe.load(out, model=args.model)
+        if old.seeds != rec.seeds:
+            sys.exit(f"{out} was fitted on the noise {old.seeds}, this run on {rec.seeds}: not merged")
+        kept = tuple(e for e in old.entries if e.guidance != rec.entries[0].guidance)
+        base, _, guided = old.cond.partition("; guided entries: ")
+        if args.guidance is not None:  # the guided entries' note and provenance go under "guided"
+            cond, prov = f"{base}; guided entries: {rec.cond}", {**old.provenance, "guided": rec.provenance}
+        else:  # new unguided entries: the old guided ones keep theirs
+            cond = rec.cond + (f"; guided entries: {guided}" if guided else "")
+            prov = {**rec.provenance, **({"guided": old.provenance["guided"]} if "guided" in old.provenance else {})}
         rec = Recipe(
             model=rec.model,
             schedule=rec.schedule,
-            entries=tuple(e for e in old.entries if e.guidance != rec.entries[0].guidance) + rec.entries,
+            entries=kept + rec.entries,
             seeds=rec.seeds,
             criterion=rec.criterion,
-            cond=f"{old.cond}; guided entries: {rec.cond}",
-            provenance={**old.provenance, "guided": rec.provenance},
+            cond=cond,
+            provenance=prov,
         )
     rec.save(out)
     print(f"wrote {out} (CPU {rec.provenance['cpu_seconds']} s)")

@@ -323,3 +323,25 @@ def test_wrapper_reaches_a_pending_corrector_output_only_through_the_protocol():
     assert torch.equal(a, b) and "set" in calls and "get" in calls
     with pytest.raises(ValueError, match="reuses no model output; nothing to replace"):
         get("ddim").with_pending_output(None, x)
+
+
+def test_ratios_fit_on_given_noise_and_conditioning():
+    """``noise=`` replaces the seeded draw (the same start states give the same ratios) and ``cond=`` reaches the
+    model in the ground truth and in the fit: on a labelled model, all-ones labels give the ratios of the
+    label-1 model and all-zeros those of the label-0 model."""
+    one = GaussianMixture(MIX.weights[:4], MIX.means[:4], MIX.stds[:4]).denoiser(SCH)
+
+    def labelled(x: torch.Tensor, t: torch.Tensor, *, label: torch.Tensor) -> torch.Tensor:
+        return torch.where(label[:, None] == 1, one(x, t), MODEL(x, t))
+
+    kw = {"n_datapoints": 6, "ref_tol": 1e-8, "shape": (16,)}
+    x = torch.randn(6, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * float(SCH.sigma(1.0))
+    seeded = fit_dc_ratios(MODEL, SCH, S.get("unipc"), 6, seed=4, **kw)
+    assert fit_dc_ratios(MODEL, SCH, S.get("unipc"), 6, noise=x, **kw).ratios == seeded.ratios
+    for lab, plain in ((1, one), (0, MODEL)):
+        want = fit_dc_ratios(plain, SCH, S.get("unipc"), 6, noise=x, **kw).ratios
+        cond = {"label": torch.full((6,), lab)}
+        assert fit_dc_ratios(labelled, SCH, S.get("unipc"), 6, noise=x, cond=cond, **kw).ratios == want
+    assert fit_dc_ratios(one, SCH, S.get("unipc"), 6, noise=x, **kw).ratios != seeded.ratios
+    with pytest.raises(ValueError, match=r"noise must have shape \(6, 16\)"):
+        fit_dc_ratios(MODEL, SCH, S.get("unipc"), 6, noise=x[:5], **kw)

@@ -233,3 +233,42 @@ def test_dc_ratios_are_tried_on_the_winner_and_kept_only_when_better_on_the_sele
     assert again.solver() == e.solver() and again.solver_config == e.solver_config
     with pytest.raises(ValueError, match="unknown calibrated artifact"):
         _fit(0, 1, calibrated=("ems",))
+
+
+def test_dc_ratios_of_a_conditional_recipe_are_fitted_on_the_fit_noise_with_its_labels(monkeypatch) -> None:
+    from dpmlab.calibrate import dc
+    from dpmlab.models.analytic import GaussianMixture, preset
+
+    mix = preset("gmm16")
+    other = GaussianMixture(mix.weights[:4], mix.means[:4], mix.stds[:4]).denoiser(SCH)
+    seen = []
+    real = dc.fit_dc_ratios
+
+    def labelled(x: torch.Tensor, t: torch.Tensor, *, label: torch.Tensor) -> torch.Tensor:
+        return torch.where(label[:, None] == 1, MODEL(x, t), other(x, t))
+
+    def spy(*args: object, **kw: object) -> object:
+        seen.append(kw)
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(dc, "fit_dc_ratios", spy)
+    labels = torch.arange(12) % 2
+    rec = cr.fit_recipe(
+        labelled,  # type: ignore[arg-type]
+        [6],
+        fit_seed=3,
+        select_seed=4,
+        n_fit=6,
+        n_select=12,
+        learned=False,
+        candidates=["unipc"],
+        grids=["uniform_time"],
+        calibrated=("dc",),
+        cond={"label": labels},
+        schedule=SCH,
+        shape=(16,),
+    )
+    assert len(seen) == 1
+    assert torch.equal(seen[0]["noise"], calibration_noise(SCH, (16,), 6, seed=3))  # type: ignore[arg-type]
+    assert torch.equal(seen[0]["cond"]["label"], labels[:6])  # type: ignore[index]
+    assert "dc_solver[unipc] @ uniform_time" in rec.entry(6).scores

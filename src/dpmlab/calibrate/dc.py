@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -50,12 +50,23 @@ FIT_METHODS = ("bounded", "adamw")
 
 
 def ground_truth(
-    model: DenoiserFn, schedule: NoiseSchedule, x: Tensor, ts: Tensor, *, tol: float = 1e-10
+    model: DenoiserFn,
+    schedule: NoiseSchedule,
+    x: Tensor,
+    ts: Tensor,
+    *,
+    tol: float = 1e-10,
+    cond: Mapping[str, Any] | None = None,
 ) -> list[Tensor]:
-    """Reference states at every grid time ``ts[k]`` from ``x`` at ``ts[0]`` (float64)."""
+    """Reference states at every grid time ``ts[k]`` from ``x`` at ``ts[0]`` (float64); ``cond``: the model's
+    keyword conditioning."""
     out = [x.double()]
     for k in range(1, len(ts)):
-        out.append(reference_solution(model, schedule, out[-1], float(ts[k - 1]), float(ts[k]), rtol=tol, atol=tol).x)
+        out.append(
+            reference_solution(
+                model, schedule, out[-1], float(ts[k - 1]), float(ts[k]), rtol=tol, atol=tol, cond=dict(cond or {})
+            ).x
+        )
     return out
 
 
@@ -98,11 +109,16 @@ def fit_dc_ratios(
     method: str = "bounded",
     lr: float = 0.1,
     iters: int = 20,
+    noise: Tensor | None = None,
+    cond: Mapping[str, Any] | None = None,
 ) -> DCRatios:
     """Per-step ratios ``rho_i`` of ``DynamicCompensation(solver)`` at budget ``nfe`` on ``grid`` (or the
     given ``ts``), fitted on ``n_datapoints`` seeded starting noises of shape ``shape`` (default: the
     model's ``data_shape``) by ``method`` ("bounded" search in ``bounds`` or the authors' unbounded
-    "adamw" with ``lr``, ``iters``). ``guidance`` and ``model_name`` are recorded in the artifact."""
+    "adamw" with ``lr``, ``iters``). ``guidance`` and ``model_name`` are recorded in the artifact.
+    ``noise``: the ``n_datapoints`` start states at ``ts[0]`` to fit on instead of the seeded draw (e.g. a
+    recipe's ``calibration_noise`` fit set); ``cond``: the model's keyword conditioning (per-sample values
+    with ``n_datapoints`` rows), used for the ground truth and the fit alike."""
     if method not in FIT_METHODS:
         raise ValueError(f"unknown method {method!r}; allowed: {', '.join(FIT_METHODS)}")
     if not (isinstance(iters, int) and iters >= 1 and lr > 0):
@@ -118,10 +134,18 @@ def fit_dc_ratios(
     shape = shape or getattr(model, "data_shape", None)
     if shape is None:
         raise ValueError("pass shape=: the model has no data_shape")
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n_datapoints, *shape, dtype=torch.float64, generator=g) * float(schedule.sigma(ts[:1]))
-    gt = ground_truth(model, schedule, x, ts, tol=ref_tol)  # looser for networks: it dominates the cost
-    problem = Problem(model, schedule)
+    if noise is None:
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(n_datapoints, *shape, dtype=torch.float64, generator=g) * float(schedule.sigma(ts[:1]))
+    elif tuple(noise.shape) != (n_datapoints, *shape):
+        raise ValueError(
+            f"noise must have shape {(n_datapoints, *shape)} (n_datapoints, *shape), got {tuple(noise.shape)}"
+        )
+    else:
+        x = noise.double()
+    cond = dict(cond or {})
+    gt = ground_truth(model, schedule, x, ts, tol=ref_tol, cond=cond)  # looser for networks: it dominates the cost
+    problem = Problem(model, schedule, cond=cond)
     steps = len(ts) - 1
     ratios = [1.0] * steps
     state = dc.init(problem, x, ts)

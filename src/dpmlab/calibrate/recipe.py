@@ -403,8 +403,7 @@ def fit_recipe(
     ``progress``: a callback taking a message per candidate, or ``True`` for a tqdm bar.
     ``calibrated``: calibrated artifacts tried on top of each NFE's winner, kept only if they lower its error on
     the select noise: ``"dc"`` — DC-Solver ratios (``calibrate.dc.fit_dc_ratios``) for the winning solver on
-    its grid, fitted on ``n_fit`` noises of ``fit_seed`` (unconditional models only: the DC fit takes no
-    ``cond``)."""
+    its grid, fitted on the ``n_fit`` noises of ``fit_seed`` (set A, with its ``cond`` rows)."""
     from ..models.hub import load
 
     t_cpu, t_wall = time.process_time(), time.perf_counter()
@@ -434,8 +433,6 @@ def fit_recipe(
     bad = sorted(set(calibrated) - set(CALIBRATED))
     if bad or isinstance(calibrated, str):
         raise ValueError(f"unknown calibrated artifact(s) {bad or calibrated!r}; allowed: {', '.join(CALIBRATED)}")
-    if "dc" in calibrated and cond:
-        raise ValueError("calibrated=('dc',) needs an unconditional model: the DC-Solver fit takes no cond")
     cfgs = [_config(c) for c in (DEFAULT_SOLVERS if candidates is None else candidates)]
     if not cfgs:
         raise ValueError("candidates is empty; give at least one solver")
@@ -552,8 +549,9 @@ def fit_recipe(
             if "dc" in calibrated:  # DC-Solver ratios for the winner on its grid, fitted on set A, kept if better on B
                 from .dc import fit_dc_ratios
 
+                x_dc = x_fit if x_fit is not None else calibration_noise(sch, shp, n_fit, seed=fit_seed)
                 ratios = fit_dc_ratios(
-                    model, sch, get(**c), nfe, n_fit, ts=ts, shape=shp, seed=fit_seed, ref_tol=ref_tol
+                    model, sch, get(**c), nfe, n_fit, ts=ts, shape=shp, ref_tol=ref_tol, noise=x_dc, cond=cond_fit
                 )
                 dc_cfg: dict[str, Any] = {"name": "dc_solver", "base": dict(c), "ratios": list(ratios.ratios)}
                 lab = f"dc_solver[{candidate_label(c)}] @ {g}"
