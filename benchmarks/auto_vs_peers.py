@@ -70,12 +70,16 @@ def candidates(network: bool) -> list[Entry]:
     return out
 
 
+PROMPTS = [f"a {w}" for w in ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")]
+NETWORKS = ("mnist", "mnist_t2i")
+
+
 def setup(name: str) -> tuple[Any, Any, tuple[int, ...], float, bool]:
-    """model, schedule, shape, reference tolerance, class-conditional?"""
-    if name == "mnist":
+    """model, schedule, shape, reference tolerance, conditional (MNIST: labels; text to image: prompts)?"""
+    if name in NETWORKS:
         import dpmlab
 
-        model = dpmlab.load("mnist")
+        model = dpmlab.load(name)
         return model, model.schedule, tuple(model.data_shape), 1e-5, True
     from dpmlab.models.analytic import preset
     from dpmlab.schedules import DiscreteVP
@@ -90,6 +94,30 @@ def labels_for(ns: NoiseSet) -> dict[str, torch.Tensor]:
     return {"label": torch.arange(ns.start, ns.start + ns.n) % 10}
 
 
+def prompts_for(ns: NoiseSet) -> dict[str, list[str]]:
+    """Prompts of a noise set's samples: "a zero" ... "a nine" by sample index mod 10 (as the t2i recipe's fit)."""
+    return {"prompt": [PROMPTS[i % 10] for i in range(ns.start, ns.start + ns.n)]}
+
+
+class AtScale:
+    """A recipe's entries at one classifier-free guidance scale, as ``auto_report`` asks for them."""
+
+    def __init__(self, recipe: Any, guidance: float | None) -> None:
+        self.recipe, self.guidance = recipe, guidance
+
+    def solver(self, nfe: int) -> Any:
+        return self.recipe.solver(nfe, self.guidance)
+
+    def grid(self, nfe: int) -> torch.Tensor:
+        return self.recipe.grid(nfe, self.guidance)
+
+    def entry(self, nfe: int) -> Any:
+        return self.recipe.entry(nfe, self.guidance)
+
+    def nfes(self) -> tuple[int, ...]:
+        return tuple(self.recipe.nfes(self.guidance))
+
+
 def get_recipe(name: str, model: Any, nfes: Sequence[int], args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     """The recipe and where it came from: the shipped one (MNIST) unless ``--fit-mnist``, else fitted here."""
     from dpmlab.calibrate import recipe as rc
@@ -101,7 +129,7 @@ def get_recipe(name: str, model: Any, nfes: Sequence[int], args: argparse.Namesp
             time.sleep(60)
         r = rc.Recipe.load(args.recipe, model=name, schedule=model.schedule)
         return r, {"source": f"loaded from {args.recipe}", "cond": r.cond, "provenance": r.provenance}
-    if name == "mnist" and not args.fit_mnist:
+    if name in NETWORKS and not args.fit_mnist:
         deadline = time.time() + 60 * args.wait_recipe
         while True:
             r = rc.shipped_recipe(name)
@@ -167,14 +195,20 @@ def mnist_metrics(rep: AutoReport, report: NoiseSet, conditional: bool) -> dict[
 def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     model, sch, shape, ref_tol, conditional = setup(name)
-    conditional = conditional and not args.null_class
+    t2i = name == "mnist_t2i"
+    # MNIST: labels unless --null-class (guidance: none); text to image: prompts with guidance, else the empty one
+    conditional = conditional and not args.null_class and (not t2i or args.guidance is not None)
+    if args.guidance is not None:
+        if not t2i:
+            raise SystemExit("--guidance is for mnist_t2i (the MNIST report samples with labels, unguided)")
+        model = model.guided(args.guidance)
     nfes = [int(k) for k in args.nfes.split(",")]
-    net = name == "mnist"
+    net = name in NETWORKS
     n_rep = args.n_report_mnist if net else args.n_report
     n_sel = args.n_select_mnist if net else args.n_select
     report = NoiseSet(args.report_seed, n_rep)
     select = NoiseSet(args.select_seed, n_sel)
-    cond = labels_for if conditional else None
+    cond = (prompts_for if t2i else labels_for) if conditional else None
     t0 = time.perf_counter()
     # (b) and (c): chosen on the select set, and the report set's reference — all before the recipe is needed
     sel = select_configs(
@@ -194,9 +228,10 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     refs = references(model, sch, report.draw(sch, shape), ref_tol=ref_tol, cond=cond(report) if cond else None)
     ref_seconds = time.perf_counter() - t0
     log(f"{name}: report reference {ref_seconds:.0f} s")
-    recipe, info = get_recipe(name, model, nfes, args)
+    full, info = get_recipe(name, model, nfes, args)
     if info["source"] != "shipped (model card)":  # keep what was fitted here, for reproduction
-        info["saved"] = str(recipe.save(Path(args.out).with_name(f"{Path(args.out).name}_recipe_{name}.json")))
+        info["saved"] = str(full.save(Path(args.out).with_name(f"{Path(args.out).name}_recipe_{name}.json")))
+    recipe = AtScale(full, args.guidance)
     auto_nfes = [k for k in nfes if k in recipe.nfes()]
     t0 = time.perf_counter()
     rep = auto_report(
@@ -207,7 +242,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         nfes,
         report=report,
         select=sel,
-        used=used_noise(recipe),
+        used=used_noise(full),
         entries=candidates(net),
         cond=cond,
         ref_tol=ref_tol,
@@ -242,7 +277,13 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "model": name,
         "schedule": repr(sch),
         "reference_tol": ref_tol,
-        "conditioning": "label = sample index mod 10" if conditional else "none",
+        "conditioning": (
+            "none"
+            if not conditional
+            else f"prompt 'a <digit>' by sample index mod 10, guidance {args.guidance:g}"
+            if t2i
+            else "label = sample index mod 10"
+        ),
         "noise": {k: v.to_dict() for k, v in rep.noise.items()},
         "recipe": info,
         "default_grid": DEFAULT_GRID,
@@ -254,7 +295,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         ],
         "seconds": rep.seconds,
     }
-    if net:
+    if name == "mnist":
         out["metrics"] = mnist_metrics(rep, report, conditional)
     return out
 
@@ -346,7 +387,7 @@ def write(res: dict[str, Any], stem: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="gmm16,gmm64", help="comma-separated: gmm16, gmm64, mnist")
+    ap.add_argument("--models", default="gmm16,gmm64", help="comma-separated: gmm16, gmm64, mnist, mnist_t2i")
     ap.add_argument("--nfes", default=",".join(map(str, NFES)))
     ap.add_argument("--n-report", type=int, default=1024, help="report noise set size (analytic)")
     ap.add_argument("--n-select", type=int, default=256, help="selection set of (b) and (c) (analytic)")
@@ -358,6 +399,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--n-fit-select-mnist", type=int, default=16)
     ap.add_argument("--fit-mnist", action="store_true", help="fit a recipe for MNIST even if one ships")
     ap.add_argument("--null-class", action="store_true", help="MNIST: sample the null class (unconditional)")
+    ap.add_argument(
+        "--guidance", type=float, default=None, help="mnist_t2i: classifier-free guidance scale, prompts 'a <digit>'"
+    )
     ap.add_argument("--recipe", default="", help="a recipe JSON to use (one model only) instead of shipped / fitted")
     ap.add_argument(
         "--wait-recipe",
@@ -382,7 +426,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         res.update(json.loads(Path(extra).read_text()))
     if not args.tables_only:
         for name in args.models.split(","):
-            res[name + ("-null-class" if args.null_class else "")] = run_model(name, args)
+            key = name + ("-null-class" if args.null_class else "")
+            key += f"-w{args.guidance:g}" if args.guidance is not None else ""
+            res[key] = run_model(name, args)
             write(res, stem)  # after each model: a later failure keeps the finished ones
             log(f"{name} done; wrote {path}")
     elif args.merge:
