@@ -97,6 +97,9 @@ def test_the_teacher_of_the_fit_noise_is_integrated_once_for_every_learned_grid(
     assert len(teachers) == 1 and len(fits) == 4 and all(t is teachers[0] for t in fits)
     assert torch.equal(teachers[0].states[0], calibration_noise(SCH, (16,), 8, seed=0))
     assert len(teachers[0].fine) == TINY_GRID["fine_steps"] + 1
+    with pytest.raises(ValueError, match=r"fine_steps=8 is fewer than the 10 steps of nfe=10; pass grid_options"):
+        cr.fit_recipe(MODEL, [5, 10], fit_seed=0, select_seed=1, grid_options=TINY_GRID, **args)  # type: ignore[arg-type]
+    assert len(teachers) == 1  # refused before any work
 
 
 def test_round_trip_and_validation(tmp_path) -> None:

@@ -448,6 +448,18 @@ def fit_recipe(
     to_zero = sch.t_zero is not None
     for g in grid_names:
         make_grid(sch, g, 2, to_zero=to_zero)  # a bad name or a discrete grid on a continuous schedule: now
+    fine_steps = int(dict(grid_options or {}).get("fine_steps", 40))  # fit_grid's default
+    if learned:  # a learned grid places its steps on the fine grid: refuse now, not after hours of fitting
+        need = {
+            k: max((get(**c).steps_for_nfe(k, to_zero) for c in cfgs if _meets(get(**c), k, to_zero)), default=0)
+            for k in nfes
+        }
+        k_max = max(need, key=need.__getitem__)
+        if need[k_max] > fine_steps:
+            raise ValueError(
+                f"fine_steps={fine_steps} is fewer than the {need[k_max]} steps of nfe={k_max}; "
+                f"pass grid_options={{'fine_steps': {need[k_max]}}} or more"
+            )
     if ref_tol is None:
         from ..models.analytic import AnalyticDenoiser
 
@@ -513,7 +525,6 @@ def fit_recipe(
                 assert x_fit is not None
                 top = sorted(best_per_solver, key=lambda s: best_per_solver[s])[:learned_top]
                 if teacher is None:
-                    fine_steps = int(dict(grid_options or {}).get("fine_steps", 40))
                     teacher = teacher_states(
                         model, sch, x_fit, fine_steps, to_zero=to_zero, ref_tol=ref_tol, cond=cond_fit
                     )
