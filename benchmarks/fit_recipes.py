@@ -112,6 +112,9 @@ def main() -> None:
     ap.add_argument(
         "--merge", action="store_true", help="keep the entries of other guidance scales of the recipe in --out"
     )
+    ap.add_argument(
+        "--add-nfes", action="store_true", help="add this run's NFEs to the recipe in --out, keeping its other entries"
+    )
     ap.add_argument("--dc", action="store_true", help="also try DC-Solver ratios on each winner")
     ap.add_argument("--prompts", default="", help="text to image, with --guidance: comma-separated prompts")
     ap.add_argument("--out", required=True, help="the recipe (.json)")
@@ -167,7 +170,32 @@ def main() -> None:
             "dpmlab": dpmlab.__version__,
         },
     )
-    if out.exists() and (args.guidance is not None or args.merge):  # keep the other scales' entries in --out
+    if out.exists() and args.add_nfes:  # new NFEs beside the recipe's entries (same noise and conditioning)
+        old = Recipe.load(out, model=args.model)
+        if old.seeds != rec.seeds:
+            sys.exit(f"{out} was fitted on the noise {old.seeds}, this run on {rec.seeds}: not merged")
+        g = rec.entries[0].guidance
+        base, _, guided = old.cond.partition("; guided entries: ")
+        if rec.cond != (guided if g is not None else base):
+            sys.exit(f"this run's conditioning {rec.cond!r} is not the recipe's {old.cond!r}: not merged")
+        new = {(e.nfe, e.guidance) for e in rec.entries}
+        scale = "no guidance" if g is None else f"guidance {g:g}"
+        added = {"entries": f"nfe {', '.join(str(e.nfe) for e in rec.entries)} ({scale})", **rec.provenance}
+        rec = Recipe(
+            model=rec.model,
+            schedule=rec.schedule,
+            entries=tuple(
+                sorted(
+                    [e for e in old.entries if (e.nfe, e.guidance) not in new] + list(rec.entries),
+                    key=lambda e: (e.guidance is not None, e.guidance or 0.0, e.nfe),
+                )
+            ),
+            seeds=rec.seeds,
+            criterion=rec.criterion,
+            cond=old.cond,
+            provenance={**old.provenance, "added": [*old.provenance.get("added", []), added]},
+        )
+    elif out.exists() and (args.guidance is not None or args.merge):  # keep the other scales' entries in --out
         old = Recipe.load(out, model=args.model)
         if old.seeds != rec.seeds:
             sys.exit(f"{out} was fitted on the noise {old.seeds}, this run on {rec.seeds}: not merged")
