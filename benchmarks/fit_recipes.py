@@ -24,7 +24,15 @@ import torch
 
 import dpmlab
 from dpmlab._utils import atomic_write
-from dpmlab.calibrate.recipe import CARD_KEY, DEFAULT_SOLVERS, Recipe, candidate_label, fit_recipe, model_card
+from dpmlab.calibrate.recipe import (
+    CARD_KEY,
+    DEFAULT_SOLVERS,
+    FIXED_GRIDS,
+    Recipe,
+    candidate_label,
+    fit_recipe,
+    model_card,
+)
 from dpmlab.solvers import get
 
 
@@ -45,7 +53,7 @@ def table(rec: Recipe) -> str:
         return k, f"{cands[k][0]:.4f} / {cands[k][1]:.4f}", cands[k][0]
 
     for e in sorted(rec.entries, key=lambda e: (e.guidance or 0.0, e.nfe)):
-        fixed = {k: v for k, v in e.scores.items() if not k.endswith("@ gits+e2e")}
+        fixed = {k: v for k, v in e.scores.items() if k.rsplit(" @ ", 1)[-1] in (*FIXED_GRIDS, "trailing")}
         bf, bf_s, _ = best(fixed, "@")
         bd, bd_s, bd_rms = best(e.scores, "@ quadratic_time")
         g = "" if e.guidance is None else f" (w={e.guidance:g})"
@@ -93,6 +101,52 @@ def check(rec: Recipe, seed: int, n: int, ref_tol: float) -> str:
     return "\n".join(lines)
 
 
+def rescore(rec: Recipe, prior: Recipe, ref_tol: float) -> Recipe:
+    """``rec`` with, per unguided NFE both have, ``prior``'s entry put in its place where that entry has the lower
+    RMS on ``rec``'s select noise and conditioning (set B; scored here). A choice on set B as ``fit_recipe``'s:
+    the prior entry is one more candidate (its grid was fitted on another noise or conditioning)."""
+    from dpmlab.calibrate.grid import calibration_noise, grid_errors
+    from dpmlab.calibrate.recipe import RecipeEntry
+    from dpmlab.models.reference import reference_solution
+
+    model = dpmlab.load(rec.model)
+    sch, shape = model.schedule, tuple(model.data_shape)
+    sel = rec.seeds["select"]
+    x = calibration_noise(sch, shape, int(sel["n"]), seed=int(sel["seed"]), start=int(sel.get("start", 0)))
+    cond = {"label": torch.arange(x.shape[0]) % 10} if rec.cond.startswith("label = sample index % 10") else {}
+    ref = reference_solution(model, sch, x, sch.t_max, 0.0, rtol=ref_tol, atol=ref_tol, cond=cond).x
+    dim = x[0].numel()
+    entries = []
+    for e in rec.entries:
+        if e.guidance is not None or e.nfe not in prior.nfes():
+            entries.append(e)
+            continue
+        p = prior.entry(e.nfe)
+        err = grid_errors(model, sch, p.solver(), p.grid(), x, ref, cond=cond)
+        rms, med = float(err.pow(2).mean().div(dim).sqrt()), float(err.median() / dim**0.5)
+        lab = f"{p.label} (prior recipe)"
+        scores = {**e.scores, lab: (rms, med)}
+        print(f"NFE {e.nfe}: {e.label} {e.rms:.4f} vs {lab} {rms:.4f}", flush=True)
+        if rms < e.rms:
+            e = RecipeEntry(e.nfe, p.solver_config, p.ts, p.grid_name, rms, med, None, scores)
+        else:
+            e = RecipeEntry(e.nfe, e.solver_config, e.ts, e.grid_name, e.rms, e.median, None, scores)
+        entries.append(e)
+    prov = {
+        **rec.provenance,
+        "prior": {"what": "entries of a prior recipe scored as candidates on set B", **prior.provenance},
+    }
+    return Recipe(
+        model=rec.model,
+        schedule=rec.schedule,
+        entries=tuple(entries),
+        seeds=rec.seeds,
+        criterion=rec.criterion,
+        cond=rec.cond,
+        provenance=prov,
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="mnist")
@@ -120,6 +174,7 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="the recipe (.json)")
     ap.add_argument("--write-card", action="store_true", help="also put it in src/dpmlab/assets/<model>.json")
     ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--rescore", default="", help="a prior recipe whose unguided entries compete on --out's set B")
     ap.add_argument("--check-seed", type=int, default=None, help="score the recipe in --out on this third seed")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -128,6 +183,11 @@ def main() -> None:
     if args.write_card and found is None:
         sys.exit(f"{args.model} has no model card in dpmlab/assets")
     card = found or Path()
+    if args.rescore:  # the prior recipe's entries as candidates on this recipe's select noise
+        rec = rescore(Recipe.load(out, model=args.model), Recipe.load(args.rescore, model=args.model), args.ref_tol)
+        rec.save(out)
+        print(table(rec))
+        return
     if args.check_seed is not None:
         print(check(Recipe.load(out, model=args.model), args.check_seed, args.n_select, args.ref_tol))
         return

@@ -151,7 +151,7 @@ def test_auto_samples_with_the_recorded_solver_and_grid_bit_for_bit(tmp_path) ->
         dpmlab.sample("gmm64", 4, solver="auto", nfe=6, recipe=rec)
 
 
-SHIPPED_NFES = (4, 5, 6, 8, 10)
+SHIPPED_NFES = (4, 5, 6, 8, 10, 15, 20)
 
 
 def test_shipped_mnist_recipe_covers_the_advertised_nfes() -> None:
@@ -165,7 +165,7 @@ def test_shipped_mnist_recipe_covers_the_advertised_nfes() -> None:
         e = rec.entry(nfe)
         assert e.ts[-1] == 0.0 and math.isfinite(e.rms) and e.rms == min(v[0] for v in e.scores.values())
     assert cr.shipped_recipe("gmm16") is None
-    with pytest.raises(ValueError, match=r"no entry for nfe=7 \(no guidance\); it has nfe 4, 5, 6, 8, 10"):
+    with pytest.raises(ValueError, match=r"no entry for nfe=7 \(no guidance\); it has nfe 4, 5, 6, 8, 10, 15, 20"):
         dpmlab.sample("mnist", 1, solver="auto", nfe=7)
     e = rec.entry(4)
     x = dpmlab.sample(model, 1, solver="auto", nfe=4, recipe=rec)
@@ -200,18 +200,20 @@ def test_the_default_grid_of_a_model_comes_from_its_card() -> None:
     ``DEFAULT_GRID``."""
     from dpmlab.api import DEFAULT_GRID, default_grid
 
-    rec = cr.shipped_recipe("mnist")
-    assert rec is not None
-    best = {}
-    for g in cr.FIXED_GRIDS:
-        per_nfe = [min(v[0] for k, v in e.scores.items() if k.endswith(f" @ {g}")) for e in rec.entries]
-        best[g] = sum(math.log(v) for v in per_nfe)
-    assert default_grid("mnist") == rec.default_grid() == min(best, key=best.__getitem__) != DEFAULT_GRID
+    for name in ("mnist", "mnist_t2i"):
+        rec = cr.shipped_recipe(name)
+        assert rec is not None
+        unguided = [e for e in rec.entries if e.guidance is None]
+        best = {}
+        for g in cr.FIXED_GRIDS:
+            per_nfe = [min(v[0] for k, v in e.scores.items() if k.endswith(f" @ {g}")) for e in unguided]
+            best[g] = sum(math.log(v) for v in per_nfe)
+        assert default_grid(name) == rec.default_grid() == min(best, key=best.__getitem__), name
+    assert default_grid("mnist_t2i") == "karras" != DEFAULT_GRID  # measured: the text-to-image card's best
     assert default_grid("gmm16") == default_grid() == DEFAULT_GRID
-    cond = {"label": torch.tensor([3, 7])}
-    a = dpmlab.sample("mnist", 2, solver="ddim", nfe=4, cond=cond)
-    b = dpmlab.sample("mnist", 2, solver="ddim", nfe=4, cond=cond, grid=default_grid("mnist"))
-    c = dpmlab.sample("mnist", 2, solver="ddim", nfe=4, cond=cond, grid=DEFAULT_GRID)
+    a = dpmlab.sample("mnist_t2i", 2, solver="ddim", nfe=4)
+    b = dpmlab.sample("mnist_t2i", 2, solver="ddim", nfe=4, grid=default_grid("mnist_t2i"))
+    c = dpmlab.sample("mnist_t2i", 2, solver="ddim", nfe=4, grid=DEFAULT_GRID)
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -230,6 +232,7 @@ def test_dc_ratios_are_tried_on_the_winner_and_kept_only_when_better_on_the_sele
     assert set(e.scores) == {dc_lab, plain}
     assert e.rms == min(v[0] for v in e.scores.values())
     assert (e.solver_config["name"] == "dc_solver") == (e.scores[dc_lab][0] < e.scores[plain][0])
+    assert e.label == min(e.scores, key=lambda k: e.scores[k][0])  # a DC entry's label: dc_solver[<base>] @ grid
     assert e.scores[dc_lab] != e.scores[plain]  # the ratios changed the sampler
     path = rec.save(tmp_path / "r.json")
     again = cr.Recipe.load(path, model="gmm16").entry(6)

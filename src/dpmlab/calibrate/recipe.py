@@ -85,7 +85,10 @@ FIXED_GRIDS = ("quadratic_time", "uniform_lambda", "karras", "uniform_time")  # 
 
 
 def candidate_label(cfg: Mapping[str, Any]) -> str:
-    """``name(option=value, ...)`` with only the options that differ from the solver's defaults."""
+    """``name(option=value, ...)`` with only the options that differ from the solver's defaults; a DC-Solver
+    with fitted ratios is ``dc_solver[<its base's label>]`` (the ratios are in the config)."""
+    if cfg["name"] == "dc_solver" and isinstance(cfg.get("base"), Mapping):
+        return f"dc_solver[{candidate_label(cfg['base'])}]"
     default = get(str(cfg["name"])).config()
     diff = [f"{k}={v}" for k, v in cfg.items() if k != "name" and default.get(k) != v]
     return str(cfg["name"]) + (f"({', '.join(diff)})" if diff else "")
@@ -565,7 +568,7 @@ def fit_recipe(
                     model, sch, get(**c), nfe, n_fit, ts=ts, shape=shp, ref_tol=ref_tol, noise=x_dc, cond=cond_fit
                 )
                 dc_cfg: dict[str, Any] = {"name": "dc_solver", "base": dict(c), "ratios": list(ratios.ratios)}
-                lab = f"dc_solver[{candidate_label(c)}] @ {g}"
+                lab = f"{candidate_label(dc_cfg)} @ {g}"
                 scores[lab] = score(get(**dc_cfg), ts)
                 choices[lab] = (dc_cfg, g, ts)
                 tick(f"NFE {nfe}: {lab}")
