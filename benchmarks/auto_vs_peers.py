@@ -232,6 +232,9 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     if info["source"] != "shipped (model card)":  # keep what was fitted here, for reproduction
         info["saved"] = str(full.save(Path(args.out).with_name(f"{Path(args.out).name}_recipe_{name}.json")))
     recipe = AtScale(full, args.guidance)
+    if not recipe.nfes():
+        have = ", ".join("none" if g is None else f"{g:g}" for g in full.guidances())
+        raise SystemExit(f"the {name} recipe has no entries at guidance {args.guidance}; it has guidance: {have}")
     auto_nfes = [k for k in nfes if k in recipe.nfes()]
     t0 = time.perf_counter()
     rep = auto_report(

@@ -15,10 +15,12 @@ go into the recipe's provenance. ``--write-card`` adds the recipe to ``src/dpmla
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -64,118 +66,121 @@ def table(rec: Recipe) -> str:
     return "\n".join(lines)
 
 
+def unguided_cond(rec: Recipe, n: int) -> dict[str, Any]:
+    """The model keywords ``rec``'s unguided entries were fitted with, for ``n`` samples (rows 0..n-1); refuses a
+    conditioning it cannot rebuild from the recipe's note."""
+    note = rec.cond.partition("; guided entries: ")[0]
+    if note.startswith("label = sample index % 10"):
+        return {"label": torch.arange(n) % 10}
+    if note.startswith("none"):
+        return {}
+    raise SystemExit(f"cannot rebuild the conditioning {note!r} of the unguided entries of {rec.model!r}")
+
+
+class Scorer:
+    """(pooled RMS, median per-sample RMS) of a solver on a grid, on ``n`` noises of ``seed`` with the unguided
+    conditioning of ``rec``, against their float64 reference at ``sigma = 0`` (computed once)."""
+
+    def __init__(self, rec: Recipe, seed: int, n: int, ref_tol: float, start: int = 0) -> None:
+        from dpmlab.calibrate.grid import calibration_noise
+        from dpmlab.models.reference import reference_solution
+
+        self.model = dpmlab.load(rec.model)
+        self.sch, self.shape = self.model.schedule, tuple(self.model.data_shape or ())
+        self.x = calibration_noise(self.sch, self.shape, n, seed=seed, start=start)
+        self.cond = unguided_cond(rec, n)
+        self.ref = reference_solution(
+            self.model, self.sch, self.x, self.sch.t_max, 0.0, rtol=ref_tol, atol=ref_tol, cond=self.cond
+        ).x
+
+    def __call__(self, solver: Any, ts: torch.Tensor) -> tuple[float, float]:
+        from dpmlab.calibrate.grid import grid_errors
+
+        err = grid_errors(self.model, self.sch, solver, ts, self.x, self.ref, cond=self.cond)
+        dim = self.x[0].numel()
+        return float(err.pow(2).mean().div(dim).sqrt()), float(err.median() / dim**0.5)
+
+
 def check(rec: Recipe, seed: int, n: int, ref_tol: float) -> str:
     """Markdown: the choice vs the best candidate on quadratic_time (both chosen on the select noise), scored on
-    ``n`` noises of a third ``seed`` (refused if it is the fit or select seed)."""
-    from dpmlab.calibrate.grid import calibration_noise, grid_errors
-    from dpmlab.models.reference import reference_solution
+    ``n`` noises of a third ``seed`` (refused if it is the fit or select seed), unguided entries only."""
     from dpmlab.timesteps import make_grid
 
     if seed in (rec.seeds["fit"]["seed"], rec.seeds["select"]["seed"]):
         raise SystemExit(f"--check-seed {seed} is the fit or select seed; use a third")
-    model = dpmlab.load(rec.model)
-    sch, shape = model.schedule, tuple(model.data_shape)
-    x = calibration_noise(sch, shape, n, seed=seed)
-    ref = reference_solution(model, sch, x, sch.t_max, 0.0, rtol=ref_tol, atol=ref_tol).x
-    dim = x[0].numel()
-
-    def score(slv: object, ts: torch.Tensor) -> tuple[float, float]:
-        err = grid_errors(model, sch, slv, ts, x, ref)  # type: ignore[arg-type]
-        return float(err.pow(2).mean().div(dim).sqrt()), float(err.median() / dim**0.5)
-
+    score = Scorer(rec, seed, n, ref_tol)
     lines = [
         f"| NFE | chosen | RMS / median (seed {seed}) | best on quadratic_time (chosen on the select noise) "
         f"| RMS / median (seed {seed}) | ratio |",
         "|---|---|---|---|---|---|",
     ]
-    for e in sorted(rec.entries, key=lambda e: (e.guidance or 0.0, e.nfe)):
+    for e in sorted(rec.entries, key=lambda e: e.nfe):
+        if e.guidance is not None:
+            continue
         a = score(e.solver(), e.grid())
         on_default = {k: v for k, v in e.scores.items() if k.endswith("@ quadratic_time")}
         k = min(on_default, key=lambda c: on_default[c][0])
         cfg = next(c for c in DEFAULT_SOLVERS if candidate_label(c) == k.split(" @ ")[0])
         slv = get(**cfg)
-        b = score(slv, make_grid(sch, "quadratic_time", slv.steps_for_nfe(e.nfe, True), to_zero=True))
+        b = score(slv, make_grid(score.sch, "quadratic_time", slv.steps_for_nfe(e.nfe, True), to_zero=True))
         lines.append(
             f"| {e.nfe} | {e.label} | {a[0]:.4f} / {a[1]:.4f} | {k} | {b[0]:.4f} / {b[1]:.4f} | {a[0] / b[0]:.2f} |"
         )
     return "\n".join(lines)
 
 
+def _select_scorer(rec: Recipe, ref_tol: float) -> Scorer:
+    sel = rec.seeds["select"]
+    return Scorer(rec, int(sel["seed"]), int(sel["n"]), ref_tol, start=int(sel.get("start", 0)))
+
+
 def rescore(rec: Recipe, prior: Recipe, ref_tol: float) -> Recipe:
     """``rec`` with, per unguided NFE both have, ``prior``'s entry put in its place where that entry has the lower
     RMS on ``rec``'s select noise and conditioning (set B; scored here). A choice on set B as ``fit_recipe``'s:
     the prior entry is one more candidate (its grid was fitted on another noise or conditioning)."""
-    from dpmlab.calibrate.grid import calibration_noise, grid_errors
-    from dpmlab.calibrate.recipe import RecipeEntry
-    from dpmlab.models.reference import reference_solution
-
-    model = dpmlab.load(rec.model)
-    sch, shape = model.schedule, tuple(model.data_shape)
-    sel = rec.seeds["select"]
-    x = calibration_noise(sch, shape, int(sel["n"]), seed=int(sel["seed"]), start=int(sel.get("start", 0)))
-    cond = {"label": torch.arange(x.shape[0]) % 10} if rec.cond.startswith("label = sample index % 10") else {}
-    ref = reference_solution(model, sch, x, sch.t_max, 0.0, rtol=ref_tol, atol=ref_tol, cond=cond).x
-    dim = x[0].numel()
+    score = _select_scorer(rec, ref_tol)
     entries = []
     for e in rec.entries:
         if e.guidance is not None or e.nfe not in prior.nfes():
             entries.append(e)
             continue
         p = prior.entry(e.nfe)
-        err = grid_errors(model, sch, p.solver(), p.grid(), x, ref, cond=cond)
-        rms, med = float(err.pow(2).mean().div(dim).sqrt()), float(err.median() / dim**0.5)
+        rms, med = score(p.solver(), p.grid())
         lab = f"{p.label} (prior recipe)"
-        scores = {**e.scores, lab: (rms, med)}
         print(f"NFE {e.nfe}: {e.label} {e.rms:.4f} vs {lab} {rms:.4f}", flush=True)
-        if rms < e.rms:
-            e = RecipeEntry(e.nfe, p.solver_config, p.ts, p.grid_name, rms, med, None, scores)
-        else:
-            e = RecipeEntry(e.nfe, e.solver_config, e.ts, e.grid_name, e.rms, e.median, None, scores)
-        entries.append(e)
-    prov = {
-        **rec.provenance,
-        "prior": {"what": "entries of a prior recipe scored as candidates on set B", **prior.provenance},
-    }
-    return Recipe(
-        model=rec.model,
-        schedule=rec.schedule,
-        entries=tuple(entries),
-        seeds=rec.seeds,
-        criterion=rec.criterion,
-        cond=rec.cond,
-        provenance=prov,
-    )
+        win = p if rms < e.rms else e
+        scores = {**e.scores, lab: (rms, med)}
+        rms, med = (rms, med) if win is p else (e.rms, e.median)
+        entries.append(dataclasses.replace(win, rms=rms, median=med, guidance=None, scores=scores))
+    what = {"what": "entries of a prior recipe scored as candidates on set B", **prior.provenance}
+    return dataclasses.replace(rec, entries=tuple(entries), provenance={**rec.provenance, "prior": what})
 
 
-def learn_more(rec: Recipe, solvers: list[dict], nfes: list[int], grid_options: dict, ref_tol: float) -> Recipe:
+def learn_more(
+    rec: Recipe, solvers: list[dict[str, Any]], nfes: list[int], grid_options: dict[str, Any], ref_tol: float
+) -> Recipe:
     """``rec`` with learned grids (``gits+e2e``, fitted on its set A) for more ``solvers`` at the unguided ``nfes``,
     scored on its set B as extra candidates; an entry is replaced where one is lower (a larger ``learned_top``
     after the fact: the solver best on the fixed grids is not always best on a learned grid)."""
-    from dpmlab.calibrate.grid import calibration_noise, fit_grid, grid_errors, teacher_states
-    from dpmlab.calibrate.recipe import RecipeEntry
-    from dpmlab.models.reference import reference_solution
+    from dpmlab.calibrate.grid import calibration_noise, fit_grid, teacher_states
 
-    model = dpmlab.load(rec.model)
-    sch, shape = model.schedule, tuple(model.data_shape)
+    score = _select_scorer(rec, ref_tol)
     fit, sel = rec.seeds["fit"], rec.seeds["select"]
-    labelled = rec.cond.startswith("label = sample index % 10")
-    x_a = calibration_noise(sch, shape, int(fit["n"]), seed=int(fit["seed"]), start=int(fit.get("start", 0)))
-    x_b = calibration_noise(sch, shape, int(sel["n"]), seed=int(sel["seed"]), start=int(sel.get("start", 0)))
-    cond_a = {"label": torch.arange(x_a.shape[0]) % 10} if labelled else {}
-    cond_b = {"label": torch.arange(x_b.shape[0]) % 10} if labelled else {}
-    ref = reference_solution(model, sch, x_b, sch.t_max, 0.0, rtol=ref_tol, atol=ref_tol, cond=cond_b).x
-    teacher = teacher_states(model, sch, x_a, grid_options["fine_steps"], ref_tol=ref_tol, cond=cond_a)
-    dim = x_b[0].numel()
+    x_a = calibration_noise(
+        score.sch, score.shape, int(fit["n"]), seed=int(fit["seed"]), start=int(fit.get("start", 0))
+    )
+    cond_a = unguided_cond(rec, x_a.shape[0])
+    teacher = teacher_states(score.model, score.sch, x_a, grid_options["fine_steps"], ref_tol=ref_tol, cond=cond_a)
     entries = []
     for e in rec.entries:
         if e.guidance is not None or e.nfe not in nfes:
             entries.append(e)
             continue
-        scores, best = dict(e.scores), (e.rms, e.median, e.solver_config, e.ts, e.grid_name)
+        scores, best = dict(e.scores), e
         for cfg in solvers:
             art = fit_grid(
-                model,
-                sch,
+                score.model,
+                score.sch,
                 cfg,
                 e.nfe,
                 x_a,
@@ -188,24 +193,17 @@ def learn_more(rec: Recipe, solvers: list[dict], nfes: list[int], grid_options: 
                 **grid_options,
             )
             art.check_held_out(int(sel["seed"]), int(sel.get("start", 0)), int(sel["n"]))
-            err = grid_errors(model, sch, get(**cfg), art.grid(), x_b, ref, cond=cond_b)
-            rms, med = float(err.pow(2).mean().div(dim).sqrt()), float(err.median() / dim**0.5)
+            rms, med = score(get(**cfg), art.grid())
             lab = f"{candidate_label(cfg)} @ gits+e2e (second pass)"
             scores[lab] = (rms, med)
             print(f"NFE {e.nfe}: {e.label} {e.rms:.4f} vs {lab} {rms:.4f}", flush=True)
-            if rms < best[0]:
-                best = (rms, med, get(**cfg).config(), art.ts, "gits+e2e")
-        entries.append(RecipeEntry(e.nfe, best[2], best[3], best[4], best[0], best[1], None, scores))
+            if rms < best.rms:
+                best = dataclasses.replace(
+                    e, solver_config=get(**cfg).config(), ts=art.ts, grid_name="gits+e2e", rms=rms, median=med
+                )
+        entries.append(dataclasses.replace(best, scores=scores))
     prov = {**rec.provenance, "second_pass": {"solvers": solvers, "nfes": nfes, **grid_options}}
-    return Recipe(
-        model=rec.model,
-        schedule=rec.schedule,
-        entries=tuple(entries),
-        seeds=rec.seeds,
-        criterion=rec.criterion,
-        cond=rec.cond,
-        provenance=prov,
-    )
+    return dataclasses.replace(rec, entries=tuple(entries), provenance=prov)
 
 
 def main() -> None:
@@ -267,7 +265,8 @@ def main() -> None:
         write_card(Recipe.load(out, model=args.model), card)
         return
     nfes = [int(k) for k in args.nfe.split(",")]
-    cond, note = None, "none (unconditional: the null class)" if args.model == "mnist" else "none"
+    cond: dict[str, Any] | None = None
+    note = "none (unconditional: the null class)" if args.model == "mnist" else "none"
     if args.guidance is not None and args.prompts:  # text to image: prompt i % len(prompts) for sample i
         prompts = [p.strip() for p in args.prompts.split(",")]
         cond = {"prompt": [prompts[i % len(prompts)] for i in range(max(args.n_fit, args.n_select))]}
@@ -311,20 +310,12 @@ def main() -> None:
         new = {(e.nfe, e.guidance) for e in rec.entries}
         scale = "no guidance" if g is None else f"guidance {g:g}"
         added = {"entries": f"nfe {', '.join(str(e.nfe) for e in rec.entries)} ({scale})", **rec.provenance}
-        rec = Recipe(
-            model=rec.model,
-            schedule=rec.schedule,
-            entries=tuple(
-                sorted(
-                    [e for e in old.entries if (e.nfe, e.guidance) not in new] + list(rec.entries),
-                    key=lambda e: (e.guidance is not None, e.guidance or 0.0, e.nfe),
-                )
-            ),
-            seeds=rec.seeds,
-            criterion=rec.criterion,
-            cond=old.cond,
-            provenance={**old.provenance, "added": [*old.provenance.get("added", []), added]},
+        entries = sorted(
+            [e for e in old.entries if (e.nfe, e.guidance) not in new] + list(rec.entries),
+            key=lambda e: (e.guidance is not None, e.guidance or 0.0, e.nfe),
         )
+        prov = {**old.provenance, "added": [*old.provenance.get("added", []), added]}
+        rec = dataclasses.replace(rec, entries=tuple(entries), cond=old.cond, provenance=prov)
     elif out.exists() and (args.guidance is not None or args.merge):  # keep the other scales' entries in --out
         old = Recipe.load(out, model=args.model)
         if old.seeds != rec.seeds:
@@ -332,19 +323,11 @@ def main() -> None:
         kept = tuple(e for e in old.entries if e.guidance != rec.entries[0].guidance)
         base, _, guided = old.cond.partition("; guided entries: ")
         if args.guidance is not None:  # the guided entries' note and provenance go under "guided"
-            cond, prov = f"{base}; guided entries: {rec.cond}", {**old.provenance, "guided": rec.provenance}
+            merged, prov = f"{base}; guided entries: {rec.cond}", {**old.provenance, "guided": rec.provenance}
         else:  # new unguided entries: the old guided ones keep theirs
-            cond = rec.cond + (f"; guided entries: {guided}" if guided else "")
+            merged = rec.cond + (f"; guided entries: {guided}" if guided else "")
             prov = {**rec.provenance, **({"guided": old.provenance["guided"]} if "guided" in old.provenance else {})}
-        rec = Recipe(
-            model=rec.model,
-            schedule=rec.schedule,
-            entries=kept + rec.entries,
-            seeds=rec.seeds,
-            criterion=rec.criterion,
-            cond=cond,
-            provenance=prov,
-        )
+        rec = dataclasses.replace(rec, entries=kept + rec.entries, cond=merged, provenance=prov)
     rec.save(out)
     print(f"wrote {out} (CPU {rec.provenance['cpu_seconds']} s)")
     if args.write_card:

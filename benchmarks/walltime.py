@@ -775,26 +775,24 @@ def render(data: dict[str, Any]) -> str:
         parts.append(p["net_table"] + f"\n\n`unet.dtype`: {p['unet_dtype_ms']:.2f} ms per read (load {p['loadavg']})")
         parts.append(p["table"])
     if "options" in data:
-        rows, out = data["options"]["rows"], []
-        for key in dict.fromkeys((r["model"], r["batch"], r["nfe"]) for r in rows):
-            g = [r for r in rows if (r["model"], r["batch"], r["nfe"]) == key]
-            b = next(r for r in g if r["variant"] == "as today (no context)")
-            for r in g:
-                out.append([*key, r["variant"], _r(g, r["variant"], b), f"{r['max_abs_diff']:.1e}", r["loadavg"]])
-        head = ["model", "batch", "NFE", "variant", "ms/img (÷ median / ÷ min vs as today)", "max |Δ|", "load"]
-        parts.append(table(head, out))
+        parts.append(_variants_table(data["options"]["rows"]))
     if "trainable" in data:
-        rows, out = data["trainable"]["rows"], []
-        for key in dict.fromkeys((r["model"], r["batch"], r["nfe"]) for r in rows):
-            g = [r for r in rows if (r["model"], r["batch"], r["nfe"]) == key]
-            b = next(r for r in g if r["variant"] == "as today (no context)")
-            for r in g:
-                out.append([*key, r["variant"], _r(g, r["variant"], b), f"{r['max_abs_diff']:.1e}", r["loadavg"]])
-        head = ["model", "batch", "NFE", "variant", "ms/img (÷ median / ÷ min vs as today)", "max |Δ|", "load"]
-        parts.append(table(head, out))
+        parts.append(_variants_table(data["trainable"]["rows"]))
     if "calibrate" in data:
         parts.append(data["calibrate"]["table"])
     return "\n\n".join(parts)
+
+
+def _variants_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: per (model, batch, NFE) each variant's time against "as today (no context)"."""
+    out = []
+    for key in dict.fromkeys((r["model"], r["batch"], r["nfe"]) for r in rows):
+        g = [r for r in rows if (r["model"], r["batch"], r["nfe"]) == key]
+        b = next(r for r in g if r["variant"] == "as today (no context)")
+        for r in g:
+            out.append([*key, r["variant"], _r(g, r["variant"], b), f"{r['max_abs_diff']:.1e}", r["loadavg"]])
+    head = ["model", "batch", "NFE", "variant", "ms/img (÷ median / ÷ min vs as today)", "max |Δ|", "load"]
+    return table(head, out)
 
 
 def _ints(s: str) -> list[int]:

@@ -233,6 +233,8 @@ def test_dc_ratios_are_tried_on_the_winner_and_kept_only_when_better_on_the_sele
     assert e.rms == min(v[0] for v in e.scores.values())
     assert (e.solver_config["name"] == "dc_solver") == (e.scores[dc_lab][0] < e.scores[plain][0])
     assert e.label == min(e.scores, key=lambda k: e.scores[k][0])  # a DC entry's label: dc_solver[<base>] @ grid
+    dc_cfg = {"name": "dc_solver", "base": {"name": "unipc", "predictor_order": 3}, "ratios": [1.0, 0.9]}
+    assert cr.candidate_label(dc_cfg) == "dc_solver[unipc(predictor_order=3)]"
     assert e.scores[dc_lab] != e.scores[plain]  # the ratios changed the sampler
     path = rec.save(tmp_path / "r.json")
     again = cr.Recipe.load(path, model="gmm16").entry(6)

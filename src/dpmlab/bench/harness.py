@@ -174,6 +174,17 @@ def default_entries(names: Sequence[str] | None = None) -> list[Entry]:
     return [Entry(n, get(n)) for n in chosen]
 
 
+def _exact_grid(e: Entry, schedule: NoiseSchedule, nfe: int) -> Tensor | None:
+    """The entry's grid at exactly ``nfe`` evaluations (ending at ``sigma = 0`` where the schedule reaches it),
+    or None when its solver cannot meet that budget exactly."""
+    to_zero = schedule.t_zero is not None
+    try:
+        steps = e.solver.steps_for_nfe(nfe, to_zero)
+    except ValueError:
+        return None
+    return make_grid(schedule, e.grid, steps, to_zero=to_zero)
+
+
 def _errors(out: Tensor, ref: Tensor) -> tuple[float, float]:
     """Pooled RMS error and the median over samples of each sample's RMS error."""
     sq = (out.double() - ref.double()).pow(2).flatten(1).mean(1)
@@ -326,14 +337,11 @@ def run_bench(
         model, schedule, x * float(schedule.sigma(t_start)), t_start, t_end, rtol=ref_tol, atol=ref_tol
     )
     result = BenchResult(model=name, n=n, seed=seed, reference_evals=ref.n_evals)
-    to_zero = schedule.t_zero is not None
     for e in entries:
         for nfe in nfes:
-            try:
-                steps = e.solver.steps_for_nfe(nfe, to_zero)
-            except ValueError:
+            ts = _exact_grid(e, schedule, nfe)
+            if ts is None:
                 continue  # this solver cannot meet this budget exactly
-            ts = make_grid(schedule, e.grid, steps, to_zero=to_zero)
             out = sample(Problem(model, schedule), x * float(schedule.sigma(ts[0])), ts, e.solver)
             rms, med = _errors(out, ref.x)
             fd = _quality(quality, out, ref.x)
@@ -605,14 +613,11 @@ def _set_runs(
     peers: Sequence[tuple[str, str, dict[str, Any]]],
 ) -> list[Cell]:
     """``entries`` (on their grids, ending at ``sigma = 0``) and ``peers`` at ``nfe`` from the start states ``x``."""
-    to_zero = schedule.t_zero is not None
     cells = []
     for e in entries:
-        try:
-            steps = e.solver.steps_for_nfe(nfe, to_zero)
-        except ValueError:
+        ts = _exact_grid(e, schedule, nfe)
+        if ts is None:
             continue  # this solver cannot meet this budget exactly
-        ts = make_grid(schedule, e.grid, steps, to_zero=to_zero)
         cells.append(_dpmlab_cell(model, schedule, x, refs, e.solver, ts, nfe, "dpmlab", e.label))
     for p in peers:
         c = _peer_cell(model, schedule, x, refs, p, nfe)

@@ -45,7 +45,7 @@ from ..schedules import DiscreteVP, NoiseSchedule
 from ..solvers.base import Solver, get
 from ..timesteps import check_grid, make_grid
 from ..typing import DenoiserFn
-from .grid import Teacher, calibration_noise, fit_grid, grid_errors, schedule_id, teacher_states
+from .grid import Teacher, _solver_config, calibration_noise, fit_grid, grid_errors, schedule_id, teacher_states
 
 __all__ = [
     "DEFAULT_SOLVERS",
@@ -436,7 +436,7 @@ def fit_recipe(
     bad = sorted(set(calibrated) - set(CALIBRATED))
     if bad or isinstance(calibrated, str):
         raise ValueError(f"unknown calibrated artifact(s) {bad or calibrated!r}; allowed: {', '.join(CALIBRATED)}")
-    cfgs = [_config(c) for c in (DEFAULT_SOLVERS if candidates is None else candidates)]
+    cfgs = [_solver_config(c) for c in (DEFAULT_SOLVERS if candidates is None else candidates)]
     if not cfgs:
         raise ValueError("candidates is empty; give at least one solver")
     labels = [candidate_label(c) for c in cfgs]
@@ -615,13 +615,3 @@ def _meets(solver: Solver[Any], nfe: int, to_zero: bool) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _config(solver: Solver[Any] | Mapping[str, Any] | str) -> dict[str, Any]:
-    if isinstance(solver, Solver):
-        return solver.config()
-    if isinstance(solver, str):
-        return get(solver).config()
-    if isinstance(solver, Mapping):
-        return get(**dict(solver)).config()
-    raise ValueError(f"a candidate must be a Solver, its name or its config dict, got {type(solver).__name__}")
